@@ -1,0 +1,1 @@
+"""Callbacks that act on instability events: learning-rate backoff, staged training, rollback."""

@@ -1,0 +1,126 @@
+"""What every measuring callback shares: publishing readings, and the loss of a probe batch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import move_data_to_device
+from torch import Tensor
+
+__all__ = ["LossFn", "Reading", "StabilityProbe", "module_loss", "muted_logging"]
+
+PREFIX = "stability/"
+
+LossFn = Callable[[pl.LightningModule, Any], Tensor]
+"""``loss_fn(module, batch) -> scalar tensor``: a user-supplied probe loss."""
+
+
+class Reading(NamedTuple):
+    """One published measurement: its value and the optimizer step it was taken at."""
+
+    value: float
+    step: int
+
+
+class StabilityProbe(Callback):
+    """Base class of the callbacks that measure.
+
+    A probe never changes training. Each measurement is published with
+    :meth:`publish`: kept in :attr:`readings` (the latest value of every key, with the
+    step it was taken at, which is what the warning layer consumes) and logged through
+    ``pl_module.log`` so that every attached logger receives it. Keys are full tags,
+    e.g. ``"stability/grad/norm"``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.readings: dict[str, Reading] = {}
+
+    def publish(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        values: Mapping[str, float],
+        *,
+        log: bool = True,
+    ) -> None:
+        """Record ``values`` (keys relative to ``stability/``) at the current step and log
+        them. Values must already agree across ranks; only rank 0's loggers write."""
+        step = trainer.global_step
+        for name, value in values.items():
+            key = name if name.startswith(PREFIX) else PREFIX + name
+            value = float(value)
+            self.readings[key] = Reading(value, step)
+            if log:
+                pl_module.log(key, value, batch_size=1)
+
+
+@contextlib.contextmanager
+def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
+    """Silence ``self.log``/``self.log_dict`` while a probe re-runs ``training_step``, so
+    the probe batch's loss is never logged as if it were a training metric."""
+
+    def _noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    pl_module.log = _noop  # type: ignore[method-assign]
+    pl_module.log_dict = _noop  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log
+        del pl_module.log_dict
+
+
+def module_loss(
+    pl_module: pl.LightningModule,
+    batch: Any,
+    batch_idx: int = 0,
+    loss_fn: LossFn | None = None,
+) -> Tensor:
+    """The scalar loss of ``batch`` as the module defines it.
+
+    Uses ``loss_fn(module, batch)`` when given, else the module's own
+    ``training_step(batch, batch_idx)`` (a tensor, or a dict with ``"loss"``) with its
+    logging silenced. The batch is moved to the module's device first.
+
+    Raises:
+        ValueError: the module uses manual optimization (its ``training_step`` steps the
+            optimizer, so it cannot be re-run as a probe) and no ``loss_fn`` was given,
+            or the result is not a scalar tensor.
+    """
+    batch = move_data_to_device(batch, pl_module.device)
+    if loss_fn is not None:
+        out = loss_fn(pl_module, batch)
+        source = "loss_fn"
+    else:
+        if not pl_module.automatic_optimization:
+            raise ValueError(
+                "loss_fn: the module uses manual optimization, so its training_step cannot "
+                "be re-run on a probe batch; pass loss_fn=lambda module, batch: <scalar loss>"
+            )
+        with muted_logging(pl_module):
+            out = pl_module.training_step(batch, batch_idx)
+        source = "training_step"
+    loss = out.get("loss") if isinstance(out, Mapping) else out
+    if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        raise ValueError(
+            f"probe batch has no loss: {source} returned {type(out).__name__}; expected a "
+            "scalar tensor or a dict with a scalar 'loss'"
+        )
+    return loss.reshape(())
+
+
+def detach_batch(batch: Any) -> Any:
+    """A copy of ``batch`` whose tensors are detached clones, safe to keep between steps."""
+    from lightning.fabric.utilities.apply_func import apply_to_collection
+
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
+def is_global_zero(trainer: pl.Trainer) -> bool:
+    return bool(trainer.is_global_zero)

@@ -1,0 +1,1 @@
+"""The meta-state of a run: readings -> low-dimensional state -> deviation -> events."""
