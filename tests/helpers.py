@@ -110,7 +110,9 @@ class DumpOnFitEnd(Callback):
 
 
 def load_ranks(directory: str | os.PathLike, world_size: int = 2) -> list[Any]:
-    return [torch.load(Path(directory) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+    return [
+        torch.load(Path(directory) / f"rank{r}.pt", weights_only=False) for r in range(world_size)
+    ]
 
 
 def ddp_trainer(**overrides: Any) -> pl.Trainer:

@@ -1,0 +1,62 @@
+"""Instability events: what the warning layer emits and the action layer consumes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import lightning.pytorch as pl
+
+__all__ = ["EventListener", "InstabilityEvent", "Level"]
+
+
+class Level(IntEnum):
+    """Severity of the run's state, ordered so that levels compare (``WARNING > WATCH``)."""
+
+    OK = 0
+    WATCH = 1
+    WARNING = 2
+    CRITICAL = 3
+
+    @classmethod
+    def parse(cls, value: str | int | Level, argument: str = "level") -> Level:
+        """``Level`` from a name (``"warning"``), a number or a ``Level``; a clear
+        ``ValueError`` naming ``argument`` otherwise."""
+        if isinstance(value, Level):
+            return value
+        if isinstance(value, str) and value.upper() in cls.__members__:
+            return cls[value.upper()]
+        if isinstance(value, int) and not isinstance(value, bool) and value in iter(cls):
+            return cls(value)
+        names = ", ".join(repr(m.name.lower()) for m in cls)
+        raise ValueError(f"{argument} must be one of {names}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class InstabilityEvent:
+    """A change of level (or a repeated critical) at an optimizer step.
+
+    Attributes:
+        level: the new level.
+        step: ``trainer.global_step`` when it was raised.
+        signals: the reading keys that drove it, most important first.
+        message: one human-readable sentence.
+        deviation: the meta-state deviation score at that step (dimensionless).
+        source: what raised it (``"early_warning"``, or an action's name for the events
+            that actions log about themselves).
+    """
+
+    level: Level
+    step: int
+    signals: tuple[str, ...] = ()
+    message: str = ""
+    deviation: float = float("nan")
+    source: str = "early_warning"
+    details: dict[str, float] = field(default_factory=dict)
+
+
+EventListener = Callable[[InstabilityEvent, "pl.Trainer", "pl.LightningModule"], None]
+"""Called with every event, on every rank, at the step boundary where it was raised."""
