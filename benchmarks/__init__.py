@@ -1,0 +1,1 @@
+"""Benchmarks and the scenario suite (run as modules: ``python -m benchmarks.<name>``)."""
