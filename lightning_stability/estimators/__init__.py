@@ -7,12 +7,20 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
+from lightning_stability.estimators.online_stats import (
+    EMAStats,
+    RollingWindow,
+    lag1_autocorrelation,
+)
 
 __all__ = [
+    "EMAStats",
     "HessianOperator",
+    "RollingWindow",
     "compute_precision",
     "flatten",
     "frozen_rng",
+    "lag1_autocorrelation",
     "preserved_state",
     "resolve_compute_dtype",
     "unflatten",
