@@ -7,6 +7,7 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
+from lightning_stability.estimators.lanczos import EigenResult, lanczos_iterations, lanczos_top_k
 from lightning_stability.estimators.online_stats import (
     EMAStats,
     RollingWindow,
@@ -15,12 +16,15 @@ from lightning_stability.estimators.online_stats import (
 
 __all__ = [
     "EMAStats",
+    "EigenResult",
     "HessianOperator",
     "RollingWindow",
     "compute_precision",
     "flatten",
     "frozen_rng",
     "lag1_autocorrelation",
+    "lanczos_iterations",
+    "lanczos_top_k",
     "preserved_state",
     "resolve_compute_dtype",
     "unflatten",
