@@ -1,0 +1,632 @@
+"""Curvature of the loss landscape during training: top Hessian eigenvalues, the
+edge-of-stability ratio, preconditioned sharpness for Adam, and cheap directional and
+critical sharpness readings."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, RandomSampler
+
+from lightning_stability.estimators.critical_sharpness import LineLoss, critical_step_size
+from lightning_stability.estimators.hvp import HessianOperator, flatten
+from lightning_stability.estimators.isolation import (
+    compute_precision,
+    frozen_rng,
+    preserved_state,
+    resolve_compute_dtype,
+)
+from lightning_stability.estimators.lanczos import lanczos_top_k
+from lightning_stability.estimators.preconditioned import (
+    ScaledOperator,
+    adam_state_scale,
+    sgd_edge,
+)
+from lightning_stability.probes.base import (
+    LossFn,
+    Reading,
+    StabilityProbe,
+    detach_batch,
+    module_loss,
+)
+
+__all__ = ["SharpnessMonitor"]
+
+Backend = Literal["native", "pyhessian"]
+_BACKENDS = ("native", "pyhessian")
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _plain(obj: Any) -> bool:
+    """Whether ``obj`` is made only of tensors, numbers, strings, lists, tuples and dicts
+    (what ``torch.load(weights_only=True)`` accepts)."""
+    if obj is None or isinstance(obj, (Tensor, bool, int, float, str)):
+        return True
+    if isinstance(obj, (list, tuple)):
+        return all(_plain(x) for x in obj)
+    if isinstance(obj, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
+    return False
+
+
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, list):
+        return [_to_cpu(x) for x in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+class SharpnessMonitor(StabilityProbe):
+    """Measures the curvature of the training loss on a fixed probe batch.
+
+    Every ``every_n_steps`` optimizer steps (a *check*) it runs warm-started Lanczos
+    (Lanczos 1950) on the Hessian of the module's own loss and publishes, under
+    ``stability/sharpness/``:
+
+    * ``lambda_max``: top Hessian eigenvalue (``lambda_<i>`` for ``i < k`` when ``k > 1``);
+    * ``eos_ratio``: distance to the edge of stability (Cohen et al. 2021), 1.0 = the edge.
+      SGD: ``lambda_max / edge`` with ``edge = 2 (1 + mu) / ((1 - dampening) lr)``
+      (``lambda_max * lr / 2`` without momentum; Nesterov uses ``2 (1 + mu) / ((1 + 2 mu)
+      lr)``); with per-group learning rates the smallest edge is used (an upper bound).
+      Adam/AdamW: the top eigenvalue of ``s^1/2 H s^1/2`` with
+      ``s = 1 / ((sqrt(v_hat) + eps) * 2 (1 + beta1) / ((1 - beta1) lr))`` per parameter
+      (Cohen et al. 2022), i.e. ``preconditioned * (1 - beta1) lr / (2 (1 + beta1))``;
+    * ``preconditioned`` (Adam/AdamW only): ``lambda_max(D^-1 H)``, ``D = sqrt(v_hat) + eps``
+      from the optimizer's second-moment state, in units of ``1/lr``; its edge is
+      ``2 (1 + beta1) / ((1 - beta1) lr)`` = ``38 / lr`` at ``beta1 = 0.9``;
+    * ``shift``: ``1 - |cos|`` between this check's and the previous top eigenvector
+      (landscape shift); ``flattening``: ``(lambda_prev - lambda_max) / |lambda_prev|``
+      (positive when the landscape flattens);
+    * ``trace`` (Hutch++, when ``trace=True``) and ``hvps``: Hessian-vector products the
+      check used.
+
+    Every ``directional_every_n_steps`` steps (cheaper; no Lanczos) it publishes
+    ``directional`` = ``g^T H g / g^T g`` (one product; "batch sharpness", Andreyev &
+    Beneventano 2024, which settles at ``2/lr`` under mini-batch SGD; for Adam its crossing
+    of ``2/lr`` precedes spikes, Bai et al. 2025), ``directional_ratio`` =
+    ``directional * lr / 2`` (largest group lr), and ``critical`` = ``2 / eta_c`` where
+    ``eta_c`` is the smallest step, in learning-rate units, along the last update
+    direction ``(w_t - w_{t-1}) / lr`` that raises the probe loss (Kalra et al. 2026;
+    forward passes only). For plain gradient descent ``critical`` equals ``directional``
+    on a quadratic. It needs a copy of the trainable weights taken just before the
+    optimizer step that precedes a directional check (one model's worth of memory,
+    released after the check).
+
+    Probe batch: the first ``num_probe_batches`` training batches are cached (detached
+    clones, taken in ``on_train_batch_start``; the training loader is never iterated by
+    the callback, so the data order is untouched), unless ``probe_batch`` or
+    ``probe_dataloader`` is given. A probe loader is iterated once at ``setup``, so it must
+    not draw from the global RNG: unshuffled, or shuffled with its own ``generator``.
+    Several probe batches are averaged (the Hessian of their mean loss). Under DDP each
+    rank uses its own probe batches and products are averaged over ranks, so every rank
+    sees the Hessian of the union.
+
+    Isolation: measurements run after the optimizer step inside ``preserved_state`` (modes,
+    buffers, ``.grad`` and RNG restored) with autocast off and parameters in float32 (or
+    float64 when the model is), so the run trains bit-identically with and without it.
+
+    Args:
+        every_n_steps: optimizer steps between Lanczos checks. Default 250.
+        k: number of top eigenvalues. Default 1.
+        directional_every_n_steps: optimizer steps between directional/critical readings;
+            ``None`` = ``every_n_steps``. Default 50.
+        directional: publish ``directional``/``directional_ratio``. Default True.
+        critical: publish ``critical``. Default True.
+        preconditioned: for Adam/AdamW, also run Lanczos on the preconditioned Hessian
+            (doubles a check's products). Default True.
+        trace: estimate the Hessian trace with Hutch++ at each check. Default False.
+        trace_samples: products for the trace estimate. Default 30.
+        density_every_n_checks: every this many checks, estimate the spectral density
+            (stochastic Lanczos quadrature) and write it as a histogram to an attached
+            TensorBoard logger; 0 = never. Default 0.
+        num_probe_batches: training batches cached and averaged. Default 1.
+        probe_batch: a fixed batch to use instead of training batches.
+        probe_dataloader: a loader whose first ``num_probe_batches`` batches are used.
+        loss_fn: ``loss_fn(module, batch) -> scalar`` instead of ``training_step``.
+        train_mode: measure in train mode (BatchNorm with batch statistics, dropout on,
+            one fixed dropout mask per measurement): the loss the optimizer descends.
+            ``False`` measures the eval-mode loss. Default True.
+        backend: ``"native"`` (Lanczos with warm start) or ``"pyhessian"`` (PyHessian's
+            power iteration, isolated like the native path; no warm start).
+        tol: relative tolerance of Lanczos. Default 1e-3.
+        max_iter: cap on Lanczos products per eigenproblem. Default 30.
+        warm_start: start Lanczos from the previous check's eigenvectors. Default True.
+        adaptive: measure more often (``adaptive_factor`` times) while ``eos_ratio`` exceeds
+            ``ratio_threshold`` or a callback sets ``request_closer_watch``; back off when
+            calm. Default True.
+        ratio_threshold: ``eos_ratio`` above which checks become denser. Default 0.8.
+        adaptive_factor: cadence divisor while on closer watch. Default 4.
+        dtype: ``"float32"`` or ``"float64"``; ``None`` = float64 for float64 models, else
+            float32.
+        seed: seed of Lanczos' random start vectors (identical on every rank).
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 250,
+        k: int = 1,
+        *,
+        directional_every_n_steps: int | None = 50,
+        directional: bool = True,
+        critical: bool = True,
+        preconditioned: bool = True,
+        trace: bool = False,
+        trace_samples: int = 30,
+        density_every_n_checks: int = 0,
+        num_probe_batches: int = 1,
+        probe_batch: Any = None,
+        probe_dataloader: DataLoader | None = None,
+        loss_fn: LossFn | None = None,
+        train_mode: bool = True,
+        backend: Backend = "native",
+        tol: float = 1e-3,
+        max_iter: int = 30,
+        warm_start: bool = True,
+        adaptive: bool = True,
+        ratio_threshold: float = 0.8,
+        adaptive_factor: int = 4,
+        dtype: Literal["float32", "float64"] | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        _positive_int("every_n_steps", every_n_steps)
+        _positive_int("k", k)
+        if directional_every_n_steps is not None:
+            _positive_int("directional_every_n_steps", directional_every_n_steps)
+        _positive_int("trace_samples", trace_samples)
+        _positive_int("num_probe_batches", num_probe_batches)
+        _positive_int("max_iter", max_iter)
+        _positive_int("adaptive_factor", adaptive_factor)
+        if not isinstance(density_every_n_checks, int) or density_every_n_checks < 0:
+            raise ValueError(
+                f"density_every_n_checks must be an integer >= 0, got {density_every_n_checks!r}"
+            )
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(_DTYPES)} or None, got {dtype!r}")
+        if not (0.0 <= tol < 1.0):
+            raise ValueError(f"tol must lie in [0, 1), got {tol!r}")
+        if not (ratio_threshold > 0 and math.isfinite(ratio_threshold)):
+            raise ValueError(
+                f"ratio_threshold must be a finite number > 0, got {ratio_threshold!r}"
+            )
+        if k > max_iter:
+            raise ValueError(f"k must be <= max_iter={max_iter}, got {k}")
+        if probe_batch is not None and probe_dataloader is not None:
+            raise ValueError("probe_batch, probe_dataloader: give at most one of them")
+        if probe_dataloader is not None:
+            _check_probe_loader(probe_dataloader)
+        self.every_n_steps = every_n_steps
+        self.k = k
+        self.directional_every_n_steps = directional_every_n_steps or every_n_steps
+        self.directional = directional
+        self.critical = critical
+        self.preconditioned = preconditioned
+        self.trace = trace
+        self.trace_samples = trace_samples
+        self.density_every_n_checks = density_every_n_checks
+        self.num_probe_batches = num_probe_batches
+        self.probe_dataloader = probe_dataloader
+        self.loss_fn = loss_fn
+        self.train_mode = train_mode
+        self.backend = backend
+        self.tol = tol
+        self.max_iter = max_iter
+        self.warm_start = warm_start
+        self.adaptive = adaptive
+        self.ratio_threshold = ratio_threshold
+        self.adaptive_factor = adaptive_factor
+        self.dtype = _DTYPES[dtype] if dtype is not None else None
+        self.seed = seed
+
+        self._fixed_batches = probe_batch is not None
+        self._batches: list[Any] = [detach_batch(probe_batch)] if probe_batch is not None else []
+        self._interval = every_n_steps
+        self._directional_interval = self.directional_every_n_steps
+        self._next_check = every_n_steps
+        self._next_directional = self.directional_every_n_steps
+        self._seen_step = -1
+        self.num_checks = 0
+        self._prev_lambda: float | None = None
+        self._eigvecs: Tensor | None = None
+        self._pre_eigvecs: Tensor | None = None
+        self._eta_c: float | None = None
+        self._weights_before: list[Tensor] | None = None
+        self.last_products: int = 0
+        """Hessian-vector products of the last Lanczos check (all eigenproblems)."""
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.probe_dataloader is not None and not self._batches:
+            for batch in self.probe_dataloader:
+                self._batches.append(detach_batch(batch))
+                if len(self._batches) == self.num_probe_batches:
+                    break
+            self._fixed_batches = True
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._fixed_batches and len(self._batches) < self.num_probe_batches:
+            self._batches.append(detach_batch(batch))
+        if self.adaptive and self._watch_requested(trainer):
+            self._tighten(trainer.global_step)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.directional and self.critical and trainer.global_step + 1 >= self._next_directional:
+            self._weights_before = [p.detach().clone() for p in _trainable(pl_module)]
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        step = trainer.global_step
+        if step == self._seen_step:
+            return  # no optimizer step since the last batch (gradient accumulation)
+        self._seen_step = step
+        check = step >= self._next_check
+        directional = self.directional and step >= self._next_directional
+        if not (check or directional) or not self._batches:
+            return
+        values = self.measure(trainer, pl_module, check=check, directional=directional)
+        self._weights_before = None
+        self.publish(trainer, pl_module, values)
+        self._schedule(trainer, step, check, directional, values.get("sharpness/eos_ratio"))
+
+    # ------------------------------------------------------------ measurement
+    def measure(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        *,
+        check: bool = True,
+        directional: bool = True,
+    ) -> dict[str, float]:
+        """Take one measurement now on the cached probe batches and return the readings
+        (keys relative to ``stability/``), without publishing them."""
+        if not self._batches:
+            raise ValueError("probe_batch: no probe batch yet (none given and none cached)")
+        params = _trainable(pl_module)
+        dtype = resolve_compute_dtype(params, self.dtype)
+        reduce = _reducer(trainer)
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        lrs = [float(g["lr"]) for g in optimizer.param_groups] if optimizer else []
+        values: dict[str, float] = {}
+        with preserved_state(pl_module, train=self.train_mode), compute_precision(pl_module, dtype):
+
+            def closure() -> Tensor:
+                # Same RNG state for every evaluation: one dropout mask per measurement.
+                with frozen_rng(list({p.device for p in params})):
+                    losses = [
+                        module_loss(pl_module, b, i, self.loss_fn)
+                        for i, b in enumerate(self._batches)
+                    ]
+                return torch.stack(losses).mean()
+
+            with HessianOperator(closure, params, reduce=reduce) as op:
+                if check:
+                    values.update(self._check(trainer, pl_module, op, optimizer, dtype))
+                if directional:
+                    g = op.gradient().to(dtype)
+                    gnorm = float(g.norm())
+                    if gnorm > 0 and math.isfinite(gnorm):
+                        u = g / gnorm
+                        d = float(u @ op.matvec(u).to(dtype))
+                        values["sharpness/directional"] = d
+                        if lrs:
+                            values["sharpness/directional_ratio"] = d * max(lrs) / 2.0
+            if directional and self.critical and self._weights_before is not None and lrs:
+                crit = self._critical(params, closure, reduce, max(lrs), dtype)
+                if crit is not None:
+                    values["sharpness/critical"] = crit
+        return values
+
+    def _check(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        op: HessianOperator,
+        optimizer: torch.optim.Optimizer | None,
+        dtype: torch.dtype,
+    ) -> dict[str, float]:
+        values: dict[str, float] = {}
+        products_before = op.num_products
+        gen = torch.Generator().manual_seed(self.seed + self.num_checks)
+        if self.backend == "pyhessian":
+            eigenvalues, vecs = self._pyhessian_top_k(pl_module, trainer)
+        else:
+            warm = self._eigvecs if self.warm_start else None
+            if warm is not None and warm.shape[0] != op.dim:
+                warm = None
+            res = lanczos_top_k(
+                op.matvec,
+                op.dim,
+                k=self.k,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                warm_start=warm,
+                generator=gen,
+                dtype=dtype,
+                device=op.device,
+            )
+            eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
+        lam = float(eigenvalues[0])
+        values["sharpness/lambda_max"] = lam
+        for i, value in enumerate(eigenvalues[1:], start=1):
+            values[f"sharpness/lambda_{i}"] = float(value)
+        if (
+            self._eigvecs is not None
+            and vecs is not None
+            and self._eigvecs.shape[0] == vecs.shape[0]
+        ):
+            prev = self._eigvecs[:, 0].to(vecs)
+            cos = float(prev @ vecs[:, 0]) / max(float(prev.norm() * vecs[:, 0].norm()), 1e-30)
+            values["sharpness/shift"] = 1.0 - min(abs(cos), 1.0)
+        if self._prev_lambda is not None and self._prev_lambda != 0.0:
+            values["sharpness/flattening"] = (self._prev_lambda - lam) / abs(self._prev_lambda)
+        if vecs is not None:
+            self._eigvecs = vecs.detach().clone()
+        self._prev_lambda = lam
+
+        if optimizer is not None:
+            values.update(self._ratio(optimizer, op, lam, dtype, gen))
+        if self.trace:
+            values["sharpness/trace"] = self._trace(op, dtype, gen)
+        if self.density_every_n_checks and (self.num_checks + 1) % self.density_every_n_checks == 0:
+            self._log_density(trainer, op, dtype, gen)
+        self.num_checks += 1
+        self.last_products = op.num_products - products_before
+        values["sharpness/hvps"] = float(self.last_products)
+        return values
+
+    def _ratio(
+        self,
+        optimizer: torch.optim.Optimizer,
+        op: HessianOperator,
+        lam: float,
+        dtype: torch.dtype,
+        gen: torch.Generator,
+    ) -> dict[str, float]:
+        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            if not self.preconditioned:
+                return {}
+            scaled = adam_state_scale(optimizer, op.params)
+            if scaled is None:
+                return {}
+            scale, edge = scaled
+            sop = ScaledOperator(op.matvec, scale.to(device=op.device, dtype=dtype))
+            warm = self._pre_eigvecs if self.warm_start else None
+            if warm is not None and warm.shape[0] != op.dim:
+                warm = None
+            res = lanczos_top_k(
+                sop,
+                op.dim,
+                k=1,
+                tol=self.tol,
+                max_iter=self.max_iter,
+                warm_start=warm,
+                generator=gen,
+                dtype=dtype,
+                device=op.device,
+            )
+            self._pre_eigvecs = res.eigenvectors.detach().clone()
+            ratio = float(res.eigenvalues[0])
+            return {"sharpness/eos_ratio": ratio, "sharpness/preconditioned": ratio * edge}
+        edge = min(_group_edge(optimizer, g) for g in optimizer.param_groups)
+        return {"sharpness/eos_ratio": lam / edge}
+
+    def _critical(
+        self,
+        params: list[Tensor],
+        closure: Callable[[], Tensor],
+        reduce: Callable[[Tensor], Tensor] | None,
+        lr: float,
+        dtype: torch.dtype,
+    ) -> float | None:
+        assert self._weights_before is not None
+        step = flatten([p.detach() for p in params], dtype) - flatten(self._weights_before, dtype)
+        if float(step.norm()) == 0.0 or lr <= 0:
+            return None
+        direction = step / lr
+
+        def loss() -> Tensor:
+            value = closure().detach().reshape(1)
+            return reduce(value) if reduce is not None else value
+
+        with LineLoss(params, direction, loss) as line:
+            loss0 = line(0.0)
+            result = critical_step_size(line, loss0, self._eta_c or lr)
+        if math.isfinite(result.eta) and result.eta > 0:
+            self._eta_c = result.eta
+        return result.sharpness if math.isfinite(result.sharpness) else None
+
+    def _trace(self, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator) -> float:
+        from lightning_stability.estimators import trace as trace_module
+
+        return float(
+            trace_module.hutchpp_trace(
+                op.matvec,
+                op.dim,
+                num_products=self.trace_samples,
+                generator=gen,
+                dtype=dtype,
+                device=op.device,
+            )
+        )
+
+    def _log_density(
+        self, trainer: pl.Trainer, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator
+    ) -> None:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers:
+            return
+        from lightning_stability.estimators import density as density_module
+
+        nodes, weights = density_module.slq_nodes(
+            op.matvec, op.dim, generator=gen, dtype=dtype, device=op.device
+        )
+        if trainer.is_global_zero:
+            _write_histogram(
+                loggers, "stability/sharpness/density", nodes, weights, trainer.global_step
+            )
+
+    def _pyhessian_top_k(
+        self, pl_module: pl.LightningModule, trainer: pl.Trainer
+    ) -> tuple[list[float], Tensor | None]:
+        from lightning_stability.estimators import pyhessian_backend
+
+        return pyhessian_backend.top_eigenvalues(pl_module, self._batches, k=self.k)
+
+    # --------------------------------------------------------------- cadence
+    def _watch_requested(self, trainer: pl.Trainer) -> bool:
+        watchers = [cb for cb in trainer.callbacks if hasattr(cb, "request_closer_watch")]
+        if not watchers:
+            return False
+        flag = any(bool(getattr(cb, "request_closer_watch", False)) for cb in watchers)
+        if trainer.world_size > 1:
+            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
+        return flag
+
+    def _tighten(self, step: int) -> None:
+        self._interval = max(1, self.every_n_steps // self.adaptive_factor)
+        self._directional_interval = max(1, self.directional_every_n_steps // self.adaptive_factor)
+        self._next_check = min(self._next_check, step + self._interval)
+        self._next_directional = min(self._next_directional, step + self._directional_interval)
+
+    def _schedule(
+        self, trainer: pl.Trainer, step: int, check: bool, directional: bool, ratio: float | None
+    ) -> None:
+        if check and self.adaptive:
+            if ratio is not None and ratio > self.ratio_threshold:
+                self._tighten(step)
+            elif not self._watch_requested(trainer):
+                self._interval = self.every_n_steps
+                self._directional_interval = self.directional_every_n_steps
+        if check:
+            self._next_check = step + self._interval
+        if directional:
+            self._next_directional = step + self._directional_interval
+
+    @property
+    def interval(self) -> int:
+        """Current steps between Lanczos checks (shorter while on closer watch)."""
+        return self._interval
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "interval": self._interval,
+            "directional_interval": self._directional_interval,
+            "next_check": self._next_check,
+            "next_directional": self._next_directional,
+            "num_checks": self.num_checks,
+            "prev_lambda": self._prev_lambda,
+            "eta_c": self._eta_c,
+            "readings": {k: [r.value, r.step] for k, r in self.readings.items()},
+        }
+        if self._eigvecs is not None:
+            state["eigvecs"] = self._eigvecs.detach().cpu()
+        if self._pre_eigvecs is not None:
+            state["pre_eigvecs"] = self._pre_eigvecs.detach().cpu()
+        if self._batches and _plain(self._batches):
+            state["probe_batches"] = _to_cpu(self._batches)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._interval = int(state_dict["interval"])
+        self._directional_interval = int(state_dict["directional_interval"])
+        self._next_check = int(state_dict["next_check"])
+        self._next_directional = int(state_dict["next_directional"])
+        self.num_checks = int(state_dict["num_checks"])
+        self._prev_lambda = state_dict.get("prev_lambda")
+        self._eta_c = state_dict.get("eta_c")
+        self.readings = {
+            k: Reading(float(v), int(s)) for k, (v, s) in state_dict["readings"].items()
+        }
+        self._eigvecs = state_dict.get("eigvecs")
+        self._pre_eigvecs = state_dict.get("pre_eigvecs")
+        if "probe_batches" in state_dict and not (self._fixed_batches and self._batches):
+            self._batches = list(state_dict["probe_batches"])
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_probe_loader(loader: DataLoader) -> None:
+    sampler = getattr(loader, "sampler", None)
+    if (
+        isinstance(sampler, RandomSampler)
+        and sampler.generator is None
+        and loader.generator is None
+    ):
+        raise ValueError(
+            "probe_dataloader: a shuffled loader without its own generator draws from the "
+            "global RNG and would change the training run; pass shuffle=False or "
+            "generator=torch.Generator().manual_seed(...)"
+        )
+
+
+def _trainable(pl_module: pl.LightningModule) -> list[Tensor]:
+    return [p for p in pl_module.parameters() if p.requires_grad]
+
+
+def _reducer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
+    if trainer.world_size <= 1:
+        return None
+    return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
+
+
+def _group_edge(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
+    lr = float(group["lr"])
+    if lr <= 0:
+        return math.inf
+    if isinstance(optimizer, torch.optim.SGD):
+        return sgd_edge(
+            lr,
+            float(group.get("momentum", 0.0)),
+            float(group.get("dampening", 0.0)),
+            bool(group.get("nesterov", False)),
+        )
+    return 2.0 / lr
+
+
+def _write_histogram(loggers: list, tag: str, nodes: Tensor, weights: Tensor, step: int) -> None:
+    nodes = nodes.detach().double().cpu().reshape(-1)
+    weights = weights.detach().double().cpu().reshape(-1)
+    order = torch.argsort(nodes)
+    nodes, weights = nodes[order], weights[order]
+    total = float(weights.sum()) or 1.0
+    counts = (weights / total * 1000.0).tolist()
+    for logger in loggers:
+        logger.experiment.add_histogram_raw(
+            tag,
+            min=float(nodes[0]),
+            max=float(nodes[-1]),
+            num=1000,
+            sum=float((nodes * weights).sum() / total * 1000.0),
+            sum_squares=float((nodes**2 * weights).sum() / total * 1000.0),
+            bucket_limits=nodes.tolist(),
+            bucket_counts=counts,
+            global_step=step,
+        )
