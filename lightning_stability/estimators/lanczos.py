@@ -51,19 +51,21 @@ class LanczosStep:
         error_bounds: bound on ``|lambda_i - theta_i|`` for each Ritz value (same order).
         num_products: products used so far.
         exhausted: the Krylov space spans the whole space (Ritz values are exact).
+        ritz_vectors: ``(m, m)`` eigenvectors of the tridiagonal matrix, columns in
+            ``ritz_values`` order (their first row gives quadrature weights).
     """
 
     ritz_values: Tensor
     error_bounds: Tensor
     num_products: int
     exhausted: bool
+    ritz_vectors: Tensor
     _basis: Tensor
-    _ritz_vectors: Tensor  # (m, m) eigenvectors of T, columns in ritz_values order
 
     def eigenvectors(self, k: int) -> Tensor:
         """The top ``k`` Ritz vectors as ``(dim, k)`` orthonormal columns."""
-        m = self._ritz_vectors.shape[0]
-        s = self._ritz_vectors[:, :k].to(device=self._basis.device, dtype=self._basis.dtype)
+        m = self.ritz_vectors.shape[0]
+        s = self.ritz_vectors[:, :k].to(device=self._basis.device, dtype=self._basis.dtype)
         vecs = self._basis[:m].T @ s
         return vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
 
@@ -163,7 +165,7 @@ def lanczos_iterations(
             bound = torch.minimum(residual, residual**2 / gap.clamp_min(1e-300))
         else:
             bound = residual
-        yield LanczosStep(theta, bound, j + 1, exhausted, basis, s)
+        yield LanczosStep(theta, bound, j + 1, exhausted, s, basis)
         if exhausted or j + 1 == steps:
             return
 
