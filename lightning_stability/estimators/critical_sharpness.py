@@ -32,8 +32,9 @@ class CriticalStep:
 
     Attributes:
         eta: estimate of the critical step size (midpoint of the final bracket);
-            ``inf`` when the loss did not rise up to ``eta_max``, ``0`` when it rose even
-            at ``eta_min`` (``d`` is not a descent direction).
+            ``inf`` when the loss did not rise up to ``eta_max``, ``0`` when it rose at
+            every step tried down to ``eta_min`` or until ``max_evals`` ran out (``d`` is
+            not a descent direction).
         lower: largest step tried that did not raise the loss (0 if none).
         upper: smallest step tried that raised the loss (``inf`` if none).
         evaluations: loss evaluations (forward passes) used.
@@ -106,6 +107,8 @@ def critical_step_size(
             else:
                 lower = eta
                 break
+        if lower == 0.0:  # rose at every step tried: not a descent direction
+            return CriticalStep(0.0, 0.0, upper, evals)
     else:
         lower = eta
         while evals < max_evals:
