@@ -1,1 +1,18 @@
 """Callbacks that act on instability events: learning-rate backoff, staged training, rollback."""
+
+from lightning_stability.actions.base import StabilityAction
+from lightning_stability.actions.lr_backoff import LRBackoff
+from lightning_stability.actions.lr_scaling import scale_learning_rates
+from lightning_stability.actions.rollback import Rollback
+from lightning_stability.actions.snapshot import TrainingSnapshot
+from lightning_stability.actions.staged_training import DEFAULT_STAGES, StagedTraining
+
+__all__ = [
+    "DEFAULT_STAGES",
+    "LRBackoff",
+    "Rollback",
+    "StabilityAction",
+    "StagedTraining",
+    "TrainingSnapshot",
+    "scale_learning_rates",
+]

@@ -1,0 +1,185 @@
+"""LRBackoff: cut the learning rate when the run is warned about, ramp back when calm."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+
+from lightning_stability.actions.base import (
+    StabilityAction,
+    check_factor,
+    check_nonnegative_int,
+    check_positive_int,
+    schedulers,
+)
+from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
+from lightning_stability.warning.events import Level
+
+__all__ = ["LRBackoff"]
+
+LR_SCALE_KEY = "stability/action/lr_scale"
+
+
+def _reference_lr(group: dict[str, Any]) -> float:
+    """The learning rate a group's schedule is built around (its peak for OneCycleLR)."""
+    for key in ("max_lr", "initial_lr", "lr"):
+        if group.get(key) is not None:
+            return float(group[key])
+    return 0.0
+
+
+class LRBackoff(StabilityAction):
+    """Multiply every param group's learning rate by ``factor`` on an event at or above
+    ``level``, keeping the cut through any learning-rate scheduler.
+
+    Args:
+        level: lowest event level that triggers a backoff (``"watch"``, ``"warning"``,
+            ``"critical"``). Default ``"warning"``.
+        factor: multiplier per backoff, in (0, 1). Default 0.5.
+        min_lr: floor: a cut never takes a group's reference learning rate (its
+            schedule's peak: ``max_lr``, ``initial_lr`` or ``lr``) below this. Default 0.
+        cooldown: steps after a backoff during which further events are ignored.
+            Default 0.
+        max_backoffs: most backoffs in the whole run (``None``: unbounded). Default 10.
+        patience: calm steps (no event at or above ``level``) before ramping back
+            towards the original learning rate; ``None`` (default) never ramps back.
+        recovery_steps: length in steps of the ramp back, which is geometric and never
+            exceeds the original learning rate. Default 100.
+
+    Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
+    no cut) every step and records each backoff in :attr:`events`.
+    """
+
+    source_name = "lr_backoff"
+
+    def __init__(
+        self,
+        level: str = "warning",
+        factor: float = 0.5,
+        min_lr: float = 0.0,
+        cooldown: int = 0,
+        max_backoffs: int | None = 10,
+        patience: int | None = None,
+        recovery_steps: int = 100,
+    ) -> None:
+        super().__init__(level)
+        check_factor(factor, "factor")
+        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr < 0:
+            raise ValueError(f"min_lr must be a number >= 0, got {min_lr!r}")
+        check_nonnegative_int(cooldown, "cooldown")
+        check_nonnegative_int(max_backoffs, "max_backoffs", allow_none=True)
+        check_positive_int(patience, "patience", allow_none=True)
+        check_positive_int(recovery_steps, "recovery_steps")
+        self.factor = float(factor)
+        self.min_lr = float(min_lr)
+        self.cooldown = cooldown
+        self.max_backoffs = max_backoffs
+        self.patience = patience
+        self.recovery_steps = recovery_steps
+        self.scales: list[list[float]] = []  # per optimizer, per param group
+        self.backoffs = 0
+        self._last_backoff_step = -(10**12)
+        self._calm = 0
+        self._ramp_from: list[list[float]] | None = None
+        self._ramp_done = 0
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        shape = [len(o.param_groups) for o in trainer.optimizers]
+        if [len(s) for s in self.scales] != shape:
+            self.scales = [[1.0] * n for n in shape]
+
+    def on_step_boundary(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
+    ) -> None:
+        step = int(trainer.global_step)
+        if level is not None and level >= self.level:
+            self._calm = 0
+            if step - self._last_backoff_step > self.cooldown:
+                self._backoff(trainer, level, f"{level.name} event")
+        else:
+            self._calm += 1
+            if self.patience is not None and self._calm >= self.patience:
+                self._recover(trainer)
+        if self.scales:
+            self.log_value(pl_module, LR_SCALE_KEY, self.scales[0][0])
+
+    def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
+        self._calm = 0
+        return self._backoff(trainer, Level.CRITICAL, reason)
+
+    # ------------------------------------------------------------- mechanics
+    def _apply(self, trainer: pl.Trainer, new_scales: list[list[float]]) -> None:
+        all_schedulers = schedulers(trainer)
+        for opt, old, new in zip(trainer.optimizers, self.scales, new_scales):
+            factors = [n / o if o > 0 else 1.0 for o, n in zip(old, new)]
+            if any(f != 1.0 for f in factors):
+                scale_learning_rates(opt, factors, schedulers_of(opt, all_schedulers))
+        self.scales = [list(s) for s in new_scales]
+
+    def _backoff(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
+        if self.max_backoffs is not None and self.backoffs >= self.max_backoffs:
+            return False
+        new_scales = []
+        for opt, scales in zip(trainer.optimizers, self.scales):
+            row = []
+            for group, s in zip(opt.param_groups, scales):
+                original = _reference_lr(group) / s if s > 0 else 0.0
+                floor = self.min_lr / original if original > 0 else 0.0
+                row.append(min(s, max(s * self.factor, floor)))
+            new_scales.append(row)
+        if new_scales == self.scales:
+            return False  # every group already sits at min_lr
+        self._apply(trainer, new_scales)
+        self.backoffs += 1
+        self._last_backoff_step = int(trainer.global_step)
+        self._ramp_from = None
+        self._ramp_done = 0
+        lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self.record(
+            trainer,
+            level,
+            f"learning rate backed off to {self.scales[0][0]:.4g}x ({reason}); lr now {lr:.4g}",
+            signals=(LR_SCALE_KEY,),
+            details={"lr_scale": self.scales[0][0], "lr": lr, "backoffs": float(self.backoffs)},
+        )
+        return True
+
+    def _recover(self, trainer: pl.Trainer) -> None:
+        if all(s >= 1.0 for row in self.scales for s in row):
+            self._ramp_from = None
+            return
+        if self._ramp_from is None:
+            self._ramp_from = [list(row) for row in self.scales]
+            self._ramp_done = 0
+        self._ramp_done = min(self._ramp_done + 1, self.recovery_steps)
+        remaining = 1.0 - self._ramp_done / self.recovery_steps
+        # Geometric: equal multiplicative steps from the cut back to 1.0, never above.
+        new_scales = [[min(1.0, s**remaining) for s in row] for row in self._ramp_from]
+        self._apply(trainer, new_scales)
+        if self._ramp_done == self.recovery_steps:
+            self._ramp_from = None
+            self.record(trainer, Level.OK, "learning rate ramped back to its original value")
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "scales": [list(row) for row in self.scales],
+            "backoffs": self.backoffs,
+            "last_backoff_step": self._last_backoff_step,
+            "calm": self._calm,
+            "ramp_from": self._ramp_from,
+            "ramp_done": self._ramp_done,
+            "events": self._events_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.scales = [[float(s) for s in row] for row in state_dict["scales"]]
+        self.backoffs = int(state_dict["backoffs"])
+        self._last_backoff_step = int(state_dict["last_backoff_step"])
+        self._calm = int(state_dict["calm"])
+        ramp = state_dict.get("ramp_from")
+        self._ramp_from = None if ramp is None else [[float(s) for s in row] for row in ramp]
+        self._ramp_done = int(state_dict.get("ramp_done", 0))
+        self._load_events(state_dict.get("events", []))

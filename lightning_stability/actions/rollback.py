@@ -1,0 +1,202 @@
+"""Rollback: return to the last known-good state on a critical event and carry on."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_stability.actions.base import (
+    StabilityAction,
+    action_callbacks,
+    check_factor,
+    check_nonnegative_int,
+    check_positive_int,
+    schedulers,
+)
+from lightning_stability.actions.lr_backoff import LRBackoff
+from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
+from lightning_stability.actions.snapshot import TrainingSnapshot
+from lightning_stability.actions.staged_training import StagedTraining
+from lightning_stability.warning.events import Level
+
+__all__ = ["Rollback"]
+
+ROLLBACKS_KEY = "stability/action/rollbacks"
+
+
+class Rollback(StabilityAction):
+    """Keep the last known-good training state in memory and return to it on a critical
+    event, then make training safer and continue the run instead of failing.
+
+    Every ``every`` steps, while the run's level is below ``calm_below`` and the weights
+    are finite, a :class:`~lightning_stability.actions.snapshot.TrainingSnapshot` is
+    taken: module state, optimizer and scheduler states, AMP scaler, and the state of the
+    other action callbacks (one at the start of training, too). Memory: one extra copy
+    of the weights and optimizer state (about 3x the parameters for Adam); ``offload``
+    keeps it in host memory.
+
+    On an event at or above ``level`` (and, with ``nonfinite_loss``, on a non-finite
+    training loss on any rank) the snapshot is restored and then training is made safer:
+    the next stage of a :class:`StagedTraining` in ``trainer.callbacks`` if there is one,
+    else a backoff of an :class:`LRBackoff`, else the learning rates are multiplied by
+    ``backoff_factor``. The data loader is not rewound: the batches seen since the
+    snapshot, the offending ones among them, are not replayed, and
+    ``trainer.global_step`` keeps counting. After ``max_rollbacks`` rollbacks, the next
+    critical event restores the snapshot once more, saves it as a checkpoint in
+    ``dirpath`` (default ``trainer.default_root_dir``) and stops the run with a warning.
+
+    Args:
+        every: snapshot interval in optimizer steps. Default 50.
+        level: event level that triggers a rollback. Default ``"critical"``.
+        calm_below: snapshots are taken only while the latest level is below this.
+            Default ``"warning"``.
+        max_rollbacks: rollbacks allowed before stopping. Default 3.
+        offload: keep the snapshot on the CPU. Default False.
+        backoff_factor: learning-rate multiplier after a rollback when no other action
+            is attached, in (0, 1). Default 0.5.
+        nonfinite_loss: treat a non-finite training loss (``outputs["loss"]``) as
+            critical even if no source reports it. Default True.
+        dirpath: where the stop checkpoint goes. Default ``None`` (the Trainer's root).
+
+    The snapshot itself is not written into checkpoints (only the rollback count is); a
+    resumed run takes a fresh snapshot when training starts.
+    """
+
+    source_name = "rollback"
+
+    def __init__(
+        self,
+        every: int = 50,
+        level: str = "critical",
+        calm_below: str = "warning",
+        max_rollbacks: int = 3,
+        offload: bool = False,
+        backoff_factor: float = 0.5,
+        nonfinite_loss: bool = True,
+        dirpath: str | None = None,
+    ) -> None:
+        super().__init__(level)
+        check_positive_int(every, "every")
+        self.calm_below = Level.parse(calm_below, "calm_below")
+        check_nonnegative_int(max_rollbacks, "max_rollbacks")
+        check_factor(backoff_factor, "backoff_factor")
+        self.every = every
+        self.max_rollbacks = max_rollbacks
+        self.offload = bool(offload)
+        self.backoff_factor = float(backoff_factor)
+        self.nonfinite_loss = bool(nonfinite_loss)
+        self.dirpath = dirpath
+        self.rollbacks = 0
+        self.current_level = Level.OK
+        self.snapshot: TrainingSnapshot | None = None
+        self.stop_checkpoint: str | None = None
+
+    # ------------------------------------------------------------------ hooks
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._take(trainer, pl_module)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.nonfinite_loss:
+            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
+                self.note_level(Level.CRITICAL)
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_step_boundary(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
+    ) -> None:
+        if level is not None:
+            self.current_level = level
+        if level is not None and level >= self.level:
+            self._roll_back(trainer, pl_module, level)
+        elif int(trainer.global_step) % self.every == 0 and self.current_level < self.calm_below:
+            self._take(trainer, pl_module)
+        self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
+
+    # ------------------------------------------------------------- mechanics
+    def _others(self, trainer: pl.Trainer) -> dict[str, StabilityAction]:
+        return {cb.state_key: cb for cb in action_callbacks(trainer) if cb is not self}
+
+    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Weights are identical on every rank under DDP, so this check agrees everywhere.
+        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
+            return
+        self.snapshot = TrainingSnapshot.take(
+            trainer, pl_module, self._others(trainer), offload=self.offload
+        )
+
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level) -> None:
+        step = int(trainer.global_step)
+        others = self._others(trainer)
+        for action in others.values():
+            action.mark_handled(step)
+        if self.snapshot is None:
+            self._stop(trainer, pl_module, "no known-good state to return to")
+            return
+        self.snapshot.restore(trainer, pl_module, others)
+        for action in others.values():
+            action.restored(trainer, pl_module)
+        self.current_level = Level.OK
+        if self.rollbacks >= self.max_rollbacks:
+            self._stop(trainer, pl_module, f"max_rollbacks={self.max_rollbacks} reached")
+            return
+        self.rollbacks += 1
+        safer = self._make_safer(trainer, pl_module, others)
+        self.record(
+            trainer,
+            level,
+            f"rolled back to step {self.snapshot.step} after a {level.name} event; {safer}",
+            signals=(ROLLBACKS_KEY,),
+            details={"to_step": float(self.snapshot.step), "rollbacks": float(self.rollbacks)},
+        )
+
+    def _make_safer(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        others: dict[str, StabilityAction],
+    ) -> str:
+        reason = f"rollback {self.rollbacks}"
+        for kind, name in ((StagedTraining, "next stage"), (LRBackoff, "learning rate backed off")):
+            for action in others.values():
+                if isinstance(action, kind):
+                    return name if action.escalate(trainer, pl_module, reason) else f"no {name}"
+        all_schedulers = schedulers(trainer)
+        for opt in trainer.optimizers:
+            scale_learning_rates(opt, self.backoff_factor, schedulers_of(opt, all_schedulers))
+        return f"learning rate x{self.backoff_factor:g}"
+
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str) -> None:
+        directory = self.dirpath or trainer.default_root_dir
+        path = os.path.join(directory, f"rollback-stop-step{int(trainer.global_step)}.ckpt")
+        trainer.save_checkpoint(path)  # collective: every rank reaches it at the same step
+        self.stop_checkpoint = path
+        trainer.should_stop = True
+        restored = f"restored step {self.snapshot.step} and " if self.snapshot is not None else ""
+        message = f"training stopped: {why}; {restored}saved a checkpoint to {path}"
+        self.record(trainer, Level.CRITICAL, message, signals=(ROLLBACKS_KEY,))
+        rank_zero_warn(f"Rollback: {message}")
+
+    # ---------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "rollbacks": self.rollbacks,
+            "current_level": int(self.current_level),
+            "events": self._events_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rollbacks = int(state_dict["rollbacks"])
+        self.current_level = Level(int(state_dict["current_level"]))
+        self._load_events(state_dict.get("events", []))
