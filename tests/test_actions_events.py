@@ -27,7 +27,8 @@ class ScriptedSource(Callback):
         self.listeners.append(listener)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        level = self.script.get(int(trainer.global_step))
+        # Once per optimizer step: under gradient accumulation several batches end at it.
+        level = self.script.pop(int(trainer.global_step), None)
         if level is None or (self.ranks is not None and trainer.global_rank not in self.ranks):
             return
         event = InstabilityEvent(Level.parse(level), int(trainer.global_step), message="scripted")

@@ -1,0 +1,116 @@
+"""Rollback: bit-identical restore of the snapshot step, NaN recovery, clean stop."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from helpers import TinyClassifier, classification_data, flat_weights, loader, trainer
+from lightning.pytorch.callbacks import Callback
+from test_actions_events import NonFiniteLossSource, ScriptedSource
+from torch.utils.data import TensorDataset
+
+from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"every": 0}, "every"),
+        ({"max_rollbacks": -1}, "max_rollbacks"),
+        ({"backoff_factor": 1.5}, "backoff_factor"),
+        ({"calm_below": "fine"}, "calm_below"),
+    ],
+)
+def test_bad_arguments_are_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Rollback(**kwargs)
+
+
+class StateRecorder(Callback):
+    """Weights and optimizer state after every step (placed before Rollback), and right
+    after the rollback step (``after``, placed after it)."""
+
+    def __init__(self) -> None:
+        self.states: dict[int, tuple] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        opt = copy.deepcopy(trainer.optimizers[0].state_dict())
+        self.states[int(trainer.global_step)] = (flat_weights(pl_module), opt)
+
+
+def _same_optimizer_state(a, b) -> bool:
+    if a["state"].keys() != b["state"].keys():
+        return False
+    for k in a["state"]:
+        for name, value in a["state"][k].items():
+            if not torch.equal(torch.as_tensor(value), torch.as_tensor(b["state"][k][name])):
+                return False
+    return True
+
+
+def test_restores_bit_identical_weights_and_optimizer_state():
+    before, after = StateRecorder(), StateRecorder()
+    rollback = Rollback(every=3, backoff_factor=0.5)
+    cbs = [ScriptedSource({8: "critical"}), before, rollback, after]
+    t = trainer(max_steps=10, callbacks=cbs)
+    model = TinyClassifier(lr=0.01, opt="adam")
+    t.fit(model, loader(classification_data(512), shuffle=False))
+    weights_6, opt_6 = before.states[6]  # last snapshot before step 8
+    weights_8, opt_8 = after.states[8]
+    assert torch.equal(weights_8, weights_6)
+    assert not torch.equal(before.states[8][0], weights_6)
+    assert _same_optimizer_state(opt_8, opt_6)
+    assert not _same_optimizer_state(before.states[8][1], opt_6)
+    assert opt_8["param_groups"][0]["lr"] == pytest.approx(0.005)
+    assert rollback.rollbacks == 1 and rollback.events[0].source == "rollback"
+
+
+def _data_with_nan_batches(nan_batches: tuple[int, ...], batch_size: int = 32):
+    ds = classification_data(512)
+    x = ds.tensors[0].clone()
+    for b in nan_batches:
+        x[b * batch_size : (b + 1) * batch_size] = float("nan")
+    return TensorDataset(x, ds.tensors[1])
+
+
+@pytest.mark.parametrize("escalation", ["own_factor", "lr_backoff", "staged"])
+def test_planted_nan_batch_run_finishes_with_finite_weights(escalation):
+    extra = {"own_factor": [], "lr_backoff": [LRBackoff()], "staged": [StagedTraining()]}
+    rollback = Rollback(every=2, nonfinite_loss=False)  # only the source reports it
+    cbs = [NonFiniteLossSource(), *extra[escalation], rollback]
+    t = trainer(max_steps=12, callbacks=cbs)
+    model = TinyClassifier(lr=0.1)
+    t.fit(model, loader(_data_with_nan_batches((5,)), shuffle=False))
+    assert t.global_step == 12
+    assert torch.isfinite(flat_weights(model)).all()
+    assert rollback.rollbacks == 1
+    lr = t.optimizers[0].param_groups[0]["lr"]
+    assert lr == pytest.approx(0.05)  # one cut (default stage 1 is also 0.5x)
+    if escalation == "staged":
+        assert extra["staged"][0].stage == 1
+
+
+def test_nonfinite_loss_is_critical_without_a_source_saying_so():
+    rollback = Rollback(every=2)
+    t = trainer(max_steps=12, callbacks=[ScriptedSource({}), rollback])
+    model = TinyClassifier(lr=0.1)
+    t.fit(model, loader(_data_with_nan_batches((5,)), shuffle=False))
+    assert torch.isfinite(flat_weights(model)).all()
+    assert rollback.rollbacks == 1
+
+
+def test_stops_cleanly_after_max_rollbacks(tmp_path):
+    rollback = Rollback(every=2, max_rollbacks=2, dirpath=str(tmp_path))
+    t = trainer(max_steps=14, callbacks=[ScriptedSource({}), rollback])
+    model = TinyClassifier(lr=0.1)
+    with pytest.warns(UserWarning, match="max_rollbacks=2"):
+        t.fit(model, loader(_data_with_nan_batches((3, 5, 7)), shuffle=False))
+    assert rollback.rollbacks == 2
+    assert t.global_step == 8 and t.should_stop
+    assert torch.isfinite(flat_weights(model)).all()
+    assert rollback.stop_checkpoint is not None and os.path.exists(rollback.stop_checkpoint)
+    ckpt = torch.load(rollback.stop_checkpoint, weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
