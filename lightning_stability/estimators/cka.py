@@ -227,6 +227,20 @@ class Representation:
         """Feature count, or ``None`` when only the Gram matrix is kept."""
         return None if self.features is None else int(self.features.shape[1])
 
+    def to(self, device: torch.device | str) -> Representation:
+        """The same representation with its tensors on ``device`` (self if already there)."""
+        t = self.features if self.features is not None else self.gram
+        assert t is not None
+        if t.device == torch.device(device):
+            return self
+        moved = Representation(
+            None if self.features is None else self.features.to(device),
+            None if self.gram is None else self.gram.to(device),
+            self.has_variance,
+        )
+        moved._self_hsic = {k: v.to(device) for k, v in self._self_hsic.items()}
+        return moved
+
     def gram_matrix(self) -> Tensor:
         """The centred ``n x n`` Gram matrix (formed on demand from the features)."""
         if self.gram is not None:

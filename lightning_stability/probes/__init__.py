@@ -1,5 +1,6 @@
 """Callbacks that measure a run without changing it."""
 
 from lightning_stability.probes.base import LossFn, Reading, StabilityProbe, module_loss
+from lightning_stability.probes.drift import RepresentationDriftMonitor
 
-__all__ = ["LossFn", "Reading", "StabilityProbe", "module_loss"]
+__all__ = ["LossFn", "Reading", "RepresentationDriftMonitor", "StabilityProbe", "module_loss"]
