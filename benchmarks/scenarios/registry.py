@@ -1,0 +1,191 @@
+"""The scenarios: named, seeded training runs that stay stable or go wrong in a known way.
+
+Each :class:`Scenario` builds a fresh ``(module, train_loader, val_loader, extra_callbacks,
+max_steps)`` for a seed. ``lr_scale`` multiplies the run's base learning rate (the detection
+benchmark sweeps it to find the best fixed learning rate). Diverging scenarios are tuned so
+that every seed diverges by :func:`benchmarks.scenarios.divergence.divergence_step`; stable
+ones so that none does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from benchmarks.scenarios.divergence import DivergenceRule
+from benchmarks.scenarios.perturbations import CorruptedLoader, LRJump, RoutingFeedback
+from benchmarks.scenarios.tasks import (
+    MLP,
+    charlm_data,
+    charlm_module,
+    digits_data,
+    seeded_loader,
+    synthetic_regression_data,
+)
+
+__all__ = ["SCENARIOS", "Built", "Scenario"]
+
+Built = tuple[pl.LightningModule, Any, Any, list[Callback], int]
+"""``(module, train_loader, val_loader, extra_callbacks, max_steps)``."""
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A named run recipe.
+
+    Attributes:
+        name: registry key. kind: ``"stable"`` or ``"diverging"``.
+        description: one sentence for the results table.
+        build: ``build(seed, lr_scale) -> Built``.
+        divergence_threshold: the loss an untrained model has (chance level for
+            classification, the target variance for regression); what a Lightning user
+            would pass to ``EarlyStopping(divergence_threshold=...)``.
+        layers: module names whose activations a drift monitor watches.
+        val_every: optimizer steps between validation runs.
+        rule: the divergence rule.
+    """
+
+    name: str
+    kind: str
+    description: str
+    build: Callable[[int, float], Built]
+    divergence_threshold: float
+    layers: tuple[str, ...] = ()
+    val_every: int = 10
+    rule: DivergenceRule = field(default_factory=DivergenceRule)
+
+    def make(self, seed: int, lr_scale: float = 1.0) -> Built:
+        """A fresh run for ``seed``; call ``lightning.seed_everything(seed)`` first so that
+        the initial weights are seeded too (the runner does)."""
+        return self.build(seed, lr_scale)
+
+
+MLP_LAYERS = ("net.1", "net.3")
+CHARLM_LAYERS = ("blocks.layers.0", "blocks.layers.1")
+DIGITS_CHANCE = math.log(10)
+CHARLM_CHANCE = math.log(128)
+
+
+def _digits(
+    seed: int,
+    lr: float,
+    steps: int,
+    *,
+    corrupt: dict[str, Any] | None = None,
+    jump: tuple[int, float] | None = None,
+    batch_size: int = 64,
+) -> Built:
+    train, val = digits_data(seed)
+    module = MLP(
+        64, 10, hidden=64, depth=2, lr=lr, optimizer="sgd", momentum=0.9, activation="relu"
+    )
+    loader: Any = seeded_loader(train, batch_size, seed)
+    if corrupt:
+        loader = CorruptedLoader(loader, seed=seed, num_classes=10, **corrupt)
+    extra: list[Callback] = [LRJump(*jump)] if jump else []
+    return module, loader, seeded_loader(val, 512, seed, shuffle=False), extra, steps
+
+
+def _synthetic(seed: int, lr: float, steps: int) -> Built:
+    train, val = synthetic_regression_data(seed)
+    module = MLP(16, 1, hidden=64, depth=2, task="regression", lr=lr, optimizer="adam")
+    return module, seeded_loader(train, 64, seed), seeded_loader(val, 512, seed, False), [], steps
+
+
+def _charlm(seed: int, lr: float, steps: int, betas: tuple[float, float] = (0.9, 0.999)) -> Built:
+    train, val = charlm_data()
+    module = charlm_module(lr=lr, betas=betas)
+    return module, seeded_loader(train, 16, seed), seeded_loader(val, 256, seed, False), [], steps
+
+
+def _routing(seed: int, lr_scale: float) -> Built:
+    module = MLP(8, 1, hidden=32, depth=2, task="regression", lr=0.02 * lr_scale, optimizer="sgd")
+    env = RoutingFeedback(module, deploy_step=100, seed=seed)
+    return module, env, env.val_loader(), [], 400
+
+
+_LIST = [
+    Scenario(
+        "stable_digits_sgd",
+        "stable",
+        "digits MLP, SGD+momentum lr 0.05",
+        lambda s, k: _digits(s, 0.05 * k, 400),
+        DIGITS_CHANCE,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "stable_synthetic_adam",
+        "stable",
+        "teacher-student regression MLP, Adam lr 1e-3",
+        lambda s, k: _synthetic(s, 1e-3 * k, 400),
+        1.0,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "stable_charlm_adam",
+        "stable",
+        "char-LM transformer on stdlib text, Adam lr 1e-3",
+        lambda s, k: _charlm(s, 1e-3 * k, 200),
+        CHARLM_CHANCE,
+        CHARLM_LAYERS,
+        val_every=25,
+    ),
+    Scenario(
+        "lr_too_high",
+        "diverging",
+        "digits MLP, constant SGD lr 0.25 (beyond the edge of stability)",
+        lambda s, k: _digits(s, 0.25 * k, 400),
+        DIGITS_CHANCE,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "lr_spike",
+        "diverging",
+        "digits MLP, SGD lr 0.05 jumping x10 at step 150 (broken warm-up)",
+        lambda s, k: _digits(s, 0.05 * k, 400, jump=(150, 10.0)),
+        DIGITS_CHANCE,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "corrupted_batches",
+        "diverging",
+        "digits MLP, SGD lr 0.05, inputs x100 for steps 200-209",
+        lambda s, k: _digits(s, 0.05 * k, 400, corrupt=dict(start=200, stop=210, mode="scale")),
+        DIGITS_CHANCE,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "label_noise_burst",
+        "diverging",
+        "digits MLP, SGD lr 0.05, random labels for steps 150-249",
+        lambda s, k: _digits(
+            s, 0.05 * k, 400, corrupt=dict(start=150, stop=250, mode="random_labels")
+        ),
+        DIGITS_CHANCE,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "feedback_loop",
+        "diverging",
+        "route-time regression whose traffic follows the model's predictions from step 100",
+        _routing,
+        1.0,
+        MLP_LAYERS,
+    ),
+    Scenario(
+        "adam_spike",
+        "diverging",
+        "char-LM, Adam lr 1e-2 with beta2 0.95",
+        lambda s, k: _charlm(s, 1e-2 * k, 300, betas=(0.9, 0.95)),
+        CHARLM_CHANCE,
+        CHARLM_LAYERS,
+        val_every=25,
+    ),
+]
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in _LIST}
