@@ -7,7 +7,19 @@ from lightning_stability.estimators.cka import (
     representation_cka,
 )
 from lightning_stability.estimators.cka_metric import MinibatchCKA
-from lightning_stability.estimators.hvp import HessianOperator, flatten, unflatten
+from lightning_stability.estimators.density import SpectralDensity, slq_density
+from lightning_stability.estimators.hessian import (
+    hessian_density,
+    hessian_top_k,
+    hessian_trace,
+    isolated_hessian,
+)
+from lightning_stability.estimators.hvp import (
+    HessianOperator,
+    flatten,
+    forward_over_reverse_hvp,
+    unflatten,
+)
 from lightning_stability.estimators.isolation import (
     compute_precision,
     frozen_rng,
@@ -20,18 +32,30 @@ from lightning_stability.estimators.online_stats import (
     RollingWindow,
     lag1_autocorrelation,
 )
+from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
+from lightning_stability.estimators.trace import TraceResult, hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "EMAStats",
     "EigenResult",
     "HessianOperator",
     "MinibatchCKA",
+    "PyHessianBackend",
     "Representation",
     "RollingWindow",
+    "SpectralDensity",
+    "TraceResult",
     "compute_precision",
     "flatten",
+    "forward_over_reverse_hvp",
     "frozen_rng",
+    "hessian_density",
+    "hessian_top_k",
+    "hessian_trace",
     "hsic",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "isolated_hessian",
     "lag1_autocorrelation",
     "lanczos_iterations",
     "lanczos_top_k",
@@ -39,5 +63,6 @@ __all__ = [
     "preserved_state",
     "representation_cka",
     "resolve_compute_dtype",
+    "slq_density",
     "unflatten",
 ]

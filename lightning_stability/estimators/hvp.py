@@ -7,7 +7,14 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["HessianOperator", "LossClosure", "Reducer", "flatten", "unflatten"]
+__all__ = [
+    "HessianOperator",
+    "LossClosure",
+    "Reducer",
+    "flatten",
+    "forward_over_reverse_hvp",
+    "unflatten",
+]
 
 LossClosure = Callable[[], Tensor]
 """A function of no arguments returning the scalar loss at the current parameters."""
@@ -147,3 +154,22 @@ class HessianOperator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def forward_over_reverse_hvp(
+    loss_of_params: Callable[..., Tensor],
+    params: Sequence[Tensor],
+    vectors: Sequence[Tensor],
+) -> tuple[Tensor, ...]:
+    """``H v`` by forward-mode differentiation of the gradient (``torch.func.jvp`` of
+    ``torch.func.grad``), for a loss written as a pure function of its parameters
+    (e.g. through ``torch.func.functional_call``).
+
+    Each product re-runs the forward and backward pass, where :class:`HessianOperator`
+    builds the gradient graph once and reuses it; ``benchmarks/estimators.py`` measures
+    both, and the operator (double backward with graph reuse) is the default because
+    curvature probes take many products at one point.
+    """
+    grad_fn = torch.func.grad(lambda ps: loss_of_params(*ps))
+    _, hv = torch.func.jvp(grad_fn, (tuple(params),), (tuple(vectors),))
+    return tuple(hv)

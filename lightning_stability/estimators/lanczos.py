@@ -51,6 +51,8 @@ class LanczosStep:
         error_bounds: bound on ``|lambda_i - theta_i|`` for each Ritz value (same order).
         num_products: products used so far.
         exhausted: the Krylov space spans the whole space (Ritz values are exact).
+        breakdown: the Krylov space became invariant at this step; the next step restarts
+            from a random direction (an eigenvalue of multiplicity > 1 shows up only then).
         ritz_vectors: ``(m, m)`` eigenvectors of the tridiagonal matrix, columns in
             ``ritz_values`` order (their first row gives quadrature weights).
     """
@@ -59,6 +61,7 @@ class LanczosStep:
     error_bounds: Tensor
     num_products: int
     exhausted: bool
+    breakdown: bool
     ritz_vectors: Tensor
     _basis: Tensor
 
@@ -165,7 +168,7 @@ def lanczos_iterations(
             bound = torch.minimum(residual, residual**2 / gap.clamp_min(1e-300))
         else:
             bound = residual
-        yield LanczosStep(theta, bound, j + 1, exhausted, s, basis)
+        yield LanczosStep(theta, bound, j + 1, exhausted, breakdown, s, basis)
         if exhausted or j + 1 == steps:
             return
 
@@ -243,11 +246,11 @@ def lanczos_top_k(
         device=device,
     ):
         last = step
-        if step.ritz_values.numel() < k:
-            continue
         if step.exhausted:
             converged = True
             break
+        if step.ritz_values.numel() < k or step.breakdown:
+            continue
         spectral = float(step.ritz_values.abs().max())
         if tol > 0 and bool((step.error_bounds[:k] <= tol * spectral).all()):
             converged = True
