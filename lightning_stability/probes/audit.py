@@ -1,0 +1,205 @@
+"""PerturbationAudit: how the training dynamics respond to controlled disturbances, measured on a
+forked copy of the run so that the run itself never changes."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_stability.estimators.isolation import frozen_rng, preserved_state
+from lightning_stability.estimators.perturbation import (
+    DIMENSIONS,
+    AuditConfig,
+    Fork,
+    PerturbationAuditor,
+)
+from lightning_stability.probes.base import LossFn, StabilityProbe, detach_batch, module_loss
+
+__all__ = ["PerturbationAudit"]
+
+
+class PerturbationAudit(StabilityProbe):
+    """Controlled perturbation auditing of the training trajectory (Zhang et al. 2026,
+    arXiv:2601.13160), opt-in and periodic.
+
+    At the end of every ``every_n_epochs``-th training epoch the current state (weights,
+    buffers, optimizer state and hyper-parameters) is forked into a disposable copy, and each
+    configured disturbance is rolled out for ``horizon`` optimizer steps on the first
+    ``num_batches`` batches of that epoch (cached, cycled), against an unperturbed rollout
+    over the same batches:
+
+    * ``parametric``: weights displaced by Gaussian noise of relative scale ``epsilon``;
+    * ``optimisation``: learning rate multiplied by ``m``; the margin is the largest ``m`` on
+      (a bisection of) ``lr_multipliers`` whose rollout does not diverge. Near the edge of
+      stability it falls towards 1; for SGD on a quadratic it is ``2 / (lr lambda_max)``;
+    * ``data``: input noise (``input_noise`` x the input's std) and label noise (a fraction
+      ``label_noise`` of the entries of integer tensors resampled from the batch);
+    * ``signal``: Gaussian gradient noise of norm ``signal_noise`` x the gradient norm.
+
+    A rollout *diverges* when any loss it sees is non-finite or exceeds ``divergence_factor``
+    times the loss of the start weights on the same batch. The margin found on a quadratic is
+    biased upwards by about ``ln(divergence_factor) / (4 horizon)`` relative (slow divergence just
+    above the edge), see :mod:`lightning_stability.estimators.perturbation`.
+
+    Readings (``stability/audit/...``, published at the audit's step; non-finite values are
+    kept in :attr:`history` but not logged): ``optimisation/lr_margin``,
+    ``optimisation/lr_diverge``, ``<dim>/loss_gap``, ``<dim>/param_distance``,
+    ``<dim>/diverged``, ``parametric/param_growth``, ``parametric/loss_gap_growth``,
+    ``reference/loss_ratio``, ``reference/diverged``, ``rollouts``.
+
+    Isolation: the live module and optimizer are only read; the copy's loss is the module's own
+    ``training_step`` (logging silenced, ``self.trainer`` available) or ``loss_fn``; the global
+    RNG is restored afterwards and every disturbance draws from a private generator seeded by
+    ``seed`` and the audit count. Rollouts hold the learning rate in force at the audit (the
+    scheduler is not advanced), clip by norm when the Trainer does (``gradient_clip_val`` with
+    the ``"norm"`` algorithm), and run in float32 when the weights are 16-bit.
+
+    Distributed: the audit runs on rank 0 only, on rank 0's cached batches; the readings are
+    broadcast with ``trainer.strategy.broadcast`` so every rank publishes the same values (the
+    other ranks wait at the broadcast). A failure on rank 0 is re-raised on every rank.
+    Models with ``SyncBatchNorm`` cannot be audited this way (the copy would wait for ranks
+    that do not run it).
+
+    Args:
+        every_n_epochs: audit at the end of epochs ``n-1, 2n-1, ...`` (positive).
+        horizon: optimizer steps per rollout (positive).
+        epsilon: relative scale of the parametric noise (>= 0).
+        lr_multipliers: ascending positive grid that brackets the learning-rate margin.
+        dimensions: subset of ``("parametric", "optimisation", "data", "signal")``.
+        num_batches: batches cached per audited epoch (positive).
+        input_noise: relative std of the input noise (>= 0).
+        label_noise: fraction of resampled integer entries, in [0, 1].
+        signal_noise: gradient-noise norm relative to the gradient norm (>= 0).
+        bisection_steps: geometric bisections of the margin's bracket (>= 0).
+        divergence_factor: loss ratio counted as divergence (> 1).
+        seed: base seed of the disturbances.
+        loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step``.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        horizon: int = 20,
+        epsilon: float = 1e-3,
+        lr_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
+        dimensions: tuple[str, ...] = DIMENSIONS,
+        num_batches: int = 4,
+        input_noise: float = 0.1,
+        label_noise: float = 0.1,
+        signal_noise: float = 0.5,
+        bisection_steps: int = 4,
+        divergence_factor: float = 2.0,
+        seed: int = 0,
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs}")
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive integer, got {num_batches}")
+        self.config = AuditConfig(
+            horizon=horizon,
+            dimensions=tuple(dimensions),
+            epsilon=epsilon,
+            input_noise=input_noise,
+            label_noise=label_noise,
+            signal_noise=signal_noise,
+            lr_multipliers=tuple(float(m) for m in lr_multipliers),
+            bisection_steps=bisection_steps,
+            divergence_factor=divergence_factor,
+        )
+        self.every_n_epochs = every_n_epochs
+        self.num_batches = num_batches
+        self.seed = int(seed)
+        self.loss_fn = loss_fn
+        self.history: list[dict[str, Any]] = []
+        self.last_seconds: float = math.nan
+        self._batches: list[Any] = []
+
+    def _due(self, trainer: pl.Trainer) -> bool:
+        return (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._batches = []
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.is_global_zero and self._due(trainer) and len(self._batches) < self.num_batches:
+            self._batches.append(detach_batch(batch))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._due(trainer):
+            return
+        values: dict[str, float] | None = None
+        error: BaseException | None = None
+        if trainer.is_global_zero and self._batches:
+            start = time.perf_counter()
+            try:
+                values = self.audit(trainer, pl_module, self._batches)
+            except Exception as exc:
+                error = exc
+            self.last_seconds = time.perf_counter() - start
+        self._batches = []
+        message = f"{type(error).__name__}: {error}" if error is not None else None
+        values, message = trainer.strategy.broadcast((values, message), src=0)
+        if error is not None:
+            raise error
+        if message is not None:
+            raise RuntimeError(f"PerturbationAudit failed on rank 0: {message}")
+        if values is None:  # no batch was seen this epoch
+            return
+        self.history.append(
+            {"epoch": trainer.current_epoch, "step": trainer.global_step, "values": values}
+        )
+        finite = {f"audit/{k}": v for k, v in values.items() if math.isfinite(v)}
+        self.publish(trainer, pl_module, finite)
+
+    def audit(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
+    ) -> dict[str, float]:
+        """Run one audit now on ``batches`` (on this process only) and return its readings,
+        keys relative to ``stability/audit/``."""
+        if len(trainer.optimizers) != 1:
+            raise ValueError(
+                f"PerturbationAudit needs exactly one optimizer, found {len(trainer.optimizers)}"
+            )
+        config = self.config
+        clip = trainer.gradient_clip_val
+        if clip and (trainer.gradient_clip_algorithm or "norm") == "norm":
+            config = AuditConfig(**{**vars(config), "max_grad_norm": float(clip)})
+        generator = torch.Generator().manual_seed(self.seed + 7919 * len(self.history))
+        devices = list({p.device for p in pl_module.parameters()})
+        with preserved_state(pl_module), frozen_rng(devices):
+            fork = Fork(pl_module, trainer.optimizers[0])
+            if isinstance(fork.module, pl.LightningModule):
+                # LightningModule drops its trainer when copied; training steps that read
+                # self.trainer (global_step, current_epoch, ...) need it back.
+                fork.module.trainer = trainer
+
+            def loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
+                return module_loss(module, batch, 0, self.loss_fn)  # type: ignore[arg-type]
+
+            result = PerturbationAuditor(fork, loss, batches, config, generator).run()
+        values = dict(result.values)
+        values["rollouts"] = float(result.rollouts)
+        return values
+
+    @property
+    def margins(self) -> list[float]:
+        """Learning-rate margin of every audit so far (empty without the optimisation dimension)."""
+        return [
+            h["values"]["optimisation/lr_margin"]
+            for h in self.history
+            if "optimisation/lr_margin" in h["values"]
+        ]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(h, values=dict(h["values"])) for h in self.history]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(h, values=dict(h["values"])) for h in state_dict.get("history", [])]
