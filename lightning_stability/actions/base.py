@@ -19,8 +19,8 @@ integer (the highest level it received since the last boundary, or -1), through
 event)`` carrying the level as well, so every rank takes the same decision from the same
 input. Because it runs at a fixed point of every step on every rank, the number of
 collectives never depends on which rank saw what. Without a process group it costs
-nothing; on gloo it is one small all-reduce per action per step (see
-``benchmarks``/the report for figures).
+nothing; under DDP it is one latency-bound all-reduce of 8 bytes per action per step,
+with no device-to-host copy beyond reading that one integer back.
 """
 
 from __future__ import annotations
