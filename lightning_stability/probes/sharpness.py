@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, RandomSampler
 
 from lightning_stability.estimators.critical_sharpness import LineLoss, critical_step_size
+from lightning_stability.estimators.density import slq_density
 from lightning_stability.estimators.hvp import HessianOperator, flatten
 from lightning_stability.estimators.isolation import (
     compute_precision,
@@ -27,6 +28,8 @@ from lightning_stability.estimators.preconditioned import (
     adam_state_scale,
     sgd_edge,
 )
+from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
+from lightning_stability.estimators.trace import hutchpp_trace
 from lightning_stability.probes.base import (
     LossFn,
     Reading,
@@ -118,8 +121,8 @@ class SharpnessMonitor(StabilityProbe):
     Args:
         every_n_steps: optimizer steps between Lanczos checks. Default 250.
         k: number of top eigenvalues. Default 1.
-        directional_every_n_steps: optimizer steps between directional/critical readings;
-            ``None`` = ``every_n_steps``. Default 50.
+        directional_every_n_steps: optimizer steps between directional/critical readings
+            (at most ``every_n_steps``; ``None`` = ``every_n_steps``). Default 50.
         directional: publish ``directional``/``directional_ratio``. Default True.
         critical: publish ``critical``. Default True.
         preconditioned: for Adam/AdamW, also run Lanczos on the preconditioned Hessian
@@ -209,7 +212,9 @@ class SharpnessMonitor(StabilityProbe):
             _check_probe_loader(probe_dataloader)
         self.every_n_steps = every_n_steps
         self.k = k
-        self.directional_every_n_steps = directional_every_n_steps or every_n_steps
+        self.directional_every_n_steps = min(
+            directional_every_n_steps or every_n_steps, every_n_steps
+        )
         self.directional = directional
         self.critical = critical
         self.preconditioned = preconditioned
@@ -248,6 +253,11 @@ class SharpnessMonitor(StabilityProbe):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.backend == "pyhessian" and trainer.world_size > 1:
+            raise ValueError(
+                "backend: 'pyhessian' does not average Hessian-vector products over ranks; "
+                "use backend='native' under distributed training"
+            )
         if self.probe_dataloader is not None and not self._batches:
             for batch in self.probe_dataloader:
                 self._batches.append(detach_batch(batch))
@@ -322,7 +332,7 @@ class SharpnessMonitor(StabilityProbe):
 
             with HessianOperator(closure, params, reduce=reduce) as op:
                 if check:
-                    values.update(self._check(trainer, pl_module, op, optimizer, dtype))
+                    values.update(self._check(trainer, pl_module, op, closure, optimizer, dtype))
                 if directional:
                     g = op.gradient().to(dtype)
                     gnorm = float(g.norm())
@@ -343,6 +353,7 @@ class SharpnessMonitor(StabilityProbe):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         op: HessianOperator,
+        closure: Callable[[], Tensor],
         optimizer: torch.optim.Optimizer | None,
         dtype: torch.dtype,
     ) -> dict[str, float]:
@@ -350,7 +361,10 @@ class SharpnessMonitor(StabilityProbe):
         products_before = op.num_products
         gen = torch.Generator().manual_seed(self.seed + self.num_checks)
         if self.backend == "pyhessian":
-            eigenvalues, vecs = self._pyhessian_top_k(pl_module, trainer)
+            res = PyHessianBackend(
+                closure, op.params, module=pl_module, seed=self.seed + self.num_checks
+            ).top_k(self.k, max_iter=self.max_iter, tol=max(self.tol, 1e-6))
+            external_products = res.num_products
         else:
             warm = self._eigvecs if self.warm_start else None
             if warm is not None and warm.shape[0] != op.dim:
@@ -366,7 +380,8 @@ class SharpnessMonitor(StabilityProbe):
                 dtype=dtype,
                 device=op.device,
             )
-            eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
+            external_products = 0
+        eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
         lam = float(eigenvalues[0])
         values["sharpness/lambda_max"] = lam
         for i, value in enumerate(eigenvalues[1:], start=1):
@@ -392,7 +407,7 @@ class SharpnessMonitor(StabilityProbe):
         if self.density_every_n_checks and (self.num_checks + 1) % self.density_every_n_checks == 0:
             self._log_density(trainer, op, dtype, gen)
         self.num_checks += 1
-        self.last_products = op.num_products - products_before
+        self.last_products = op.num_products - products_before + external_products
         values["sharpness/hvps"] = float(self.last_products)
         return values
 
@@ -458,18 +473,14 @@ class SharpnessMonitor(StabilityProbe):
         return result.sharpness if math.isfinite(result.sharpness) else None
 
     def _trace(self, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator) -> float:
-        from lightning_stability.estimators import trace as trace_module
-
-        return float(
-            trace_module.hutchpp_trace(
-                op.matvec,
-                op.dim,
-                num_products=self.trace_samples,
-                generator=gen,
-                dtype=dtype,
-                device=op.device,
-            )
-        )
+        return hutchpp_trace(
+            op.matvec,
+            op.dim,
+            max(3, self.trace_samples),
+            generator=gen,
+            dtype=dtype,
+            device=op.device,
+        ).estimate
 
     def _log_density(
         self, trainer: pl.Trainer, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator
@@ -479,22 +490,12 @@ class SharpnessMonitor(StabilityProbe):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
         if not loggers:
             return
-        from lightning_stability.estimators import density as density_module
-
-        nodes, weights = density_module.slq_nodes(
-            op.matvec, op.dim, generator=gen, dtype=dtype, device=op.device
-        )
+        density = slq_density(op.matvec, op.dim, generator=gen, dtype=dtype, device=op.device)
         if trainer.is_global_zero:
+            grid, values = density.curve(num_points=200)
             _write_histogram(
-                loggers, "stability/sharpness/density", nodes, weights, trainer.global_step
+                loggers, "stability/sharpness/density", grid, values, op.dim, trainer.global_step
             )
-
-    def _pyhessian_top_k(
-        self, pl_module: pl.LightningModule, trainer: pl.Trainer
-    ) -> tuple[list[float], Tensor | None]:
-        from lightning_stability.estimators import pyhessian_backend
-
-        return pyhessian_backend.top_eigenvalues(pl_module, self._batches, k=self.k)
 
     # --------------------------------------------------------------- cadence
     def _watch_requested(self, trainer: pl.Trainer) -> bool:
@@ -532,6 +533,12 @@ class SharpnessMonitor(StabilityProbe):
         return self._interval
 
     # ----------------------------------------------------------------- state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, k=self.k, backend=self.backend
+        )
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "interval": self._interval,
@@ -611,22 +618,24 @@ def _group_edge(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> floa
     return 2.0 / lr
 
 
-def _write_histogram(loggers: list, tag: str, nodes: Tensor, weights: Tensor, step: int) -> None:
-    nodes = nodes.detach().double().cpu().reshape(-1)
-    weights = weights.detach().double().cpu().reshape(-1)
-    order = torch.argsort(nodes)
-    nodes, weights = nodes[order], weights[order]
-    total = float(weights.sum()) or 1.0
-    counts = (weights / total * 1000.0).tolist()
+def _write_histogram(
+    loggers: list, tag: str, grid: Tensor, density: Tensor, dim: int, step: int
+) -> None:
+    """Write a smoothed spectral density as a TensorBoard histogram whose bucket counts
+    are expected numbers of eigenvalues (density x bucket width x dim)."""
+    grid = grid.detach().double().cpu()
+    width = float(grid[1] - grid[0]) if grid.numel() > 1 else 1.0
+    counts = density.detach().double().cpu() * width * dim
+    total = float(counts.sum())
     for logger in loggers:
         logger.experiment.add_histogram_raw(
             tag,
-            min=float(nodes[0]),
-            max=float(nodes[-1]),
-            num=1000,
-            sum=float((nodes * weights).sum() / total * 1000.0),
-            sum_squares=float((nodes**2 * weights).sum() / total * 1000.0),
-            bucket_limits=nodes.tolist(),
-            bucket_counts=counts,
+            min=float(grid[0]),
+            max=float(grid[-1]),
+            num=total,
+            sum=float((grid * counts).sum()),
+            sum_squares=float((grid**2 * counts).sum()),
+            bucket_limits=grid.tolist(),
+            bucket_counts=counts.tolist(),
             global_step=step,
         )
