@@ -1,0 +1,221 @@
+"""One step's assessment of the meta-state: deviation from baseline, trend indicators
+and hard rules combined into proposed levels. Pure Python, no Lightning."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from lightning_stability.warning.baseline import RobustBaseline
+from lightning_stability.warning.events import Level
+from lightning_stability.warning.indicators import TrendIndicator
+from lightning_stability.warning.metastate import DIMENSIONS, MetaState, SignalSpec
+from lightning_stability.warning.rules import HardRules, RuleHit
+
+__all__ = ["Assessment", "MetaStateMonitor"]
+
+# Scores are capped so that one absurd reading cannot make the deviation overflow.
+_Z_CAP = 1e3
+
+
+@dataclass
+class Assessment:
+    """What the evidence at one optimizer step says.
+
+    Attributes:
+        proposed: level by the enter thresholds, trend indicators and rules.
+        hold: level by the exit thresholds (lower), indicators and rules.
+        hard: a hard rule demands CRITICAL now.
+        deviation: combined deviation score (dimensionless, robust z units).
+        dimensions: per-dimension score (largest upward z among its signals).
+        drivers: ``(key, strength, reason)`` of what drove the level, strongest first.
+    """
+
+    proposed: Level = Level.OK
+    hold: Level = Level.OK
+    hard: bool = False
+    deviation: float = 0.0
+    dimensions: dict[str, float] = field(default_factory=dict)
+    drivers: list[tuple[str, float, str]] = field(default_factory=list)
+
+    def message(self, level: Level, step: int, limit: int = 3) -> str:
+        """One sentence naming the level, the step and the strongest drivers."""
+        head = f"{level.name.lower()} at step {step} (deviation {self.deviation:.1f})"
+        if not self.drivers:
+            return head
+        return head + ": " + "; ".join(reason for _, _, reason in self.drivers[:limit])
+
+
+class MetaStateMonitor:
+    """Readings in, :class:`Assessment` out, one optimizer step at a time.
+
+    Each consumed signal has its own :class:`RobustBaseline` (and a
+    :class:`TrendIndicator` if its spec asks for one). The deviation is the Euclidean
+    norm of the four dimension scores, each the largest upward robust z-score among
+    that dimension's signals: a Mahalanobis-type distance with a robust diagonal
+    scale, in which only the direction of instability counts. Baselines are frozen
+    while the level is WARNING or worse (so they do not learn the instability), for
+    at most ``freeze_limit`` steps (after which the run's new regime is accepted).
+
+    Args are those of :class:`~lightning_stability.warning.early_warning.EarlyWarning`
+    of the same names.
+    """
+
+    def __init__(
+        self,
+        signals: Iterable[SignalSpec] | None = None,
+        watch_threshold: float = 5.0,
+        warning_threshold: float = 8.0,
+        critical_threshold: float = 30.0,
+        exit_ratio: float = 0.6,
+        window: int = 64,
+        warmup: int = 20,
+        max_age: int = 250,
+        freeze_limit: int = 200,
+        trend_window: int = 32,
+        trend_history: int = 64,
+        trend_tau: float = 0.6,
+        trend_var_factor: float = 3.0,
+        trend_ac1_rise: float = 0.2,
+        trend_sustain: int = 10,
+        eos_margin: float = 0.25,
+        eos_sustain: int = 2,
+    ) -> None:
+        if not 0 < watch_threshold <= warning_threshold <= critical_threshold:
+            raise ValueError(
+                "thresholds must satisfy 0 < watch_threshold <= warning_threshold <= "
+                f"critical_threshold, got {watch_threshold!r}, {warning_threshold!r}, "
+                f"{critical_threshold!r}"
+            )
+        if not 0 < exit_ratio <= 1:
+            raise ValueError(f"exit_ratio must be in (0, 1], got {exit_ratio!r}")
+        if freeze_limit < 0:
+            raise ValueError(f"freeze_limit must be >= 0, got {freeze_limit!r}")
+        self.meta = MetaState(signals, max_age=max_age)
+        self.thresholds = (watch_threshold, warning_threshold, critical_threshold)
+        self.exit_ratio = exit_ratio
+        self.window = window
+        self.warmup = warmup
+        RobustBaseline(window, warmup)  # validates window and warmup now, not at first use
+        self.freeze_limit = freeze_limit
+        self.trend_args = (
+            trend_window,
+            trend_history,
+            trend_tau,
+            trend_var_factor,
+            trend_ac1_rise,
+            trend_sustain,
+        )
+        TrendIndicator(*self.trend_args)
+        self.rules = HardRules(eos_margin, eos_sustain)
+        self.baselines: dict[str, RobustBaseline] = {}
+        self.trends: dict[str, TrendIndicator] = {}
+        self.frozen_since: int | None = None
+
+    def _baseline(self, key: str, spec: SignalSpec) -> RobustBaseline:
+        if key not in self.baselines:
+            self.baselines[key] = RobustBaseline(self.window, self.warmup, spec.min_scale)
+        return self.baselines[key]
+
+    def _level_of(self, deviation: float, scale: float) -> Level:
+        watch, warning, critical = (t * scale for t in self.thresholds)
+        if deviation >= critical:
+            return Level.CRITICAL
+        if deviation >= warning:
+            return Level.WARNING
+        if deviation >= watch:
+            return Level.WATCH
+        return Level.OK
+
+    def assess(self, readings: Mapping[str, Any], step: int, level: Level = Level.OK) -> Assessment:
+        """Assess ``readings`` (key -> object with ``value`` and ``step``) at ``step``,
+        given the run's current ``level`` (which decides whether baselines learn)."""
+        if level >= Level.WARNING:
+            if self.frozen_since is None:
+                self.frozen_since = step
+        else:
+            self.frozen_since = None
+        learn = self.frozen_since is None or step - self.frozen_since >= self.freeze_limit
+
+        observations = self.meta.observe(readings, step)
+        out = Assessment()
+        dims: dict[str, float] = {}
+        trend_level = Level.OK
+        for obs in observations:
+            if not math.isfinite(obs.value):
+                continue
+            baseline = self._baseline(obs.key, obs.spec)
+            z = baseline.score(obs.value)
+            if z is not None:
+                z = min(max(z, 0.0), _Z_CAP)
+                dims[obs.dimension] = max(dims.get(obs.dimension, 0.0), z)
+                if z > 0:
+                    out.drivers.append(
+                        (
+                            obs.key,
+                            z,
+                            f"{obs.key} = {obs.raw:.4g} is {z:.1f} robust sd above baseline",
+                        )
+                    )
+            if obs.fresh and learn:
+                baseline.update(obs.value)
+            if obs.spec.trend:
+                trend = self.trends.setdefault(obs.key, TrendIndicator(*self.trend_args))
+                reading = trend.update(obs.value) if obs.fresh else trend.last
+                if reading is not None and reading.level > Level.OK:
+                    trend_level = max(trend_level, reading.level)
+                    what = (
+                        "variance and lag-1 autocorrelation"
+                        if reading.level >= Level.WARNING
+                        else "variance"
+                    )
+                    out.drivers.append(
+                        (
+                            obs.key,
+                            _Z_CAP + float(reading.level),
+                            f"{what} of {obs.key} rising (Kendall tau {reading.tau_var:.2f} / "
+                            f"{reading.tau_ac1:.2f}, variance x{reading.var_ratio:.1f})",
+                        )
+                    )
+        out.dimensions = {d: dims[d] for d in DIMENSIONS if d in dims}
+        out.deviation = math.sqrt(sum(s * s for s in out.dimensions.values()))
+        out.proposed = max(self._level_of(out.deviation, 1.0), trend_level)
+        out.hold = max(self._level_of(out.deviation, self.exit_ratio), trend_level)
+
+        hits: list[RuleHit] = self.rules.check(observations, readings)
+        rule_drivers = []
+        for hit in hits:
+            if hit.level >= Level.CRITICAL:
+                out.hard = True
+            out.proposed = max(out.proposed, hit.level)
+            out.hold = max(out.hold, hit.level)
+            rule_drivers.append((hit.signal, math.inf, hit.message))
+        out.drivers.sort(key=lambda d: -d[1])
+        out.drivers = rule_drivers + out.drivers
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "meta": self.meta.state_dict(),
+            "rules": self.rules.state_dict(),
+            "baselines": {k: b.state_dict() for k, b in self.baselines.items()},
+            "trends": {k: t.state_dict() for k, t in self.trends.items()},
+            "frozen_since": -1 if self.frozen_since is None else self.frozen_since,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.meta.load_state_dict(state["meta"])
+        self.rules.load_state_dict(state["rules"])
+        self.baselines = {}
+        for key, sub in state["baselines"].items():
+            spec = self.meta.spec_for(key)
+            if spec is not None:
+                self._baseline(key, spec).load_state_dict(sub)
+        self.trends = {}
+        for key, sub in state["trends"].items():
+            self.trends[key] = TrendIndicator(*self.trend_args)
+            self.trends[key].load_state_dict(sub)
+        frozen = int(state["frozen_since"])
+        self.frozen_since = None if frozen < 0 else frozen

@@ -1,0 +1,293 @@
+"""The ``EarlyWarning`` callback: probes' readings -> meta-state -> level -> events."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_stability.probes.base import Reading, StabilityProbe
+from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
+from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
+from lightning_stability.warning.levels import LevelTracker
+from lightning_stability.warning.metastate import DIMENSIONS, SignalSpec
+
+__all__ = ["EarlyWarning", "InstabilityWarning"]
+
+STEP_LOSS_KEY = "stability/loss/value"
+
+
+class InstabilityWarning(UserWarning):
+    """The Python warning category of instability events."""
+
+
+class EarlyWarning(Callback):
+    """Warns before a run collapses, from the readings of the attached probes.
+
+    At every optimizer step (in ``on_train_batch_end``) the latest readings of every
+    :class:`~lightning_stability.probes.base.StabilityProbe` in ``trainer.callbacks``
+    form a meta-state along four dimensions (optimisation, learning signal, parametric,
+    data). The deviation of each reading from its robust baseline (rolling median/MAD,
+    log scale for positive quantities), critical-slowing-down trends (rising variance
+    and lag-1 autocorrelation, Kendall's tau; Dakos et al. 2012) and hard rules
+    (non-finite loss or gradients; edge-of-stability ratio sustained above
+    ``1 + eos_margin``) give a level, smoothed by hysteresis.
+
+    Each change of level is an :class:`InstabilityEvent` (CRITICAL from a hard rule is
+    repeated, at most every ``cooldown`` steps): logged as ``stability/meta/level``,
+    written as TensorBoard text when a :class:`TensorBoardLogger` is attached, warned
+    once as an :class:`InstabilityWarning` (levels >= ``warn_level``), and delivered to
+    every listener (:meth:`subscribe`) and to ``on_event``, on every rank. Every step
+    also logs ``stability/meta/deviation`` and ``stability/meta/<dimension>``.
+
+    Under DDP the per-rank levels and scores are reduced with the maximum, so one
+    rank's warning is every rank's warning and all ranks see the same event.
+
+    Place probes before this callback in ``callbacks`` so that their
+    ``on_train_batch_end`` readings are seen in the same step.
+
+    Defaults are starting values to be calibrated on the scenario suite
+    (``benchmarks/detection.py``: recall and lead time on diverging runs, no warning on
+    stable ones); every threshold is an argument.
+
+    Args:
+        watch_threshold: deviation (robust sd) that proposes WATCH (default 5).
+        warning_threshold: deviation that proposes WARNING (default 8).
+        critical_threshold: deviation that proposes CRITICAL (default 30).
+        exit_ratio: a level is held while the deviation stays above ``exit_ratio`` times
+            its enter threshold (default 0.6).
+        patience: consecutive steps of evidence before the level rises (default 2).
+        min_dwell: minimum steps at a level before it falls (default 10).
+        cooldown: steps before a level that was left can be re-entered, and between
+            repeated CRITICAL events (default 50).
+        window: readings in each rolling baseline (default 64).
+        warmup: readings a baseline needs before it scores (default 20).
+        max_age: optimizer steps after which a reading is stale and left out (default 250).
+        freeze_limit: at most this many steps of baseline freezing while at WARNING or
+            above (default 200).
+        trend_window: values per rolling variance / autocorrelation window (default 32).
+        trend_history: rolling statistics in the Kendall-tau trend test (default 64).
+        trend_tau: Kendall tau of a rising trend (default 0.6).
+        trend_var_factor: growth of the rolling variance over the history (default 3).
+        trend_ac1_rise: growth of the lag-1 autocorrelation over the history (default 0.2).
+        trend_sustain: consecutive readings of slowing down before WARNING (default 10).
+        eos_margin: the edge-of-stability rule fires above ``1 + eos_margin`` (default 0.25).
+        eos_sustain: consecutive sharpness readings above it (default 2).
+        use_step_loss: when no probe publishes ``stability/loss/value``, use the training
+            step's own loss (averaged over ranks) instead (default True).
+        signals: which readings feed which dimension and how (default
+            :data:`~lightning_stability.warning.metastate.DEFAULT_SIGNALS`).
+        warn_level: lowest level issued as a Python warning (default ``"warning"``).
+        on_event: called with every event, on every rank.
+    """
+
+    def __init__(
+        self,
+        watch_threshold: float = 5.0,
+        warning_threshold: float = 8.0,
+        critical_threshold: float = 30.0,
+        exit_ratio: float = 0.6,
+        patience: int = 2,
+        min_dwell: int = 10,
+        cooldown: int = 50,
+        window: int = 64,
+        warmup: int = 20,
+        max_age: int = 250,
+        freeze_limit: int = 200,
+        trend_window: int = 32,
+        trend_history: int = 64,
+        trend_tau: float = 0.6,
+        trend_var_factor: float = 3.0,
+        trend_ac1_rise: float = 0.2,
+        trend_sustain: int = 10,
+        eos_margin: float = 0.25,
+        eos_sustain: int = 2,
+        use_step_loss: bool = True,
+        signals: list[SignalSpec] | None = None,
+        warn_level: str = "warning",
+        on_event: EventListener | None = None,
+    ) -> None:
+        super().__init__()
+        self.monitor = MetaStateMonitor(
+            signals=signals,
+            watch_threshold=watch_threshold,
+            warning_threshold=warning_threshold,
+            critical_threshold=critical_threshold,
+            exit_ratio=exit_ratio,
+            window=window,
+            warmup=warmup,
+            max_age=max_age,
+            freeze_limit=freeze_limit,
+            trend_window=trend_window,
+            trend_history=trend_history,
+            trend_tau=trend_tau,
+            trend_var_factor=trend_var_factor,
+            trend_ac1_rise=trend_ac1_rise,
+            trend_sustain=trend_sustain,
+            eos_margin=eos_margin,
+            eos_sustain=eos_sustain,
+        )
+        self.tracker = LevelTracker(patience=patience, min_dwell=min_dwell, cooldown=cooldown)
+        self.use_step_loss = use_step_loss
+        self.warn_level = Level.parse(warn_level, "warn_level")
+        if on_event is not None and not callable(on_event):
+            raise ValueError(f"on_event must be callable or None, got {on_event!r}")
+        self.on_event = on_event
+        self.listeners: list[EventListener] = []
+        self.events: list[InstabilityEvent] = []
+        self.probes: list[StabilityProbe] = []
+        self.deviation = 0.0
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._last_step = -1
+
+    @property
+    def level(self) -> Level:
+        """The run's current level."""
+        return self.tracker.level
+
+    @property
+    def request_closer_watch(self) -> bool:
+        """True while the level is WATCH or above: probes may measure more often."""
+        return self.tracker.level >= Level.WATCH
+
+    def subscribe(self, listener: EventListener) -> None:
+        """Deliver every future event to ``listener(event, trainer, pl_module)``."""
+        if not callable(listener):
+            raise ValueError(f"listener must be callable, got {listener!r}")
+        self.listeners.append(listener)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.probes = [cb for cb in trainer.callbacks if isinstance(cb, StabilityProbe)]
+        if not self.probes and not self.use_step_loss:
+            rank_zero_warn(
+                "EarlyWarning found no StabilityProbe in trainer.callbacks and "
+                "use_step_loss=False: it has nothing to watch except nothing."
+            )
+
+    def _readings(self, trainer: pl.Trainer) -> dict[str, Any]:
+        readings: dict[str, Any] = {}
+        for probe in self.probes:
+            readings.update(probe.readings)
+        step = trainer.global_step
+        if self.use_step_loss and STEP_LOSS_KEY not in readings and self._loss_count:
+            loss = torch.tensor(self._loss_sum / self._loss_count, dtype=torch.float64)
+            if trainer.world_size > 1:
+                loss = trainer.strategy.reduce(loss.to(trainer.strategy.root_device), "mean")
+            readings[STEP_LOSS_KEY] = Reading(float(loss), step)
+        self._loss_sum, self._loss_count = 0.0, 0
+        return readings
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if self.use_step_loss and isinstance(loss, torch.Tensor) and loss.numel() == 1:
+            self._loss_sum += float(loss.detach())
+            self._loss_count += 1
+        step = trainer.global_step
+        # evaluate once per optimizer step (not per accumulated micro-batch)
+        if step == self._last_step:
+            return
+        self._last_step = step
+        local = self.monitor.assess(self._readings(trainer), step, self.tracker.level)
+        proposed, hold, hard, deviation, dims, src = self._reduce(trainer, local)
+        self.deviation = deviation
+        new = self.tracker.update(step, proposed, hold, hard)
+        pl_module.log("stability/meta/deviation", deviation, batch_size=1)
+        pl_module.log("stability/meta/level", float(self.tracker.level), batch_size=1)
+        for name, value in dims.items():
+            pl_module.log(f"stability/meta/{name}", value, batch_size=1)
+        if new is not None:
+            self._emit(trainer, pl_module, new, step, deviation, dims, local, src)
+
+    def _reduce(
+        self, trainer: pl.Trainer, local: Assessment
+    ) -> tuple[Level, Level, bool, float, dict[str, float], int]:
+        """Maximum over ranks of the levels and scores, and the rank whose evidence is
+        strongest (it describes the event)."""
+        world = trainer.world_size
+        rank = trainer.global_rank
+        dims = [local.dimensions.get(d, -1.0) for d in DIMENSIONS]
+        # the highest proposed level wins; ties go to the lowest rank
+        source_key = float(int(local.proposed) * world + (world - 1 - rank))
+        vec = torch.tensor(
+            [
+                float(local.proposed),
+                float(local.hold),
+                float(local.hard),
+                local.deviation,
+                source_key,
+                *dims,
+            ],
+            dtype=torch.float64,
+        )
+        if world > 1:
+            vec = trainer.strategy.reduce(vec.to(trainer.strategy.root_device), reduce_op="max")
+            vec = vec.cpu()
+        v = vec.tolist()
+        src = world - 1 - int(v[4]) % world
+        reduced_dims = {d: s for d, s in zip(DIMENSIONS, v[5:]) if s >= 0}
+        return Level(int(v[0])), Level(int(v[1])), bool(v[2]), v[3], reduced_dims, src
+
+    def _emit(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        level: Level,
+        step: int,
+        deviation: float,
+        dims: dict[str, float],
+        local: Assessment,
+        src: int,
+    ) -> None:
+        signals = tuple(dict.fromkeys(key for key, _, _ in local.drivers))
+        payload = (signals, local.message(level, step))
+        if trainer.world_size > 1:
+            payload = trainer.strategy.broadcast(payload, src=src)
+        signals, message = payload
+        details = {f"meta/{k}": float(v) for k, v in dims.items()}
+        event = InstabilityEvent(
+            level=level,
+            step=step,
+            signals=tuple(signals),
+            message=message,
+            deviation=float(deviation),
+            details=details,
+        )
+        self.events.append(event)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                if isinstance(logger, TensorBoardLogger):
+                    logger.experiment.add_text("stability/events", message, global_step=step)
+        if level >= self.warn_level and level > Level.OK:
+            rank_zero_warn(message, category=InstabilityWarning)
+        for listener in self.listeners:
+            listener(event, trainer, pl_module)
+        if self.on_event is not None:
+            self.on_event(event, trainer, pl_module)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "monitor": self.monitor.state_dict(),
+            "tracker": self.tracker.state_dict(),
+            "last_step": self._last_step,
+            "deviation": self.deviation if math.isfinite(self.deviation) else 0.0,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.monitor.load_state_dict(state_dict["monitor"])
+        self.tracker.load_state_dict(state_dict["tracker"])
+        self._last_step = int(state_dict["last_step"])
+        self.deviation = float(state_dict["deviation"])
