@@ -32,14 +32,23 @@ from lightning_stability.estimators.online_stats import (
     RollingWindow,
     lag1_autocorrelation,
 )
+from lightning_stability.estimators.perturbation import (
+    AuditConfig,
+    Fork,
+    PerturbationAuditor,
+    lr_margin,
+)
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.trace import TraceResult, hutchinson_trace, hutchpp_trace
 
 __all__ = [
+    "AuditConfig",
     "EMAStats",
     "EigenResult",
+    "Fork",
     "HessianOperator",
     "MinibatchCKA",
+    "PerturbationAuditor",
     "PyHessianBackend",
     "Representation",
     "RollingWindow",
@@ -60,6 +69,7 @@ __all__ = [
     "lanczos_iterations",
     "lanczos_top_k",
     "linear_cka",
+    "lr_margin",
     "preserved_state",
     "representation_cka",
     "resolve_compute_dtype",

@@ -1,6 +1,14 @@
 """Callbacks that measure a run without changing it."""
 
+from lightning_stability.probes.audit import PerturbationAudit
 from lightning_stability.probes.base import LossFn, Reading, StabilityProbe, module_loss
 from lightning_stability.probes.drift import RepresentationDriftMonitor
 
-__all__ = ["LossFn", "Reading", "RepresentationDriftMonitor", "StabilityProbe", "module_loss"]
+__all__ = [
+    "LossFn",
+    "PerturbationAudit",
+    "Reading",
+    "RepresentationDriftMonitor",
+    "StabilityProbe",
+    "module_loss",
+]
