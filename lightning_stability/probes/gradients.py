@@ -1,0 +1,349 @@
+"""Gradient norms, clipping events and update size, measured every optimizer step."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_stability.estimators.online_stats import RollingWindow
+from lightning_stability.probes.base import StabilityProbe
+
+__all__ = ["GradientMonitor"]
+
+_UPDATE_MODES = ("sample", "full", "off")
+
+
+def _positive_int(value: Any, argument: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        kind = "a non-negative" if allow_zero else "a positive"
+        raise ValueError(f"{argument} must be {kind} integer, got {value!r}")
+    return value
+
+
+def _overrides_clipping(pl_module: pl.LightningModule) -> bool:
+    return (
+        type(pl_module).configure_gradient_clipping
+        is not pl.LightningModule.configure_gradient_clipping
+    )
+
+
+class GradientMonitor(StabilityProbe):
+    """Total and per-group gradient norms, clipping events and the relative update size.
+
+    Measured in ``on_before_optimizer_step``, which Lightning calls after the backward
+    pass (so after DDP's gradient all-reduce: every rank sees the same norm), after AMP's
+    ``unscale_`` (norms of the true gradients) and before ``configure_gradient_clipping``
+    (so the norm is the pre-clip norm). All values are computed as tensors and brought to
+    the host with one synchronisation per step.
+
+    Readings (``stability/grad/...``, every optimizer step):
+
+    - ``norm``: total L2 norm of all gradients before clipping, as
+      ``torch.nn.utils.get_total_norm``.
+    - ``nonfinite``: number of non-finite gradient entries (counted only when the norm is
+      non-finite, since a finite norm implies finite entries).
+    - ``weight_norm``: L2 norm of the trainable parameters before the step.
+    - ``update_ratio``: ``||w_t - w_{t-1}|| / ||w_t||`` for the most recent completed step
+      (see ``update_ratio`` below).
+    - ``norm_var``, ``norm_ac1``: variance and lag-1 autocorrelation of the norm over the
+      last ``window`` steps (critical-slowing-down indicators).
+    - ``clip_event`` (0/1), ``clip_rate`` (fraction of the last ``window`` steps that
+      clipped) and ``clip_threshold``, when clipping is configured. "Engaged" means: for
+      ``gradient_clip_algorithm="norm"`` the pre-clip norm exceeded ``gradient_clip_val``;
+      for ``"value"`` some ``|g|`` exceeded it. When the module overrides
+      ``configure_gradient_clipping`` (or a callback declares ``clips_gradients = True``),
+      the rule is unknown, so the norm of the gradients the optimizer actually receives is
+      measured in ``on_train_batch_end`` (before the next ``zero_grad``) and the step counts
+      as clipped when it is below the pre-clip norm; this costs one more norm pass and one
+      more synchronisation per step, only in that case.
+
+    Every ``log_every_n_steps`` steps also, per parameter group (parameter names cut to
+    their first ``group_depth`` components, e.g. ``encoder``, ``head``):
+    ``stability/grad/group/<name>`` (gradient norm) and
+    ``stability/grad/group_update/<name>`` (update ratio).
+
+    Args:
+        window: steps in the rolling windows for ``clip_rate``, ``norm_var``, ``norm_ac1``.
+            Default 100.
+        log_every_n_steps: period of the per-group readings; ``None`` uses the Trainer's
+            ``log_every_n_steps``.
+        group_depth: number of leading name components that form a group; 1 groups by
+            top-level module, 0 turns per-group readings off. Default 1.
+        update_ratio: how ``||w_t - w_{t-1}||`` is obtained. ``"sample"`` (default) keeps a
+            fixed random subset of ``update_sample`` coordinates (chosen once, spread over
+            the tensors in proportion to their size, from a private generator seeded with
+            ``seed``, so the global RNG is never touched) and scales each tensor's sampled
+            squared change by ``numel / samples``: an unbiased estimate of the squared norm
+            at a memory cost of ``update_sample`` numbers. ``"full"`` keeps an exact copy of
+            every trainable parameter (memory: one extra copy of the weights; one copy pass
+            per step). ``"off"`` skips it. When the model has at most ``update_sample``
+            coordinates, ``"sample"`` is exact. Since the change of step ``t`` is measured
+            at the start of step ``t + 1``, the last step of a run is not reported, and any
+            change to the weights between steps is counted as part of the update.
+        update_sample: coordinates kept by ``update_ratio="sample"``. Default 65536.
+        seed: seed of the private generator choosing the sampled coordinates. Default 0.
+    """
+
+    def __init__(
+        self,
+        window: int = 100,
+        log_every_n_steps: int | None = None,
+        group_depth: int = 1,
+        update_ratio: str = "sample",
+        update_sample: int = 65536,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.window = _positive_int(window, "window")
+        if log_every_n_steps is not None:
+            _positive_int(log_every_n_steps, "log_every_n_steps")
+        self.log_every_n_steps = log_every_n_steps
+        self.group_depth = _positive_int(group_depth, "group_depth", allow_zero=True)
+        if update_ratio not in _UPDATE_MODES:
+            raise ValueError(f"update_ratio must be one of {_UPDATE_MODES}, got {update_ratio!r}")
+        self.update_ratio = update_ratio
+        self.update_sample = _positive_int(update_sample, "update_sample")
+        self.seed = int(seed)
+
+        self.norm_window = RollingWindow(window)
+        self.clip_window = RollingWindow(window)
+
+        self._names: list[str] = []
+        self._params: list[Tensor] = []
+        self._group_of: list[int] = []
+        self._groups: list[str] = []
+        self._sample_idx: list[Tensor | None] = []
+        self._snapshot: list[Tensor] | None = None
+        self._measure_post_clip = False
+        self._observed_step = -1
+        self._latest: dict[str, Tensor] = {}
+        self._pending_post: Tensor | None = None
+
+    # ------------------------------------------------------------------ setup
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        self._names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._groups, self._group_of = [], []
+        index: dict[str, int] = {}
+        for name in self._names:
+            group = ".".join(name.split(".")[: self.group_depth]) if self.group_depth else ""
+            self._group_of.append(index.setdefault(group, len(index)))
+        self._groups = list(index)
+        self._build_sample()
+        self._snapshot = None
+        self._observed_step = -1
+        self._measure_post_clip = _overrides_clipping(pl_module) or any(
+            getattr(cb, "clips_gradients", False) for cb in trainer.callbacks
+        )
+
+    def _build_sample(self) -> None:
+        self._sample_idx = []
+        total = sum(p.numel() for p in self._params)
+        if self.update_ratio != "sample" or total <= self.update_sample:
+            self._sample_idx = [None] * len(self._params)
+            return
+        gen = torch.Generator().manual_seed(self.seed)
+        for p in self._params:
+            n = p.numel()
+            k = min(n, max(1, round(self.update_sample * n / total)))
+            idx = torch.randperm(n, generator=gen)[:k].sort().values
+            self._sample_idx.append(None if k == n else idx.to(p.device))
+
+    # --------------------------------------------------------------- measuring
+
+    def _log_groups(self, trainer: pl.Trainer) -> bool:
+        if not self.group_depth:
+            return False
+        every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        return trainer.global_step % every == 0
+
+    def _take_snapshot(self) -> list[Tensor]:
+        out = []
+        for p, idx in zip(self._params, self._sample_idx):
+            flat = p.detach().reshape(-1)
+            out.append(flat.clone() if idx is None else flat.index_select(0, idx))
+        return out
+
+    @torch.no_grad()
+    def observe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Tensor]:
+        """Measure the current gradients once per optimizer step and return the tensors
+        (``"norm"``: pre-clip total norm, 0-dim float32). Idempotent within a step, so a
+        clipping action can call it before it modifies the gradients, whatever the order
+        of the callbacks."""
+        if self._observed_step == trainer.global_step and self._latest:
+            return self._latest
+        self._observed_step = trainer.global_step
+        with_grad = [i for i, p in enumerate(self._params) if p.grad is not None]
+        if not with_grad:
+            self._latest = {}
+            return self._latest
+        grads = [self._params[i].grad for i in with_grad]
+        device = grads[0].device
+        per = torch.stack(
+            [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads, 2.0)]
+        )
+        out: dict[str, Tensor] = {"norm": torch.linalg.vector_norm(per), "per": per}
+        out["with_grad"] = torch.tensor(with_grad)
+        weights = [p.detach() for p in self._params]
+        wper = torch.stack(
+            [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(weights, 2.0)]
+        )
+        out["wper"] = wper
+        out["weight_norm"] = torch.linalg.vector_norm(wper)
+        if self._clip_algorithm(trainer) == "value":
+            out["maxabs"] = torch.stack(
+                [
+                    n.to(device=device, dtype=torch.float32)
+                    for n in torch._foreach_norm(grads, math.inf)
+                ]
+            ).max()
+        if self.update_ratio != "off":
+            if self._snapshot is not None:
+                now = self._take_snapshot()
+                diff = torch._foreach_sub(now, self._snapshot)
+                dsq = torch.stack(
+                    [
+                        n.to(device=device, dtype=torch.float32)
+                        for n in torch._foreach_norm(diff, 2.0)
+                    ]
+                ).square()
+                scale = torch.tensor(
+                    [
+                        1.0 if idx is None else p.numel() / idx.numel()
+                        for p, idx in zip(self._params, self._sample_idx)
+                    ],
+                    device=device,
+                )
+                out["dsq"] = dsq * scale
+                self._snapshot = now
+            else:
+                self._snapshot = self._take_snapshot()
+        self._latest = out
+        return out
+
+    @staticmethod
+    def _clip_algorithm(trainer: pl.Trainer) -> str | None:
+        val = trainer.gradient_clip_val
+        if not val or val <= 0:
+            return None
+        algo = trainer.gradient_clip_algorithm
+        return str(getattr(algo, "value", algo) or "norm").lower()
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        out = self.observe(trainer, pl_module)
+        if not out:
+            return
+        scalars = [out["norm"], out["weight_norm"]]
+        if "maxabs" in out:
+            scalars.append(out["maxabs"])
+        if "dsq" in out:
+            scalars.append(torch.sqrt(out["dsq"].sum()))
+        host = torch.stack(scalars).tolist()  # the one synchronisation of the step
+        norm, weight_norm = host[0], host[1]
+        maxabs = host[2] if "maxabs" in out else math.nan
+        dw = host[-1] if "dsq" in out else math.nan
+
+        values: dict[str, float] = {"grad/norm": norm, "grad/weight_norm": weight_norm}
+        nonfinite = 0
+        if not math.isfinite(norm):
+            grads = [self._params[i].grad for i in out["with_grad"].tolist()]
+            nonfinite = int(sum(int((~torch.isfinite(g)).sum()) for g in grads))
+        else:
+            self.norm_window.update(norm)
+        values["grad/nonfinite"] = float(nonfinite)
+        if "dsq" in out:
+            values["grad/update_ratio"] = dw / weight_norm if weight_norm > 0 else math.nan
+        values["grad/norm_var"] = self.norm_window.var()
+        values["grad/norm_ac1"] = self.norm_window.ac1()
+
+        algo = self._clip_algorithm(trainer)
+        if algo is not None:
+            values["grad/clip_threshold"] = float(trainer.gradient_clip_val)
+        if self._measure_post_clip:
+            self._pending_post = out["norm"]
+        elif algo is not None:
+            engaged = (
+                maxabs > trainer.gradient_clip_val
+                if algo == "value"
+                else norm > trainer.gradient_clip_val
+            )
+            self.clip_window.update(float(engaged))
+            values["grad/clip_event"] = float(engaged)
+            values["grad/clip_rate"] = self.clip_window.mean()
+
+        if self._log_groups(trainer):
+            values.update(self._group_values(out))
+        self.publish(trainer, pl_module, values)
+
+    def _group_values(self, out: Mapping[str, Tensor]) -> dict[str, float]:
+        per = out["per"]
+        device = per.device
+        gid_all = torch.tensor(self._group_of, device=device)
+        gid = gid_all[out["with_grad"].to(device)]
+        n = len(self._groups)
+        gsq = torch.zeros(n, device=device).index_add_(0, gid, per.square())
+        stacked = [gsq.sqrt()]
+        if "dsq" in out:
+            dsq = torch.zeros(n, device=device).index_add_(0, gid_all, out["dsq"])
+            wsq = torch.zeros(n, device=device).index_add_(0, gid_all, out["wper"].square())
+            stacked.append(dsq.sqrt() / wsq.sqrt())
+        host = torch.stack(stacked).tolist()
+        values = {f"grad/group/{g}": host[0][i] for i, g in enumerate(self._groups)}
+        if "dsq" in out:
+            values.update(
+                {f"grad/group_update/{g}": host[1][i] for i, g in enumerate(self._groups)}
+            )
+        return values
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self._pending_post is None:
+            return
+        pre, self._pending_post = self._pending_post, None
+        grads = [p.grad for p in self._params if p.grad is not None]
+        post = torch.linalg.vector_norm(
+            torch.stack(
+                [
+                    n.to(device=pre.device, dtype=torch.float32)
+                    for n in torch._foreach_norm(grads, 2.0)
+                ]
+            )
+        )
+        pre_f, post_f = torch.stack([pre, post]).tolist()
+        # A non-finite norm that became finite was clipped too.
+        engaged = post_f < pre_f * (1.0 - 1e-6) if math.isfinite(pre_f) else math.isfinite(post_f)
+        self.clip_window.update(float(engaged))
+        self.publish(
+            trainer,
+            pl_module,
+            {"grad/clip_event": float(engaged), "grad/clip_rate": self.clip_window.mean()},
+        )
+
+    # ------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "norm_window": self.norm_window.state_dict(),
+            "clip_window": self.clip_window.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.norm_window.load_state_dict(state_dict["norm_window"])
+        self.clip_window.load_state_dict(state_dict["clip_window"])

@@ -1,0 +1,114 @@
+"""Training loss, its tail over a window, and its critical-slowing-down indicators."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch import Tensor
+
+from lightning_stability.estimators.online_stats import RollingWindow
+from lightning_stability.probes.base import StabilityProbe
+
+__all__ = ["PER_SAMPLE_LOSS_KEY", "LossMonitor"]
+
+PER_SAMPLE_LOSS_KEY = "per_sample_loss"
+"""Key under which ``training_step`` may return its per-sample losses (a 1-d tensor) next
+to ``"loss"``; the monitor then also reports their quantile and maximum."""
+
+
+class LossMonitor(StabilityProbe):
+    """Per-step training loss, non-finite detection and the tail of the loss distribution.
+
+    Averages can improve while the worst case worsens, so besides the loss the monitor
+    reports the maximum and a high quantile of the batch losses over a window. Read in
+    ``on_train_batch_end`` from the loss ``training_step`` returned (multiplied back by
+    ``accumulate_grad_batches``, which Lightning divides it by); nothing is recomputed.
+
+    Readings (``stability/loss/...``, every batch):
+
+    - ``value``: the batch loss, averaged over ranks.
+    - ``nonfinite``: 1 when the loss is non-finite on any rank, else 0. Non-finite losses
+      are kept out of the windows so that the statistics stay usable.
+    - ``tail_max``, ``tail_q``: maximum and ``quantile``-quantile over the last ``window``
+      batches of the worst rank's loss (the maximum over ranks).
+    - ``spread``: ``tail_q`` minus the window median of that worst-rank loss (loss units).
+    - ``var``, ``ac1``: variance and lag-1 autocorrelation of ``value`` over the window;
+      rising together they indicate critical slowing down (Scheffer et al. 2009,
+      *Early-warning signals for critical transitions*).
+    - ``sample_q``, ``sample_max``: when ``training_step`` returns a dict with
+      :data:`PER_SAMPLE_LOSS_KEY`, the ``quantile``-quantile and the maximum of this
+      batch's per-sample losses (each rank's quantile, then the maximum over ranks).
+
+    The loss values of all ranks are gathered with one ``all_gather`` per batch, so every
+    rank publishes the same numbers.
+
+    Args:
+        window: batches in the rolling window; default 100.
+        quantile: the tail quantile, in (0, 1); default 0.95.
+    """
+
+    def __init__(self, window: int = 100, quantile: float = 0.95) -> None:
+        super().__init__()
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise ValueError(f"window must be a positive integer, got {window!r}")
+        if not isinstance(quantile, (int, float)) or not 0.0 < quantile < 1.0:
+            raise ValueError(f"quantile must be a number in (0, 1), got {quantile!r}")
+        self.window = window
+        self.quantile = float(quantile)
+        self.loss_window = RollingWindow(window)
+        self.worst_window = RollingWindow(window)
+
+    @torch.no_grad()
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not isinstance(loss, Tensor):
+            return  # training_step skipped this batch (returned None)
+        loss = loss.detach().float().reshape(()) * trainer.accumulate_grad_batches
+        row = [loss]
+        per_sample = outputs.get(PER_SAMPLE_LOSS_KEY) if isinstance(outputs, Mapping) else None
+        if isinstance(per_sample, Tensor) and per_sample.numel() > 0:
+            ps = per_sample.detach().float().reshape(-1).to(loss.device)
+            row += [torch.quantile(ps, self.quantile), ps.max()]
+        local = torch.stack(row)
+        gathered = trainer.strategy.all_gather(local).reshape(-1, local.numel())
+        host = gathered.tolist()  # the one synchronisation of the step
+        losses = [r[0] for r in host]
+        finite = all(math.isfinite(v) for v in losses)
+
+        values: dict[str, float] = {
+            "loss/value": sum(losses) / len(losses),
+            "loss/nonfinite": 0.0 if finite else 1.0,
+        }
+        if finite:
+            self.loss_window.update(values["loss/value"])
+            self.worst_window.update(max(losses))
+        values["loss/tail_max"] = self.worst_window.max()
+        values["loss/tail_q"] = self.worst_window.quantile(self.quantile)
+        values["loss/spread"] = values["loss/tail_q"] - self.worst_window.quantile(0.5)
+        values["loss/var"] = self.loss_window.var()
+        values["loss/ac1"] = self.loss_window.ac1()
+        if len(row) == 3:
+            values["loss/sample_q"] = max(r[1] for r in host)
+            values["loss/sample_max"] = max(r[2] for r in host)
+        self.publish(trainer, pl_module, values)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loss_window": self.loss_window.state_dict(),
+            "worst_window": self.worst_window.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.loss_window.load_state_dict(state_dict["loss_window"])
+        self.worst_window.load_state_dict(state_dict["worst_window"])
