@@ -7,6 +7,11 @@ from lightning_stability.estimators.cka import (
     representation_cka,
 )
 from lightning_stability.estimators.cka_metric import MinibatchCKA
+from lightning_stability.estimators.critical_sharpness import (
+    CriticalStep,
+    LineLoss,
+    critical_step_size,
+)
 from lightning_stability.estimators.density import SpectralDensity, slq_density
 from lightning_stability.estimators.hessian import (
     hessian_density,
@@ -38,23 +43,37 @@ from lightning_stability.estimators.perturbation import (
     PerturbationAuditor,
     lr_margin,
 )
+from lightning_stability.estimators.preconditioned import (
+    ScaledOperator,
+    adam_edge,
+    adam_preconditioner,
+    adam_state_scale,
+    sgd_edge,
+)
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.trace import TraceResult, hutchinson_trace, hutchpp_trace
 
 __all__ = [
     "AuditConfig",
+    "CriticalStep",
     "EMAStats",
     "EigenResult",
     "Fork",
     "HessianOperator",
+    "LineLoss",
     "MinibatchCKA",
     "PerturbationAuditor",
     "PyHessianBackend",
     "Representation",
     "RollingWindow",
+    "ScaledOperator",
     "SpectralDensity",
     "TraceResult",
+    "adam_edge",
+    "adam_preconditioner",
+    "adam_state_scale",
     "compute_precision",
+    "critical_step_size",
     "flatten",
     "forward_over_reverse_hvp",
     "frozen_rng",
@@ -73,6 +92,7 @@ __all__ = [
     "preserved_state",
     "representation_cka",
     "resolve_compute_dtype",
+    "sgd_edge",
     "slq_density",
     "unflatten",
 ]

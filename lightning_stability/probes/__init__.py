@@ -5,6 +5,7 @@ from lightning_stability.probes.base import LossFn, Reading, StabilityProbe, mod
 from lightning_stability.probes.drift import RepresentationDriftMonitor
 from lightning_stability.probes.gradients import GradientMonitor
 from lightning_stability.probes.loss import PER_SAMPLE_LOSS_KEY, LossMonitor
+from lightning_stability.probes.sharpness import SharpnessMonitor
 
 __all__ = [
     "PER_SAMPLE_LOSS_KEY",
@@ -14,6 +15,7 @@ __all__ = [
     "PerturbationAudit",
     "Reading",
     "RepresentationDriftMonitor",
+    "SharpnessMonitor",
     "StabilityProbe",
     "module_loss",
 ]
