@@ -32,6 +32,14 @@ def _registry() -> dict[str, Callable[[], list[Callback]]]:
     """Named callback sets. Each factory imports lazily so that one missing piece does not
     stop the others from being measured."""
     reg: dict[str, Callable[[], list[Callback]]] = {}
+
+    def drift() -> list[Callback]:
+        from lightning_stability.probes.drift import RepresentationDriftMonitor
+
+        # Quick runs are shorter than an epoch: check by steps so that checks happen.
+        return [RepresentationDriftMonitor(source="train", every_n_steps=50)]
+
+    reg["drift"] = drift
     return reg
 
 
