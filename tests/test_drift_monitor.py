@@ -4,6 +4,7 @@ DDP union semantics, resume."""
 from __future__ import annotations
 
 import copy
+import csv
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from helpers import (
     trainer,
 )
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_stability.estimators.cka import linear_cka
@@ -299,6 +301,7 @@ def test_ddp_equals_single_process_on_the_union(tmp_path):
         max_steps=-1,
         max_epochs=2,
         callbacks=[monitor, _RecordWeights(), DumpOnFitEnd(tmp_path, _ddp_extract)],
+        logger=CSVLogger(tmp_path / "csv", name="", version=0),
     )
     data = classification_data(n=128)
     t.fit(model, loader(data, shuffle=False))
@@ -329,3 +332,41 @@ def test_ddp_equals_single_process_on_the_union(tmp_path):
             want_initial, abs=1e-6
         )
     assert r0["readings"]["stability/cka_initial/net.2"] < 0.999
+
+    # Logged once (rank 0): one row per epoch-end check, not one per rank.
+    (metrics,) = list((tmp_path / "csv").rglob("metrics.csv"))
+    with open(metrics) as f:
+        rows = list(csv.DictReader(f))
+    logged = [float(r["stability/cka/net.0"]) for r in rows if r.get("stability/cka/net.0")]
+    assert len(logged) == 2
+    assert logged[-1] == pytest.approx(r0["readings"]["stability/cka/net.0"])
+
+
+def test_bf16_weights_are_measured_in_float32():
+    model = TinyClassifier(lr=0.0)
+    probe = classification_data(n=32, seed=4).tensors[0]
+    monitor = RepresentationDriftMonitor(probe_inputs=probe)
+    _fit(model, monitor, epochs=1, precision="bf16-true")
+    assert next(model.parameters()).dtype == torch.bfloat16  # the run itself stayed bf16
+    upcast = copy.deepcopy(model).float()
+    with torch.no_grad():
+        want32 = float(upcast(probe).double().square().mean().sqrt())
+        want16 = float(model(probe.bfloat16()).double().square().mean().sqrt())
+    got = monitor.readings["stability/act/net.2/rms"].value
+    assert got == pytest.approx(want32, rel=1e-6)
+    assert abs(want16 - want32) > 1e-6 * want32  # bf16 would have been distinguishable
+    assert monitor.readings["stability/cka/net.2"].value == pytest.approx(1.0, abs=1e-6)
+
+
+def test_probe_set_comes_from_the_validation_set_when_there_is_one():
+    val = classification_data(n=40, seed=5)
+    monitor = RepresentationDriftMonitor(probe_size=100, every_n_epochs=0, every_n_steps=2)
+    t = trainer(max_steps=4, callbacks=[monitor], limit_val_batches=1)
+    t.fit(
+        TinyClassifier(lr=0.0),
+        loader(classification_data(n=128), shuffle=False),
+        loader(val, shuffle=False),
+    )
+    assert sorted(monitor.probe_indices) == list(range(40))  # capped at the set's size
+    assert torch.equal(monitor._inputs, val.tensors[0][monitor.probe_indices])
+    assert monitor.num_checks == 1 + 2  # start, steps 2 and 4; no epoch-end check
