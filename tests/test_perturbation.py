@@ -175,3 +175,23 @@ def test_perturbations_follow_their_definitions():
 def test_bad_config_raises_naming_the_argument(kwargs):
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         AuditConfig(**kwargs)
+
+
+def test_half_precision_model_is_audited_in_float32():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2)).to(torch.bfloat16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = torch.randn(16, 4, dtype=torch.bfloat16), torch.randint(2, (16,))
+    seen = []
+
+    def loss_fn(module, batch):
+        seen.append((next(module.parameters()).dtype, batch[0].dtype))
+        return nn.functional.cross_entropy(module(batch[0]), batch[1])
+
+    cfg = AuditConfig(horizon=3, dimensions=("parametric",))
+    result = auditor(model, opt, cfg, batches=[(x, y)], loss_fn=loss_fn).run()
+    assert set(seen) == {(torch.float32, torch.float32)}
+    assert math.isfinite(result.values["parametric/param_growth"])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())

@@ -260,6 +260,14 @@ class Fork:
             group["lr"] = group["lr"] * lr_multiplier
         self.module.train(self.live_module.training)
 
+    def cast_batch(self, batch: Any) -> Any:
+        """``batch`` with its floating tensors in the fork's dtype when the fork was upcast
+        (16-bit inputs would not multiply float32 weights)."""
+        if self.dtype is None:
+            return batch
+        dtype = self.dtype
+        return _map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+
     def flat_params(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.params])
 
@@ -307,7 +315,7 @@ class PerturbationAuditor:
 
     def _loss(self, batch: Any) -> Tensor:
         with _no_autocast(self.fork.module):
-            loss = self.loss_fn(self.fork.module, batch)
+            loss = self.loss_fn(self.fork.module, self.fork.cast_batch(batch))
         return loss.reshape(()).float() if loss.dtype in (torch.float16, torch.bfloat16) else loss
 
     def start_losses(self) -> list[float]:
