@@ -41,9 +41,11 @@ class PerturbationAudit(StabilityProbe):
     * ``signal``: Gaussian gradient noise of norm ``signal_noise`` x the gradient norm.
 
     A rollout *diverges* when any loss it sees is non-finite or exceeds ``divergence_factor``
-    times the loss of the start weights on the same batch. The margin found on a quadratic is
-    biased upwards by about ``ln(divergence_factor) / (4 horizon)`` relative (slow divergence just
-    above the edge), see :mod:`lightning_stability.estimators.perturbation`.
+    times the loss of the start weights on the same batch. Just above the edge divergence is
+    slow, so on a quadratic the margin is biased upwards by about
+    ``ln(divergence_factor / s) / (4 horizon)`` relative, ``s`` being the top eigendirection's
+    share of the loss (a few percent at the defaults), see
+    :mod:`lightning_stability.estimators.perturbation`.
 
     Readings (``stability/audit/...``, published at the audit's step; non-finite values are
     kept in :attr:`history` but not logged): ``optimisation/lr_margin``,
