@@ -167,6 +167,7 @@ def test_layer_selection_and_errors():
             self.head = nn.Linear(8, 2)
 
     assert default_layers(Blocks(), 8) == ["embed", "blocks.0", "blocks.1", "blocks.2", "head"]
+    assert default_layers(nn.Sequential(nn.Linear(3, 3)), 8) == ["0"]
 
 
 @pytest.mark.parametrize(

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 
@@ -96,7 +96,7 @@ def default_layers(module: nn.Module, max_layers: int) -> list[str]:
     dropout/identity, and keep at most ``max_layers`` evenly spaced (the last always)."""
     prefix, root = "", module
     children = _expand(prefix, root)
-    while len(children) == 1:
+    while len(children) == 1 and next(children[0][1].children(), None) is not None:
         prefix, root = children[0][0] + ".", children[0][1]
         children = _expand(prefix, root)
     names = [n for n, m in children if not isinstance(m, _SKIPPED_BY_DEFAULT)]
@@ -180,7 +180,7 @@ class RepresentationDriftMonitor(StabilityProbe):
         layer_types: list[str] | None = None,
         max_layers: int = 8,
         probe_size: int = 256,
-        source: str = "val",
+        source: Literal["val", "train"] = "val",
         seed: int = 0,
         every_n_epochs: int = 1,
         every_n_steps: int | None = None,
@@ -448,6 +448,14 @@ class RepresentationDriftMonitor(StabilityProbe):
         self.num_checks = int(state_dict.get("num_checks", 0))
         self.last_check_step = int(state_dict.get("last_check_step", -1))
         self.history = list(state_dict.get("history", []))
+        saved_layers = list(state_dict.get("layer_names", []))
+        if self.layer_names and saved_layers != self.layer_names:
+            # Heat-map rows are per layer; layers new to this run start their own baseline.
+            rank_zero_warn(
+                f"RepresentationDriftMonitor: the checkpoint watched {saved_layers}, this run "
+                f"watches {self.layer_names}; the CKA history is dropped"
+            )
+            self.history = []
         self._initial = {
             n: Representation.from_state(s) for n, s in state_dict.get("initial", {}).items()
         }
