@@ -40,6 +40,20 @@ def _registry() -> dict[str, Callable[[], list[Callback]]]:
         return [RepresentationDriftMonitor(source="train", every_n_steps=50)]
 
     reg["drift"] = drift
+
+    def sharpness() -> list[Callback]:
+        from lightning_stability.probes.sharpness import SharpnessMonitor
+
+        return [SharpnessMonitor()]
+
+    reg["sharpness"] = sharpness
+
+    def grad_loss() -> list[Callback]:
+        from lightning_stability.probes import GradientMonitor, LossMonitor
+
+        return [GradientMonitor(), LossMonitor()]
+
+    reg["grad+loss"] = grad_loss
     return reg
 
 
