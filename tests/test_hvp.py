@@ -2,9 +2,9 @@ import gc
 import weakref
 
 import torch
-from hessian_models import bn_dropout_mlp, exact_hessian, mlp_tanh, small_cnn
 from torch.func import functional_call
 
+from benchmarks.hessian_models import bn_dropout_mlp, exact_hessian, mlp_tanh, small_cnn
 from lightning_stability.estimators import (
     HessianOperator,
     forward_over_reverse_hvp,

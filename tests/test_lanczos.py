@@ -1,8 +1,8 @@
 import pytest
 import torch
-from hessian_models import REFERENCE, exact_hessian, saddle_mlp
 from torch import nn
 
+from benchmarks.hessian_models import REFERENCE, exact_hessian, saddle_mlp
 from lightning_stability.estimators import (
     HessianOperator,
     PyHessianBackend,

@@ -1,8 +1,8 @@
 import pytest
 import torch
-from hessian_models import REFERENCE, bn_dropout_mlp, exact_hessian
 from torch import nn
 
+from benchmarks.hessian_models import REFERENCE, bn_dropout_mlp, exact_hessian
 from lightning_stability.estimators import PyHessianBackend, hessian_top_k, hessian_trace
 
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
-from hessian_models import REFERENCE, Problem, exact_hessian, mlp_tanh
 
+from benchmarks.hessian_models import REFERENCE, Problem, exact_hessian, mlp_tanh
 from lightning_stability.estimators import (
     HessianOperator,
     hessian_density,

@@ -1,7 +1,13 @@
-"""Small reference models whose exact Hessian is cheap: ground truth for the estimators.
+"""Reference models for the curvature estimators.
 
-Each problem is a module, a fixed batch and a loss; ``exact_hessian`` differentiates the
-loss twice with respect to one flat float64 parameter vector.
+Tiny models (37-114 parameters) whose exact Hessian is cheap serve as ground truth in the
+tests; ``exact_hessian`` differentiates the loss twice with respect to one flat float64
+parameter vector. Realistic models (an MLP and a CNN on scikit-learn's 8x8 digits, tens
+of thousands of parameters, trained briefly by SGD so the spectrum has structure) serve
+the estimator benchmark, where the ground truth is a long converged float64 Lanczos run.
+
+Each problem is a module, a fixed batch and a loss (plus, for the trained models, the
+training set so that further SGD steps can be taken).
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ class Problem:
     inputs: Tensor
     targets: Tensor
     criterion: Callable[[Tensor, Tensor], Tensor]
+    train_inputs: Tensor | None = None
+    train_targets: Tensor | None = None
 
     def loss(self) -> Tensor:
         return self.criterion(self.module(self.inputs), self.targets)
@@ -133,3 +141,73 @@ def bn_dropout_mlp(seed: int = 0) -> Problem:
 
 
 REFERENCE = [mlp_tanh, mlp_relu_ce, small_cnn, saddle_mlp]
+
+
+def digits(dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+    """scikit-learn's 1797 8x8 digit images as standardised ``(1797, 64)`` features and
+    integer labels (ships with scikit-learn: no download)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = torch.tensor(data.data, dtype=dtype)
+    x = (x - x.mean(0)) / x.std(0).clamp_min(1e-3)
+    return x, torch.tensor(data.target, dtype=torch.long)
+
+
+def sgd_steps(
+    problem: Problem, steps: int, lr: float, batch_size: int, generator: torch.Generator
+) -> None:
+    """Plain SGD on minibatches of the problem's training set drawn by ``generator``."""
+    assert problem.train_inputs is not None and problem.train_targets is not None
+    opt = torch.optim.SGD(problem.params, lr=lr)
+    n = problem.train_inputs.shape[0]
+    for _ in range(steps):
+        idx = torch.randint(0, n, (batch_size,), generator=generator)
+        opt.zero_grad(set_to_none=True)
+        out = problem.module(problem.train_inputs[idx])
+        problem.criterion(out, problem.train_targets[idx]).backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+TRAIN_LR = 0.1
+"""SGD learning rate of the realistic models' training (and of the warm-start step)."""
+TRAIN_BATCH = 64
+
+
+def _trained(name: str, module: nn.Module, x: Tensor, y: Tensor, seed: int, steps: int,
+             hessian_batch: int) -> Problem:  # fmt: skip
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(x.shape[0], generator=g)
+    x, y = x[perm], y[perm]
+    problem = Problem(name, module, x[:hessian_batch], y[:hessian_batch],
+                      nn.functional.cross_entropy, x, y)  # fmt: skip
+    sgd_steps(problem, steps, TRAIN_LR, TRAIN_BATCH, g)
+    return problem
+
+
+def digits_mlp(seed: int = 0, steps: int = 200, hessian_batch: int = 512) -> Problem:
+    """ReLU MLP 64 -> 128 -> 128 -> 10 on digits (26,122 parameters), trained ``steps``
+    SGD steps (lr 0.1, batch 64); the Hessian is taken on a fixed batch of
+    ``hessian_batch`` training images."""
+    torch.manual_seed(seed)
+    module = nn.Sequential(
+        nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10)
+    )
+    x, y = digits()
+    return _trained("digits_mlp", module, x, y, seed, steps, hessian_batch)
+
+
+def digits_cnn(seed: int = 0, steps: int = 200, hessian_batch: int = 128) -> Problem:
+    """CNN on 8x8 digits: conv 3x3 (1 -> 8) + ReLU, conv 3x3 (8 -> 16) + ReLU, 2x2
+    max-pool, linear 256 -> 10 (3,818 parameters); trained like :func:`digits_mlp`."""
+    torch.manual_seed(seed)
+    module = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(256, 10),
+    )  # fmt: skip
+    x, y = digits()
+    return _trained("digits_cnn", module, x.view(-1, 1, 8, 8), y, seed, steps, hessian_batch)
+
+
+REALISTIC = [digits_mlp, digits_cnn]
