@@ -27,8 +27,8 @@ class DivergenceRule:
         factor: how many times its running minimum the smoothed loss must exceed (default 3).
         patience: consecutive steps the excess must persist (default 10).
         smooth: length of the trailing median window, in steps (default 5).
-        warmup: steps before the running minimum starts (the first losses are not a
-            baseline; default 5).
+        warmup: losses at the start that never enter the running minimum (initial losses
+            are not a baseline; default 5).
         floor_frac: the running minimum never counts as lower than this fraction of the
             first smoothed loss (default 0.05).
     """
@@ -72,7 +72,7 @@ def divergence_step(losses: Sequence[float], rule: DivergenceRule | None = None)
         current = smoothed[-1]
         if floor is None:
             floor = rule.floor_frac * abs(current)
-        bad = t > rule.warmup and current > rule.factor * max(best, floor)
+        bad = current > rule.factor * max(best, floor)
         if bad:
             if run_start is None:
                 run_start = t
@@ -80,6 +80,7 @@ def divergence_step(losses: Sequence[float], rule: DivergenceRule | None = None)
                 return run_start
         else:
             run_start = None
-        if t >= rule.warmup and run_start is None:
+        # only medians whose whole window lies past the warm-up form the baseline
+        if t >= rule.warmup + rule.smooth - 1 and run_start is None:
             best = min(best, current)
     return None

@@ -142,7 +142,7 @@ class RecordingEarlyStopping(EarlyStopping):
         super()._run_early_stopping_check(trainer)
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
-        should_stop, reason = super()._evaluate_stopping_criteria(current)
+        should_stop, _ = super()._evaluate_stopping_criteria(current)
         if should_stop:
             if self.fired_step is None and self.stopping_reason in (
                 EarlyStoppingReason.DIVERGENCE_THRESHOLD,

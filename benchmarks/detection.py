@@ -1,0 +1,350 @@
+"""Early warning and rescue on the scenario suite, against Lightning's own detectors.
+
+For every scenario x seed the run is trained once with the warning layer on and actions
+off ("warning" mode: probes + ``EarlyWarning``; the probes do not change training, so its
+loss trajectory is the bare run's) and once with actions on ("actions" mode). Lightning's
+``SpikeDetection`` and ``EarlyStopping(divergence_threshold=...)`` ride along on every run
+in a recording form (see :mod:`benchmarks.scenarios.runner`).
+
+Reported per scenario: how many seeds diverged (rule in
+:mod:`benchmarks.scenarios.divergence`), the first warning step, the divergence step and the
+lead time (divergence - first warning; a warning counts as a detection when it comes at or
+before the divergence step); recall and median lead over the diverging runs; false alarms
+(runs with a warning) on the stable scenarios; the same for the two Lightning baselines;
+with actions on, the rescue rate (diverging runs that no longer diverge) and the final
+validation loss against the best fixed learning rate (full mode: a bare sweep of the base
+learning rate x {1, 1/3, 1/10, 1/30}). A column whose callback is not available reads
+"n/a".
+
+    python -m benchmarks.detection --quick      # < 2 minutes on 2 cores
+    python -m benchmarks.detection              # full: 5 seeds and the learning-rate sweep
+
+Writes ``benchmarks/detection.json``, ``benchmarks/RESULTS.md`` and loss plots with the
+warning markers in ``benchmarks/plots/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.scenarios.divergence import DivergenceRule
+from benchmarks.scenarios.registry import SCENARIOS, Scenario
+from benchmarks.scenarios.runner import RunRecord, run_scenario, stability_set
+
+HERE = Path(__file__).parent
+OUT_JSON = HERE / "detection.json"
+OUT_MD = HERE / "RESULTS.md"
+PLOTS = HERE / "plots"
+LR_SWEEP = (1.0, 1 / 3, 1 / 10, 1 / 30)
+PLOT_KEYS = (
+    "stability/meta/deviation",
+    "stability/sharpness/eos_ratio",
+    "stability/grad/norm",
+    "stability/cka/min",
+    "stability/loss/tail_q",
+)
+TABLE_KEYS = (
+    "stability/sharpness/eos_ratio",
+    "stability/sharpness/lambda_max",
+    "stability/grad/norm",
+    "stability/grad/update_ratio",
+    "stability/loss/var",
+    "stability/cka/min",
+    "stability/meta/deviation",
+)
+NA = "n/a"
+
+
+def _lead(detect: int | None, diverge: int | None) -> int | None:
+    return None if detect is None or diverge is None else diverge - detect
+
+
+def _fmt(x: Any, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return NA if math.isnan(x) else f"{x:.{digits}g}"
+    return str(x)
+
+
+def detector_stats(runs: list[RunRecord], step_of) -> dict[str, Any]:
+    """Recall, median lead and false alarms of one detector (``step_of(run)`` gives the
+    step at which it first fired, ``None`` when it did not)."""
+    diverging = [r for r in runs if r.kind == "diverging" and r.divergence_step is not None]
+    stable = [r for r in runs if r.kind == "stable"]
+    leads = [_lead(step_of(r), r.divergence_step) for r in diverging]
+    hits = [lead for lead in leads if lead is not None and lead >= 0]
+    return {
+        "recall": len(hits) / len(diverging) if diverging else math.nan,
+        "detected_any_time": sum(lead is not None for lead in leads),
+        "median_lead": statistics.median(hits) if hits else math.nan,
+        "false_alarms": sum(step_of(r) is not None for r in stable),
+        "stable_runs": len(stable),
+        "diverging_runs": len(diverging),
+    }
+
+
+def _plot(scenario: Scenario, warn: RunRecord, act: RunRecord | None) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    PLOTS.mkdir(exist_ok=True)
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ax.plot(warn.losses, lw=0.8, label="loss (actions off)")
+    if act is not None:
+        ax.plot(act.losses, lw=0.8, alpha=0.7, label="loss (actions on)")
+    ax.set_yscale("log")
+    marks = [
+        (warn.divergence_step, "red", "divergence"),
+        (warn.first_warning_step, "orange", "EarlyWarning"),
+        (warn.spike_detection_step, "purple", "SpikeDetection"),
+        (warn.early_stopping_step, "grey", "EarlyStopping"),
+    ]
+    for step, colour, label in marks:
+        if step is not None:
+            ax.axvline(step, color=colour, ls="--", lw=1, label=f"{label} @ {step}")
+    ax.set_ylabel("training loss")
+    ax.set_title(f"{scenario.name} (seed {warn.seed}): {scenario.description}", fontsize=9)
+    ax.legend(fontsize=7)
+    history = getattr(warn, "history", {})
+    for key in PLOT_KEYS:
+        series = history.get(key)
+        if not series:
+            continue
+        steps, values = zip(*series)
+        scale = statistics.median([abs(v) for v in values if math.isfinite(v)] or [1.0]) or 1.0
+        bx.plot(steps, [v / scale for v in values], lw=0.8, label=f"{key} / median")
+    bx.set_yscale("symlog")
+    bx.set_xlabel("optimizer step")
+    if bx.lines:
+        bx.legend(fontsize=7)
+    else:
+        bx.text(0.5, 0.5, "no probe readings available", ha="center", transform=bx.transAxes)
+    fig.tight_layout()
+    path = PLOTS / f"{scenario.name}.png"
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
+def _markdown(payload: dict[str, Any]) -> str:
+    lines = [
+        "# Scenario suite: detection and rescue",
+        "",
+        f"Generated by `python -m benchmarks.detection{' --quick' if payload['quick'] else ''}` "
+        f"({payload['seeds']} seed(s) per scenario, {payload['wall_s']:.0f} s). Figures depend on "
+        "the machine and its load; regenerate rather than quote.",
+        "",
+        f"Divergence rule: {payload['rule']}.",
+        "",
+        f"Missing callbacks (their columns read {NA}): {', '.join(payload['missing']) or 'none'}.",
+        "",
+        "## Detectors (actions off)",
+        "",
+        "| detector | recall | detected at any time | median lead (steps) | false alarms |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in payload["detectors"].items():
+        if s is None:
+            lines.append(f"| {name} | {NA} | {NA} | {NA} | {NA} |")
+            continue
+        lines.append(
+            f"| {name} | {_fmt(s['recall'])} ({s['diverging_runs']} diverging runs) | "
+            f"{s['detected_any_time']} | {_fmt(s['median_lead'])} | "
+            f"{s['false_alarms']} / {s['stable_runs']} stable runs |"
+        )
+    lines += [
+        "",
+        "## Runs",
+        "",
+        "| scenario | seed | diverged at | EarlyWarning | lead | SpikeDetection | "
+        "EarlyStopping | rescued | final val (off) | final val (on) | best fixed lr val |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in payload["rows"]:
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(row[k])
+                for k in (
+                    "scenario",
+                    "seed",
+                    "divergence_step",
+                    "first_warning_step",
+                    "lead",
+                    "spike_detection_step",
+                    "early_stopping_step",
+                    "rescued",
+                    "final_val_off",
+                    "final_val_on",
+                    "best_fixed_lr_val",
+                )
+            )
+            + " |"
+        )
+    lines += [
+        "",
+        "## Rescue (actions on)",
+        "",
+        f"Rescue rate: {_fmt(payload['rescue_rate'])} "
+        f"(diverging runs that no longer diverge with the actions attached).",
+        "",
+        "## Probe readings per scenario (seed 0, actions off)",
+        "",
+        "Median over the run / last value at or before the divergence step (the run's end "
+        "when it did not diverge).",
+        "",
+        "| scenario | " + " | ".join(k.removeprefix("stability/") for k in TABLE_KEYS) + " |",
+        "|---|" + "---|" * len(TABLE_KEYS),
+    ]
+    for name, readings in payload["readings"].items():
+        cells = []
+        for key in TABLE_KEYS:
+            r = readings.get(key)
+            cells.append(
+                NA if r is None else f"{_fmt(r['median'])} / {_fmt(r['last_before_divergence'])}"
+            )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Scenarios", ""]
+    for s in SCENARIOS.values():
+        lines.append(f"- `{s.name}` ({s.kind}): {s.description}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, no lr sweep")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per scenario")
+    parser.add_argument("--only", default="", help="comma-separated scenario names")
+    parser.add_argument("--no-plots", action="store_true")
+    args = parser.parse_args(argv)
+    names = [n for n in args.only.split(",") if n] or list(SCENARIOS)
+    unknown = sorted(set(names) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"--only: unknown scenarios {unknown}; choose from {sorted(SCENARIOS)}")
+    seeds = list(range(args.seeds or (1 if args.quick else 5)))
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    start = time.perf_counter()
+    first = SCENARIOS[names[0]]
+    _, missing_warning = stability_set("warning", first)
+    action_cbs, missing_actions = stability_set("actions", first)
+    has_actions = any(
+        type(c).__name__ in ("LRBackoff", "StagedTraining", "Rollback") for c in action_cbs
+    )
+    missing = sorted(set(missing_warning) | set(missing_actions))
+    runs: list[RunRecord] = []
+    rows: list[dict[str, Any]] = []
+    readings: dict[str, Any] = {}
+    for name in names:
+        scenario = SCENARIOS[name]
+        for seed in seeds:
+            warn = run_scenario(scenario, seed, "warning", keep_history=seed == 0)
+            runs.append(warn)
+            act = run_scenario(scenario, seed, "actions") if has_actions else None
+            if act is not None:
+                runs.append(act)
+            best = math.nan
+            if not args.quick:
+                vals = [warn.final_val_loss]
+                vals += [
+                    run_scenario(scenario, seed, "bare", lr_scale=k).final_val_loss
+                    for k in LR_SWEEP[1:]
+                ]
+                finite = [v for v in vals if math.isfinite(v)]
+                best = min(finite) if finite else math.nan
+            diverged = warn.divergence_step is not None
+            rows.append(
+                {
+                    "scenario": name,
+                    "kind": scenario.kind,
+                    "seed": seed,
+                    "divergence_step": warn.divergence_step,
+                    "first_warning_step": warn.first_warning_step if warn.warning_available else NA,
+                    "lead": _lead(warn.first_warning_step, warn.divergence_step)
+                    if warn.warning_available
+                    else NA,
+                    "spike_detection_step": warn.spike_detection_step,
+                    "early_stopping_step": warn.early_stopping_step,
+                    "rescued": (act.divergence_step is None if diverged else "-")
+                    if act is not None
+                    else NA,
+                    "final_val_off": warn.final_val_loss,
+                    "final_val_on": act.final_val_loss if act is not None else NA,
+                    "best_fixed_lr_val": best if not args.quick else NA,
+                    "divergence_step_actions_on": act.divergence_step if act else NA,
+                    "wall_s": warn.wall_s,
+                }
+            )
+            print(
+                f"{name:<24} seed {seed}  diverged at {_fmt(warn.divergence_step):>4}  "
+                f"warning {_fmt(rows[-1]['first_warning_step']):>4}  "
+                f"spike {_fmt(warn.spike_detection_step):>4}  "
+                f"early-stop {_fmt(warn.early_stopping_step):>4}  "
+                f"rescued {_fmt(rows[-1]['rescued']):>5}  ({warn.wall_s:.1f} s)",
+                flush=True,
+            )
+            if seed == 0:
+                readings[name] = warn.readings
+                if not args.no_plots:
+                    _plot(scenario, warn, act)
+    off = [r for r in runs if r.mode == "warning"]
+    has_warning = any(r.warning_available for r in off)
+    detectors = {
+        "EarlyWarning": detector_stats(off, lambda r: r.first_warning_step)
+        if has_warning
+        else None,
+        "SpikeDetection (Lightning)": detector_stats(off, lambda r: r.spike_detection_step),
+        "EarlyStopping(divergence_threshold) (Lightning)": detector_stats(
+            off, lambda r: r.early_stopping_step
+        ),
+    }
+    rescuable = [r for r in rows if r["kind"] == "diverging" and r["divergence_step"] is not None]
+    rescue_rate = (
+        sum(r["rescued"] is True for r in rescuable) / len(rescuable)
+        if has_actions and rescuable
+        else math.nan
+    )
+    rule = DivergenceRule()
+    payload = {
+        "quick": args.quick,
+        "seeds": len(seeds),
+        "wall_s": time.perf_counter() - start,
+        "rule": (
+            f"non-finite loss, or the {rule.smooth}-step trailing median of the loss above "
+            f"{rule.factor}x its running minimum (floored at {rule.floor_frac} x the first "
+            f"median) for {rule.patience} consecutive steps; the step reported is the first "
+            "of that stretch"
+        ),
+        "missing": missing,
+        "detectors": detectors,
+        "rescue_rate": rescue_rate,
+        "rows": rows,
+        "readings": readings,
+        "runs": [r.to_json() for r in runs],
+    }
+    OUT_JSON.write_text(json.dumps(payload, indent=1, default=str))
+    OUT_MD.write_text(_markdown(payload))
+    print(_markdown(payload).split("## Runs")[0])
+    print(f"wrote {OUT_JSON}, {OUT_MD} ({payload['wall_s']:.0f} s)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
