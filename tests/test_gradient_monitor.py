@@ -326,3 +326,24 @@ def test_ddp_ranks_publish_the_same_synchronised_values(tmp_path):
     assert len(runs) == 1  # only rank 0 writes
     header = (runs[0] / "metrics.csv").read_text().splitlines()[0]
     assert "stability/grad/norm" in header and "stability/loss/tail_q" in header
+
+
+def test_amp_norms_are_of_unscaled_gradients():
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    monitor = GradientMonitor()
+    rec = HandRecorder(monitor)
+    _fit(
+        [monitor, rec],
+        steps=4,
+        plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)],
+        gradient_clip_val=10.0,
+    )
+    reference = HandRecorder()
+    _fit([reference], steps=1)
+    assert scaler.get_scale() > 1.0  # the loss really was scaled
+    assert rec.readings[0]["stability/grad/norm"] == pytest.approx(reference.pre[0], rel=2e-2)
+    for r, pre in zip(rec.readings, rec.pre):
+        assert r["stability/grad/norm"] == pytest.approx(pre, rel=1e-6)
+        assert r["stability/grad/clip_event"] == 0.0

@@ -26,7 +26,8 @@ class LossMonitor(StabilityProbe):
     Averages can improve while the worst case worsens, so besides the loss the monitor
     reports the maximum and a high quantile of the batch losses over a window. Read in
     ``on_train_batch_end`` from the loss ``training_step`` returned (multiplied back by
-    ``accumulate_grad_batches``, which Lightning divides it by); nothing is recomputed.
+    ``accumulate_grad_batches``, which Lightning divides it by under automatic
+    optimization); nothing is recomputed.
 
     Readings (``stability/loss/...``, every batch):
 
@@ -74,7 +75,9 @@ class LossMonitor(StabilityProbe):
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
         if not isinstance(loss, Tensor):
             return  # training_step skipped this batch (returned None)
-        loss = loss.detach().float().reshape(()) * trainer.accumulate_grad_batches
+        loss = loss.detach().float().reshape(())
+        if pl_module.automatic_optimization:
+            loss = loss * trainer.accumulate_grad_batches  # undo Lightning's normalisation
         row = [loss]
         per_sample = outputs.get(PER_SAMPLE_LOSS_KEY) if isinstance(outputs, Mapping) else None
         if isinstance(per_sample, Tensor) and per_sample.numel() > 0:
