@@ -335,3 +335,26 @@ def test_user_loss_fn_and_supplied_batches_are_averaged():
     trainer(max_steps=3, callbacks=[cb]).fit(model, loader(data))
     h, _ = exact_hessian(model, batches)
     assert value(cb, "lambda_max") == pytest.approx(float(torch.linalg.eigvalsh(h)[-1]), rel=1e-4)
+
+
+# ------------------------------------------------------------------- TensorBoard
+def test_tensorboard_gets_scalars_and_the_spectral_density(tmp_path):
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = TinyClassifier()
+    cb = SharpnessMonitor(every_n_steps=2, density_every_n_checks=2, directional=False)
+    logger = TensorBoardLogger(tmp_path)
+    trainer(max_steps=4, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(
+        model, loader(classification_data())
+    )
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
+    logged = {e.step: e.value for e in events.Scalars(KEY + "lambda_max")}
+    assert logged[3] == pytest.approx(value(cb, "lambda_max"))  # 0-based logger steps
+    assert 0 not in logged  # nothing before the first check
+    (hist,) = events.Histograms(KEY + "density")
+    assert hist.step == 4
+    # Bucket counts are eigenvalue counts: they sum to the number of parameters.
+    dim = sum(p.numel() for p in model.parameters())
+    assert hist.histogram_value.num == pytest.approx(dim, rel=0.02)
+    assert hist.histogram_value.max >= value(cb, "lambda_max") * 0.95
