@@ -358,3 +358,16 @@ def test_tensorboard_gets_scalars_and_the_spectral_density(tmp_path):
     dim = sum(p.numel() for p in model.parameters())
     assert hist.histogram_value.num == pytest.approx(dim, rel=0.02)
     assert hist.histogram_value.max >= value(cb, "lambda_max") * 0.95
+
+
+def test_pyhessian_backend_agrees_with_the_exact_hessian():
+    model = TinyClassifier()
+    cb = SharpnessMonitor(
+        every_n_steps=3, backend="pyhessian", directional=False, tol=1e-6, max_iter=200
+    )
+    trainer(max_steps=3, callbacks=[cb]).fit(model, loader(classification_data()))
+    h, _ = exact_hessian(model, cb._batches)
+    eig = torch.linalg.eigvalsh(h)
+    top = float(eig.abs().max())  # power iteration: largest magnitude
+    assert abs(value(cb, "lambda_max")) == pytest.approx(top, rel=1e-3)
+    assert value(cb, "hvps") > 1

@@ -115,6 +115,11 @@ class SharpnessMonitor(StabilityProbe):
     rank uses its own probe batches and products are averaged over ranks, so every rank
     sees the Hessian of the union.
 
+    Resume: the cadence, step counters, previous eigenvectors and last readings are
+    checkpointed, and so are the probe batches of a single-process run (when they hold
+    only tensors, numbers, strings, lists and dicts), so a resumed run measures the same
+    landscape. Under DDP the probe batches are cached afresh after resuming.
+
     Isolation: measurements run after the optimizer step inside ``preserved_state`` (modes,
     buffers, ``.grad`` and RNG restored) with autocast off and parameters in float32 (or
     float64 when the model is), so the run trains bit-identically with and without it.
@@ -250,11 +255,13 @@ class SharpnessMonitor(StabilityProbe):
         self._pre_eigvecs: Tensor | None = None
         self._eta_c: float | None = None
         self._weights_before: list[Tensor] | None = None
+        self._world_size = 1
         self.last_products: int = 0
         """Hessian-vector products of the last Lanczos check (all eigenproblems)."""
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._world_size = trainer.world_size
         if self.backend == "pyhessian" and trainer.world_size > 1:
             raise ValueError(
                 "backend: 'pyhessian' does not average Hessian-vector products over ranks; "
@@ -562,7 +569,9 @@ class SharpnessMonitor(StabilityProbe):
             state["eigvecs"] = self._eigvecs.detach().cpu()
         if self._pre_eigvecs is not None:
             state["pre_eigvecs"] = self._pre_eigvecs.detach().cpu()
-        if self._batches and _plain(self._batches):
+        # A checkpoint holds rank 0's state only: under DDP every rank would resume with
+        # rank 0's batches, so there each rank caches its own again instead.
+        if self._batches and self._world_size == 1 and _plain(self._batches):
             state["probe_batches"] = _to_cpu(self._batches)
         return state
 
