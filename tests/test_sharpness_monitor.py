@@ -371,3 +371,18 @@ def test_pyhessian_backend_agrees_with_the_exact_hessian():
     top = float(eig.abs().max())  # power iteration: largest magnitude
     assert abs(value(cb, "lambda_max")) == pytest.approx(top, rel=1e-3)
     assert value(cb, "hvps") > 1
+
+
+def test_probe_dataloader_leaves_the_global_rng_alone():
+    data = classification_data()
+    probe = DataLoader(data, batch_size=8, shuffle=False)  # iterating it draws a base seed
+
+    def run(callbacks):
+        pl.seed_everything(0, verbose=False)
+        model = TinyClassifier(dropout=0.3)
+        trainer(max_steps=6, callbacks=callbacks).fit(model, loader(data, shuffle=True))
+        return flat_weights(model)
+
+    cb = SharpnessMonitor(every_n_steps=3, probe_dataloader=probe)
+    assert torch.equal(run([cb]), run([]))
+    assert KEY + "lambda_max" in cb.readings

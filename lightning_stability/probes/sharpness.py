@@ -268,10 +268,13 @@ class SharpnessMonitor(StabilityProbe):
                 "use backend='native' under distributed training"
             )
         if self.probe_dataloader is not None and not self._batches:
-            for batch in self.probe_dataloader:
-                self._batches.append(detach_batch(batch))
-                if len(self._batches) == self.num_probe_batches:
-                    break
+            # Creating a loader iterator draws a base seed from the global RNG (unless the
+            # loader has its own generator), which would shift dropout and data order.
+            with frozen_rng():
+                for batch in self.probe_dataloader:
+                    self._batches.append(detach_batch(batch))
+                    if len(self._batches) == self.num_probe_batches:
+                        break
             self._fixed_batches = True
 
     def on_train_batch_start(
