@@ -71,8 +71,8 @@ class EarlyWarning(Callback):
         max_age: optimizer steps after which a reading is stale and left out (default 250).
         freeze_limit: at most this many steps of baseline freezing while at WARNING or
             above (default 200).
-        trend_window: values per rolling variance / autocorrelation window (default 32).
-        trend_history: rolling statistics in the Kendall-tau trend test (default 64).
+        trend_window: values per rolling variance / autocorrelation window (default 48).
+        trend_history: rolling statistics in the Kendall-tau trend test (default 96).
         trend_tau: Kendall tau of a rising trend (default 0.6).
         trend_var_factor: growth of the rolling variance over the history (default 3).
         trend_ac1_rise: growth of the lag-1 autocorrelation over the history (default 0.2).
@@ -100,8 +100,8 @@ class EarlyWarning(Callback):
         warmup: int = 20,
         max_age: int = 250,
         freeze_limit: int = 200,
-        trend_window: int = 32,
-        trend_history: int = 64,
+        trend_window: int = 48,
+        trend_history: int = 96,
         trend_tau: float = 0.6,
         trend_var_factor: float = 3.0,
         trend_ac1_rise: float = 0.2,

@@ -9,10 +9,14 @@ autocorrelation of the detrended series, Kendall's tau of each against time).
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
+import torch
+
+from lightning_stability.warning.baseline import median
 from lightning_stability.warning.events import Level
 
 __all__ = ["TrendIndicator", "TrendReading", "kendall_tau", "variance_and_ac1"]
@@ -24,44 +28,31 @@ def kendall_tau(values: Sequence[float]) -> float:
     n = len(values)
     if n < 2:
         return 0.0
-    concordant = 0
-    ties = 0
-    for i in range(n - 1):
-        vi = values[i]
-        for j in range(i + 1, n):
-            d = values[j] - vi
-            if d > 0:
-                concordant += 1
-            elif d < 0:
-                concordant -= 1
-            else:
-                ties += 1
+    x = torch.tensor(values, dtype=torch.float64)
+    upper = torch.ones(n, n, dtype=torch.bool).triu(1)
+    signs = torch.sign(x[None, :] - x[:, None])[upper]
     pairs = n * (n - 1) // 2
+    ties = int((signs == 0).sum())
     # tau-b: time has no ties, so only the values' ties shrink the denominator
     denom = (pairs * (pairs - ties)) ** 0.5
-    return concordant / denom if denom > 0 else 0.0
+    return float(signs.sum()) / denom if denom > 0 else 0.0
 
 
 def variance_and_ac1(values: Sequence[float]) -> tuple[float, float]:
-    """Variance and lag-1 autocorrelation of ``values`` after removing their least-squares
-    line, so that a steady drift (a falling loss) is not mistaken for memory."""
+    """Sample variance and lag-1 autocorrelation of ``values`` about their mean."""
     n = len(values)
-    t_mean = (n - 1) / 2
-    v_mean = sum(values) / n
-    stt = sum((t - t_mean) ** 2 for t in range(n))
-    slope = sum((t - t_mean) * (v - v_mean) for t, v in enumerate(values)) / stt
-    r = [v - v_mean - slope * (t - t_mean) for t, v in enumerate(values)]
+    mean = sum(values) / n
+    r = [v - mean for v in values]
     ss = sum(x * x for x in r)
-    var = ss / (n - 2)
     ac1 = sum(r[t] * r[t - 1] for t in range(1, n)) / ss if ss > 0 else 0.0
-    return var, ac1
+    return ss / (n - 1), ac1
 
 
 class TrendReading(NamedTuple):
     """The indicator's state after a value: Kendall's tau of the rolling variance and of
     the rolling lag-1 autocorrelation against time, the ratio of the latest rolling
-    variance to the earliest in the history, the rise of the autocorrelation over the
-    history, and the level this amounts to."""
+    variance to its long-run median, the rise of the autocorrelation above its long-run
+    median, and the level this amounts to."""
 
     tau_var: float
     tau_ac1: float
@@ -73,17 +64,21 @@ class TrendReading(NamedTuple):
 class TrendIndicator:
     """Critical-slowing-down detector for one signal.
 
-    Every value updates a rolling window; once it is full, the window's variance and
-    lag-1 autocorrelation are appended to a history. Once the history is full, the
-    signal is at WATCH when the variance has a rising trend (Kendall tau >= ``tau``) and
-    grew by at least ``var_factor`` over the history; at WARNING when, in addition, the
-    lag-1 autocorrelation rises (tau >= ``tau``, growth >= ``ac1_rise``) and both have
-    held for ``sustain`` consecutive values. Short bursts of apparent slowing down are
+    Each value is detrended by a slow exponential moving average (span ``4 * window``,
+    the online analogue of the kernel smoothing of Dakos et al., so that a falling loss
+    is not mistaken for memory) and the residual enters a rolling window; once it is
+    full, the window's variance and lag-1 autocorrelation are appended to a history. Once the history is full, the
+    signal is at WATCH when the variance has a rising trend over the history (Kendall
+    tau >= ``tau``) and is at least ``var_factor`` times its long-run median (over the
+    last ``4 * history`` rolling windows, so that a slow rise still counts); at WARNING
+    when, in addition, the lag-1 autocorrelation rises (tau >= ``tau``, at least
+    ``ac1_rise`` above its long-run median) and both have held for ``sustain``
+    consecutive values. Short bursts of apparent slowing down are
     common in stationary autocorrelated series, hence the persistence requirement.
 
     Args:
-        window: values per rolling window (default 32).
-        history: rolling statistics over which the trend is tested (default 64).
+        window: values per rolling window (default 48).
+        history: rolling statistics over which the trend is tested (default 96).
         tau: minimum Kendall tau of a rising trend (default 0.6).
         var_factor: minimum growth of the rolling variance (default 3.0).
         ac1_rise: minimum rise of the lag-1 autocorrelation (default 0.2).
@@ -92,8 +87,8 @@ class TrendIndicator:
 
     def __init__(
         self,
-        window: int = 32,
-        history: int = 64,
+        window: int = 48,
+        history: int = 96,
         tau: float = 0.6,
         var_factor: float = 3.0,
         ac1_rise: float = 0.2,
@@ -116,14 +111,17 @@ class TrendIndicator:
         self.ac1_rise = ac1_rise
         self.sustain = sustain
         self.streak = 0
+        self.level = math.nan
         self.values: deque[float] = deque(maxlen=window)
-        self.variances: deque[float] = deque(maxlen=history)
-        self.ac1s: deque[float] = deque(maxlen=history)
+        self.variances: deque[float] = deque(maxlen=4 * history)
+        self.ac1s: deque[float] = deque(maxlen=4 * history)
         self.last: TrendReading | None = None
 
     def update(self, value: float) -> TrendReading | None:
         """Add a value; the indicator's reading, or None until the history is full."""
-        self.values.append(value)
+        alpha = 1.0 / (4 * self.window)
+        self.level = value if math.isnan(self.level) else self.level + alpha * (value - self.level)
+        self.values.append(value - self.level)
         if len(self.values) < self.window:
             return None
         var, ac1 = variance_and_ac1(list(self.values))
@@ -135,11 +133,13 @@ class TrendIndicator:
     def _evaluate(self, advance: bool = False) -> TrendReading | None:
         if len(self.variances) < self.history:
             return None
-        tau_var = kendall_tau(list(self.variances))
-        tau_ac1 = kendall_tau(list(self.ac1s))
-        first = self.variances[0]
-        ratio = self.variances[-1] / first if first > 0 else float("inf")
-        rise = self.ac1s[-1] - self.ac1s[0]
+        variances = list(self.variances)
+        ac1s = list(self.ac1s)
+        tau_var = kendall_tau(variances[-self.history :])
+        tau_ac1 = kendall_tau(ac1s[-self.history :])
+        reference = median(variances)
+        ratio = variances[-1] / reference if reference > 0 else float("inf")
+        rise = ac1s[-1] - median(ac1s)
         level = Level.OK
         if tau_var >= self.tau and ratio >= self.var_factor:
             level = Level.WATCH
@@ -155,6 +155,7 @@ class TrendIndicator:
     def state_dict(self) -> dict[str, Any]:
         return {
             "values": list(self.values),
+            "level": self.level,
             "variances": list(self.variances),
             "ac1s": list(self.ac1s),
             "streak": self.streak,
@@ -163,6 +164,7 @@ class TrendIndicator:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.values.clear()
         self.values.extend(float(v) for v in state["values"])
+        self.level = float(state["level"])
         self.variances.clear()
         self.variances.extend(float(v) for v in state["variances"])
         self.ac1s.clear()
