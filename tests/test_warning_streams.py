@@ -1,0 +1,111 @@
+"""The decision logic on synthetic reading streams with known ground truth: stationary
+streams never warn, critical slowing down before a jump warns before the jump, a
+non-finite reading is critical at once. Deterministic (seeded Python RNG)."""
+
+import math
+import random
+
+import pytest
+import torch
+
+from lightning_stability.probes.base import Reading
+from lightning_stability.warning import EarlyWarning, Level
+
+KEY = "stability/loss/value"
+
+
+def replay(values, key=KEY, warning=None):
+    """Feed one reading per optimizer step through an EarlyWarning's monitor and level
+    tracker; the (step, level) of every event."""
+    ew = warning or EarlyWarning()
+    events = []
+    for step, v in enumerate(values):
+        a = ew.monitor.assess({key: Reading(v, step)}, step, ew.level)
+        new = ew.tracker.update(step, a.proposed, a.hold, a.hard)
+        if new is not None:
+            events.append((step, new))
+    return events
+
+
+def ar_stream(n, seed, phi=lambda t: 0.5, sigma=lambda t: 0.1, jump_at=None):
+    """A positive, loss-like stream exp(x) with x an AR(1) process whose coefficient and
+    noise may change over time, multiplied by 20 from ``jump_at`` on."""
+    rng = random.Random(seed)
+    x, out = 0.0, []
+    for t in range(n):
+        x = phi(t) * x + sigma(t) * rng.gauss(0, 1)
+        out.append(math.exp(x) * (20.0 if jump_at is not None and t >= jump_at else 1.0))
+    return out
+
+
+@pytest.mark.parametrize(("seed", "phi"), [(0, 0.0), (1, 0.0), (2, 0.5), (3, 0.5)])
+def test_stationary_stream_never_reaches_warning(seed, phi):
+    events = replay(ar_stream(1200, seed, phi=lambda t: phi))
+    assert all(level < Level.WARNING for _, level in events), events
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rising_variance_and_autocorrelation_warn_before_the_jump(seed):
+    jump = 800
+
+    def ramp(t):
+        return min(max((t - 300) / 500, 0.0), 1.0)
+
+    values = ar_stream(
+        jump + 5,
+        seed,
+        phi=lambda t: 0.2 + 0.77 * ramp(t),
+        sigma=lambda t: 0.05 * (1 + 2 * ramp(t)),
+        jump_at=jump,
+    )
+    warnings_ = [step for step, level in replay(values) if level >= Level.WARNING]
+    assert warnings_, "no warning at all"
+    assert 300 < warnings_[0] < jump
+    # the same stream with the jump but without the slowing down warns only at the jump
+    calm = ar_stream(jump + 5, seed, phi=lambda t: 0.2, sigma=lambda t: 0.05, jump_at=jump)
+    calm_warnings = [step for step, level in replay(calm) if level >= Level.WARNING]
+    assert calm_warnings and calm_warnings[0] >= jump
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_reading_is_critical_at_once(bad):
+    values = ar_stream(100, 0, phi=lambda t: 0.0)
+    values[60] = bad
+    events = replay(values)
+    assert events[0] == (60, Level.CRITICAL)
+
+
+def test_nonfinite_count_is_critical_at_once_and_repeats_after_cooldown():
+    ew = EarlyWarning(cooldown=5)
+    events = []
+    for step in range(30):
+        readings = {"stability/grad/nonfinite": Reading(float(step >= 10), step)}
+        a = ew.monitor.assess(readings, step, ew.level)
+        new = ew.tracker.update(step, a.proposed, a.hold, a.hard)
+        if new is not None:
+            events.append((step, new))
+    assert events == [
+        (10, Level.CRITICAL),
+        (15, Level.CRITICAL),
+        (20, Level.CRITICAL),
+        (25, Level.CRITICAL),
+    ]
+
+
+def test_state_survives_a_weights_only_checkpoint(tmp_path):
+    values = ar_stream(600, 4, phi=lambda t: 0.3, jump_at=450)
+    whole = EarlyWarning()
+    expected = replay(values, warning=whole)
+    first = EarlyWarning()
+    head = replay(values[:300], warning=first)
+    torch.save(first.state_dict(), tmp_path / "ew.pt")
+    resumed = EarlyWarning()
+    resumed.load_state_dict(torch.load(tmp_path / "ew.pt", weights_only=True))
+    tail = []
+    for step in range(300, 600):
+        a = resumed.monitor.assess({KEY: Reading(values[step], step)}, step, resumed.level)
+        new = resumed.tracker.update(step, a.proposed, a.hold, a.hard)
+        if new is not None:
+            tail.append((step, new))
+    assert head + tail == expected
+    assert any(level >= Level.WARNING for _, level in expected)

@@ -1,0 +1,151 @@
+"""The warning layer's pieces against reference formulas: Kendall tau, rolling
+statistics, robust baseline, meta-state mapping, hard rules and hysteresis."""
+
+import math
+import random
+
+import pytest
+import scipy.stats
+import torch
+
+from lightning_stability.probes.base import Reading
+from lightning_stability.warning import EarlyWarning, Level, SignalSpec
+from lightning_stability.warning.baseline import RobustBaseline
+from lightning_stability.warning.indicators import TrendIndicator, kendall_tau, variance_and_ac1
+from lightning_stability.warning.levels import LevelTracker
+from lightning_stability.warning.metastate import MetaState
+from lightning_stability.warning.rules import HardRules
+
+
+def test_kendall_tau_matches_scipy_with_and_without_ties():
+    rng = random.Random(0)
+    for n in (5, 17, 64):
+        xs = [rng.gauss(0, 1) for _ in range(n)]
+        ref = scipy.stats.kendalltau(range(n), xs).statistic
+        assert kendall_tau(xs) == pytest.approx(ref, abs=1e-12)
+        tied = [round(x) for x in xs]
+        ref_tied = scipy.stats.kendalltau(range(n), tied, variant="b").statistic
+        assert kendall_tau(tied) == pytest.approx(ref_tied, abs=1e-12)
+    assert kendall_tau([1.0, 2.0, 3.0]) == 1.0
+    assert kendall_tau([3.0, 2.0, 1.0]) == -1.0
+
+
+def test_variance_and_ac1_match_reference_formula():
+    x = torch.randn(50, dtype=torch.float64)
+    var, ac1 = variance_and_ac1(x.tolist())
+    r = x - x.mean()
+    assert var == pytest.approx(float(x.var()), rel=1e-12)
+    assert ac1 == pytest.approx(float((r[1:] * r[:-1]).sum() / (r * r).sum()), rel=1e-12)
+
+
+def test_robust_baseline_is_median_and_scaled_mad_and_ignores_a_spike():
+    b = RobustBaseline(window=9, warmup=5, min_scale=1e-6)
+    for v in [1.0, 2.0, 3.0, 4.0]:
+        b.update(v)
+        assert b.score(0.0) is None  # warm-up
+    for v in [5.0, 6.0, 7.0, 8.0, 1000.0]:
+        b.update(v)
+    vals = torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 1000])
+    med = vals.median()
+    mad = (vals - med).abs().median()
+    assert b.center == pytest.approx(float(med))
+    assert b.scale == pytest.approx(1.4826 * float(mad))
+    assert b.score(float(med) + 3 * b.scale) == pytest.approx(3.0)
+    flat = RobustBaseline(window=8, warmup=2, min_scale=0.5)
+    for _ in range(8):
+        flat.update(1.0)
+    assert flat.scale == 0.5  # floor: a constant signal does not make tiny changes alarming
+
+
+def test_metastate_maps_transforms_orients_and_drops_stale_readings():
+    meta = MetaState(max_age=10)
+    readings = {
+        "stability/loss/value": Reading(2.0, 5),
+        "stability/cka/min": Reading(0.9, 5),
+        "stability/act/layer1/dead_fraction": Reading(0.25, 5),
+        "stability/sharpness/eos_ratio": Reading(0.8, 0),
+        "stability/unrelated": Reading(1.0, 5),
+    }
+    obs = {o.key: o for o in meta.observe(readings, step=12)}
+    assert set(obs) == {
+        "stability/loss/value",
+        "stability/cka/min",
+        "stability/act/layer1/dead_fraction",
+    }  # eos_ratio is 12 steps old: stale; unrelated keys are not consumed
+    assert obs["stability/loss/value"].value == pytest.approx(math.log(2.0))
+    assert obs["stability/loss/value"].dimension == "learning_signal"
+    assert obs["stability/loss/value"].age == 7 and obs["stability/loss/value"].fresh
+    # a falling CKA is a rising log(1 - CKA)
+    assert obs["stability/cka/min"].value == pytest.approx(math.log(0.1))
+    assert obs["stability/act/layer1/dead_fraction"].dimension == "parametric"
+    again = {o.key: o for o in meta.observe(readings, step=13)}
+    assert not again["stability/loss/value"].fresh  # carried, not re-learned
+
+
+def test_hard_rules_nonfinite_once_per_reading_and_sustained_eos():
+    rules = HardRules(eos_margin=0.25, eos_sustain=2)
+    meta = MetaState()
+    r = {"stability/grad/nonfinite": Reading(3.0, 7)}
+    assert [h.level for h in rules.check(meta.observe(r, 7), r)] == [Level.CRITICAL]
+    assert rules.check(meta.observe(r, 8), r) == []  # same reading, carried
+    for step, ratio, fires in [(10, 1.5, False), (20, 1.5, True), (30, 1.1, False)]:
+        r = {"stability/sharpness/eos_ratio": Reading(ratio, step)}
+        hits = rules.check(meta.observe(r, step), r)
+        assert bool(hits) == fires
+        if fires:
+            assert hits[0].level == Level.WARNING
+
+
+def test_level_tracker_patience_dwell_cooldown_and_critical_repeat():
+    t = LevelTracker(patience=2, min_dwell=3, cooldown=10)
+    warn, ok = Level.WARNING, Level.OK
+    assert t.update(0, warn, warn) is None  # one step of evidence is not enough
+    assert t.update(1, warn, warn) == warn
+    assert t.update(2, ok, ok) is None  # minimum dwell
+    assert t.update(4, ok, Level.WATCH) == Level.WATCH  # falls to what the exit threshold holds
+    assert t.update(7, ok, ok) == ok
+    # WARNING was left at step 4 and WATCH at 7: neither is re-entered within the cooldown
+    assert t.update(8, warn, warn) is None
+    assert t.update(9, warn, warn) is None
+    assert t.update(14, warn, warn) == warn
+    assert t.update(22, ok, ok, hard=True) == Level.CRITICAL
+    assert t.update(23, ok, ok, hard=True) is None  # repeated only after the cooldown
+    assert t.update(32, ok, ok, hard=True) == Level.CRITICAL
+
+
+def test_trend_indicator_state_round_trip():
+    a, b = TrendIndicator(window=8, history=8), TrendIndicator(window=8, history=8)
+    rng = random.Random(1)
+    xs = [rng.gauss(0, 1) * (1 + i / 50) for i in range(200)]
+    for x in xs[:100]:
+        a.update(x)
+    b.load_state_dict(a.state_dict())
+    assert [a.update(x) for x in xs[100:]] == [b.update(x) for x in xs[100:]]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        (dict(watch_threshold=0.0), "threshold"),
+        (dict(watch_threshold=9.0, warning_threshold=8.0), "threshold"),
+        (dict(exit_ratio=1.5), "exit_ratio"),
+        (dict(patience=0), "patience"),
+        (dict(window=2), "window"),
+        (dict(warmup=100), "warmup"),
+        (dict(max_age=0), "max_age"),
+        (dict(trend_tau=1.5), "trend_tau"),
+        (dict(trend_var_factor=0.5), "trend_var_factor"),
+        (dict(eos_margin=-1.0), "eos_margin"),
+        (dict(warn_level="loud"), "warn_level"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        EarlyWarning(**kwargs)
+
+
+def test_bad_signal_spec_names_allowed_values():
+    with pytest.raises(ValueError, match="dimension must be one of"):
+        SignalSpec("stability/x", "vibes")
+    with pytest.raises(ValueError, match="transform must be one of"):
+        SignalSpec("stability/x", "data", transform="sqrt")
