@@ -180,6 +180,27 @@ def test_state_dict_survives_a_weights_only_checkpoint():
     assert restored.margins == audit.margins and len(restored.margins) == 2
 
 
+def test_history_is_kept_in_the_checkpoint_and_continues_on_resume(tmp_path):
+    def make() -> PerturbationAudit:
+        return PerturbationAudit(horizon=3, num_batches=1, dimensions=("optimisation",))
+
+    audit = make()
+    _, t = fit_classifier([audit], default_root_dir=tmp_path)
+    path = tmp_path / "audit.ckpt"
+    t.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["callbacks"][audit.state_key]
+    assert saved["history"] == audit.history and len(audit.history) == 2
+
+    resumed = make()
+    pl.seed_everything(0, verbose=False)
+    model = StepAwareClassifier(opt="adam", lr=0.02, norm=True, dropout=0.2)
+    trainer(max_epochs=3, max_steps=-1, callbacks=[resumed]).fit(
+        model, loader(classification_data(n=128), batch_size=32), ckpt_path=path
+    )
+    assert resumed.history[:2] == audit.history
+    assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
+
+
 def test_manual_optimization_without_loss_fn_is_refused():
     class Manual(TinyClassifier):
         def __init__(self) -> None:
