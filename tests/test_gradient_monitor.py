@@ -65,7 +65,7 @@ def _between_median(values: list[float]) -> float:
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_pre_clip_norm_and_clip_events_match_hand_computation(algorithm):
-    monitor = GradientMonitor(window=8, group_depth=2)
+    monitor = GradientMonitor(window=8, group_depth=2, log_every_n_steps=1)
     rec = HandRecorder(monitor)
     probe = HandRecorder()
     _fit([probe])
@@ -145,7 +145,7 @@ def test_monitors_leave_training_bit_identical(which):
     def run(callbacks):
         torch.manual_seed(0)
         model = TinyClassifier(opt="adam", norm=True, dropout=0.2, lr=0.01)
-        t = trainer(max_steps=12, callbacks=callbacks, gradient_clip_val=0.5)
+        t = trainer(max_steps=12, callbacks=callbacks, gradient_clip_val=0.5, log_every_n_steps=1)
         t.fit(model, loader(classification_data(), shuffle=True))
         return flat_weights(model)
 

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_stability.estimators.online_stats import EMAStats, RollingWindow
-from lightning_stability.probes.gradients import GradientMonitor
+from lightning_stability.probes.gradients import GradientMonitor, logs_this_step
 from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
 
 __all__ = ["AdaptiveGradientClipping"]
@@ -35,9 +35,9 @@ class AdaptiveGradientClipping(Callback):
     for the next. Nothing is clipped during the first ``warmup`` steps. The norm is the
     all-reduced, unscaled pre-clip norm (measured by a :class:`GradientMonitor` when one is
     attached, so both see the same value whatever the callback order); the decision is
-    reduced across ranks so that every rank scales identically. Each intervention is
-    published as ``stability/action/adaptive_clip`` (1 on the step, 0 otherwise),
-    ``stability/action/adaptive_clip_threshold``, and an
+    reduced across ranks so that every rank scales identically. Interventions are logged
+    as ``stability/action/adaptive_clip`` (their number since the previous logged step)
+    next to ``stability/action/adaptive_clip_threshold``, and each one as an
     :class:`~lightning_stability.warning.events.InstabilityEvent` with
     ``source="adaptive_clip"`` appended to :attr:`events` and passed to every listener.
 
@@ -81,6 +81,7 @@ class AdaptiveGradientClipping(Callback):
         self.events: list[InstabilityEvent] = []
         self.listeners: list[EventListener] = []
         self._monitor: GradientMonitor | None = None
+        self._since_log = 0
 
     def add_listener(self, listener: EventListener) -> None:
         """Call ``listener(event, trainer, pl_module)`` for every intervention."""
@@ -135,11 +136,14 @@ class AdaptiveGradientClipping(Callback):
             self.ema.update(kept)
             self.history.update(kept)
             self.seen += 1
-        values = {"stability/action/adaptive_clip": float(clip)}
-        if math.isfinite(limit):
-            values["stability/action/adaptive_clip_threshold"] = limit
-        for key, value in values.items():
-            pl_module.log(key, value, batch_size=1)
+        self._since_log += int(clip)
+        if logs_this_step(trainer):
+            # A count since the last logged step: a 0/1 flag logged on every step would be
+            # dropped by Lightning on the steps it does not write.
+            pl_module.log("stability/action/adaptive_clip", float(self._since_log), batch_size=1)
+            self._since_log = 0
+            if math.isfinite(limit):
+                pl_module.log("stability/action/adaptive_clip_threshold", limit, batch_size=1)
 
     def state_dict(self) -> dict[str, Any]:
         return {

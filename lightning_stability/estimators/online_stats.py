@@ -56,11 +56,13 @@ class RollingWindow:
             raise ValueError(f"size must be a positive integer, got {size!r}")
         self.size = size
         self._values: deque[float] = deque(maxlen=size)
+        self._cached: Tensor | None = None  # the values as a tensor, shared by the statistics
         self.total = 0  # values ever added, including those already dropped
 
     def update(self, value: float | Tensor) -> None:
         """Append one value (a number or a one-element tensor)."""
         self._values.append(_as_float(value))
+        self._cached = None
         self.total += 1
 
     def extend(self, values: Iterable[float | Tensor]) -> None:
@@ -79,7 +81,10 @@ class RollingWindow:
         return list(self._values)
 
     def tensor(self) -> Tensor:
-        return torch.tensor(self._values, dtype=torch.float64)
+        """The values held, oldest first, as a float64 tensor (do not modify it in place)."""
+        if self._cached is None:
+            self._cached = torch.tensor(self._values, dtype=torch.float64)
+        return self._cached
 
     @property
     def last(self) -> float:
@@ -117,6 +122,7 @@ class RollingWindow:
         values = [float(v) for v in state["values"]]
         # A resumed run may use a different window size; keep the newest values that fit.
         self._values = deque(values[-self.size :], maxlen=self.size)
+        self._cached = None
         self.total = int(state.get("total", len(values)))
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe
 
-__all__ = ["GradientMonitor"]
+__all__ = ["GradientMonitor", "logs_this_step"]
 
 _UPDATE_MODES = ("sample", "full", "off")
 
@@ -24,6 +24,16 @@ def _positive_int(value: Any, argument: str, *, allow_zero: bool = False) -> int
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{argument} must be {kind} integer, got {value!r}")
     return value
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes step metrics to the loggers at the current training step
+    (every ``log_every_n_steps``). ``pl_module.log`` costs far more than the per-step
+    measurements, and values logged on other steps are dropped anyway, so the monitors
+    update their readings every step but log them only then (as Lightning's own
+    ``LearningRateMonitor`` does)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True)) or bool(trainer.fast_dev_run)
 
 
 def _overrides_clipping(pl_module: pl.LightningModule) -> bool:
@@ -63,6 +73,9 @@ class GradientMonitor(StabilityProbe):
       as clipped when it is below the pre-clip norm; this costs one more norm pass and one
       more synchronisation per step, only in that case.
 
+    Readings are updated every step; they are passed to ``pl_module.log`` only on the
+    steps where Lightning writes to the loggers (see :func:`logs_this_step`).
+
     Every ``log_every_n_steps`` steps also, per parameter group (parameter names cut to
     their first ``group_depth`` components, e.g. ``encoder``, ``head``):
     ``stability/grad/group/<name>`` (gradient norm) and
@@ -71,8 +84,9 @@ class GradientMonitor(StabilityProbe):
     Args:
         window: steps in the rolling windows for ``clip_rate``, ``norm_var``, ``norm_ac1``.
             Default 100.
-        log_every_n_steps: period of the per-group readings; ``None`` uses the Trainer's
-            ``log_every_n_steps``.
+        log_every_n_steps: period of the per-group readings; ``None`` (default) takes them
+            on the steps where the Trainer writes to its loggers (its ``log_every_n_steps``).
+            An explicit period should be a multiple of the Trainer's to reach the loggers.
         group_depth: number of leading name components that form a group; 1 groups by
             top-level module, 0 turns per-group readings off. Default 1.
         update_ratio: how ``||w_t - w_{t-1}||`` is obtained. ``"sample"`` (default) keeps a
@@ -162,8 +176,9 @@ class GradientMonitor(StabilityProbe):
     def _log_groups(self, trainer: pl.Trainer) -> bool:
         if not self.group_depth:
             return False
-        every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
-        return trainer.global_step % every == 0
+        if self.log_every_n_steps is None:
+            return logs_this_step(trainer)
+        return trainer.global_step % self.log_every_n_steps == 0
 
     def _take_snapshot(self) -> list[Tensor]:
         out = []
@@ -283,7 +298,7 @@ class GradientMonitor(StabilityProbe):
 
         if self._log_groups(trainer):
             values.update(self._group_values(out))
-        self.publish(trainer, pl_module, values)
+        self.publish(trainer, pl_module, values, log=logs_this_step(trainer))
 
     def _group_values(self, out: Mapping[str, Tensor]) -> dict[str, float]:
         per = out["per"]
@@ -334,6 +349,7 @@ class GradientMonitor(StabilityProbe):
             trainer,
             pl_module,
             {"grad/clip_event": float(engaged), "grad/clip_rate": self.clip_window.mean()},
+            log=logs_this_step(trainer),
         )
 
     # ------------------------------------------------------------------ resume

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe
+from lightning_stability.probes.gradients import logs_this_step
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "LossMonitor"]
 
@@ -29,7 +30,8 @@ class LossMonitor(StabilityProbe):
     ``accumulate_grad_batches``, which Lightning divides it by under automatic
     optimization); nothing is recomputed.
 
-    Readings (``stability/loss/...``, every batch):
+    Readings (``stability/loss/...``, every batch; passed to ``pl_module.log`` on the steps
+    where Lightning writes to the loggers):
 
     - ``value``: the batch loss, averaged over ranks.
     - ``nonfinite``: 1 when the loss is non-finite on any rank, else 0. Non-finite losses
@@ -104,7 +106,7 @@ class LossMonitor(StabilityProbe):
         if len(row) == 3:
             values["loss/sample_q"] = max(r[1] for r in host)
             values["loss/sample_max"] = max(r[2] for r in host)
-        self.publish(trainer, pl_module, values)
+        self.publish(trainer, pl_module, values, log=logs_this_step(trainer))
 
     def state_dict(self) -> dict[str, Any]:
         return {
