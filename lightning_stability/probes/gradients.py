@@ -133,6 +133,7 @@ class GradientMonitor(StabilityProbe):
         self._group_of: list[int] = []
         self._groups: list[str] = []
         self._sample_idx: list[Tensor | None] = []
+        self._sample_scale = torch.ones(0)
         self._snapshot: list[Tensor] | None = None
         self._measure_post_clip = False
         self._observed_step = -1
@@ -161,6 +162,7 @@ class GradientMonitor(StabilityProbe):
     def _build_sample(self) -> None:
         self._sample_idx = []
         total = sum(p.numel() for p in self._params)
+        self._sample_scale = torch.ones(len(self._params))
         if self.update_ratio != "sample" or total <= self.update_sample:
             self._sample_idx = [None] * len(self._params)
             return
@@ -170,6 +172,13 @@ class GradientMonitor(StabilityProbe):
             k = min(n, max(1, round(self.update_sample * n / total)))
             idx = torch.randperm(n, generator=gen)[:k].sort().values
             self._sample_idx.append(None if k == n else idx.to(p.device))
+        # Each tensor's sampled squared change times numel/samples: unbiased for its total.
+        self._sample_scale = torch.tensor(
+            [
+                1.0 if i is None else p.numel() / i.numel()
+                for p, i in zip(self._params, self._sample_idx)
+            ]
+        )
 
     # --------------------------------------------------------------- measuring
 
@@ -230,14 +239,7 @@ class GradientMonitor(StabilityProbe):
                         for n in torch._foreach_norm(diff, 2.0)
                     ]
                 ).square()
-                scale = torch.tensor(
-                    [
-                        1.0 if idx is None else p.numel() / idx.numel()
-                        for p, idx in zip(self._params, self._sample_idx)
-                    ],
-                    device=device,
-                )
-                out["dsq"] = dsq * scale
+                out["dsq"] = dsq * self._sample_scale.to(device)
                 self._snapshot = now
             else:
                 self._snapshot = self._take_snapshot()
