@@ -11,7 +11,7 @@ import torch
 from lightning_stability.probes.base import Reading
 from lightning_stability.warning import EarlyWarning, Level
 
-KEY = "stability/loss/value"
+KEY = "stability/grad/norm"
 
 
 def replay(values, key=KEY, warning=None):
@@ -28,7 +28,7 @@ def replay(values, key=KEY, warning=None):
 
 
 def ar_stream(n, seed, phi=lambda t: 0.5, sigma=lambda t: 0.1, jump_at=None):
-    """A positive, loss-like stream exp(x) with x an AR(1) process whose coefficient and
+    """A positive stream (a gradient norm, say) exp(x) with x an AR(1) process whose coefficient and
     noise may change over time, multiplied by 20 from ``jump_at`` on."""
     rng = random.Random(seed)
     x, out = 0.0, []

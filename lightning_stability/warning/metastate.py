@@ -88,7 +88,9 @@ DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     SignalSpec("stability/grad/update_ratio", "optimization", "log", min_scale=0.05),
     SignalSpec("stability/grad/norm", "optimization", "log", min_scale=0.05, trend=True),
     # learning signal: loss level and trend, how often the gradient is clipped
-    SignalSpec("stability/loss/value", "learning_signal", "log", min_scale=0.02, trend=True),
+    # identity, not log: a minibatch loss near zero has a large relative spread, in
+    # which a spike to many times the typical loss would hide
+    SignalSpec("stability/loss/value", "learning_signal", "identity", min_scale=1e-4, trend=True),
     SignalSpec("stability/grad/clip_rate", "learning_signal", "identity", min_scale=0.05),
     # parametric: representations drifting away, weights growing, units dying
     SignalSpec("stability/cka/min", "parametric", "log1m", min_scale=0.1),
