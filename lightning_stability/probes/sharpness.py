@@ -109,8 +109,9 @@ class SharpnessMonitor(StabilityProbe):
     Probe batch: the first ``num_probe_batches`` training batches are cached (detached
     clones, taken in ``on_train_batch_start``; the training loader is never iterated by
     the callback, so the data order is untouched), unless ``probe_batch`` or
-    ``probe_dataloader`` is given. A probe loader is iterated once at ``setup``, so it must
-    not draw from the global RNG: unshuffled, or shuffled with its own ``generator``.
+    ``probe_dataloader`` is given. A probe loader is read once at ``setup`` under a frozen
+    RNG; a shuffled one must bring its own ``generator`` (else it is refused), so the
+    probe batch is reproducible and the training run's RNG stream is untouched.
     Several probe batches are averaged (the Hessian of their mean loss). Under DDP each
     rank uses its own probe batches and products are averaged over ranks, so every rank
     sees the Hessian of the union.
@@ -123,6 +124,8 @@ class SharpnessMonitor(StabilityProbe):
     Isolation: measurements run after the optimizer step inside ``preserved_state`` (modes,
     buffers, ``.grad`` and RNG restored) with autocast off and parameters in float32 (or
     float64 when the model is), so the run trains bit-identically with and without it.
+    Fused attention kernels have no double backward, so scaled-dot-product attention runs
+    its math kernel during a measurement.
 
     Args:
         every_n_steps: optimizer steps between Lanczos checks. Default 1000: with the
@@ -149,13 +152,15 @@ class SharpnessMonitor(StabilityProbe):
             one fixed dropout mask per measurement): the loss the optimizer descends.
             ``False`` measures the eval-mode loss. Default True.
         backend: ``"native"`` (Lanczos with warm start) or ``"pyhessian"`` (PyHessian's
-            power iteration, isolated like the native path; no warm start).
+            power iteration, isolated like the native path; no warm start; eigenvalues
+            largest in magnitude; single process only). ``preconditioned``,
+            ``directional``, trace and density always use the native products.
         tol: relative tolerance of Lanczos. Default 1e-3.
         max_iter: cap on Lanczos products per eigenproblem. Default 30.
         warm_start: start Lanczos from the previous check's eigenvectors. Default True.
         adaptive: measure more often (``adaptive_factor`` times) while ``eos_ratio`` exceeds
-            ``ratio_threshold`` or a callback sets ``request_closer_watch``; back off when
-            calm. Default True.
+            ``ratio_threshold`` or a callback in ``trainer.callbacks`` sets
+            ``request_closer_watch`` (reduced over ranks); back off when calm. Default True.
         ratio_threshold: ``eos_ratio`` above which checks become denser. Default 0.8.
         adaptive_factor: cadence divisor while on closer watch. Default 4.
         dtype: ``"float32"`` or ``"float64"``; ``None`` = float64 for float64 models, else
