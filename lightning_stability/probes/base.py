@@ -7,11 +7,20 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device
 from torch import Tensor
 
-__all__ = ["LossFn", "Reading", "StabilityProbe", "module_loss", "muted_logging"]
+__all__ = [
+    "LossFn",
+    "Reading",
+    "StabilityProbe",
+    "logs_this_step",
+    "module_loss",
+    "muted_logging",
+    "write_to_loggers",
+]
 
 PREFIX = "stability/"
 
@@ -49,14 +58,59 @@ class StabilityProbe(Callback):
         log: bool = True,
     ) -> None:
         """Record ``values`` (keys relative to ``stability/``) at the current step and log
-        them. Values must already agree across ranks; only rank 0's loggers write."""
+        them. Values must already agree across ranks; only rank 0's loggers write.
+
+        In step-level hooks the values go to the loggers directly (and into
+        ``trainer.callback_metrics``) rather than through ``pl_module.log``: Lightning writes
+        step metrics only every ``log_every_n_steps``, keeping the last value and stamping
+        it with the flush step, so a sparse reading (a curvature check every 500 steps)
+        would be overwritten, or written late at the wrong step and again at later flushes.
+        Dense, every-step readings pass ``log=logs_this_step(trainer)`` to keep Lightning's
+        cadence. In epoch-level hooks ``pl_module.log`` is used as usual."""
         step = trainer.global_step
-        for name, value in values.items():
-            key = name if name.startswith(PREFIX) else PREFIX + name
-            value = float(value)
+        direct = log and getattr(pl_module, "_current_fx_name", None) in _STEP_HOOKS
+        published = {
+            (name if name.startswith(PREFIX) else PREFIX + name): float(value)
+            for name, value in values.items()
+        }
+        for key, value in published.items():
             self.readings[key] = Reading(value, step)
-            if log:
+            if direct:
+                trainer.callback_metrics[key] = torch.tensor(value)
+            elif log:
                 pl_module.log(key, value, batch_size=1)
+        if direct:
+            write_to_loggers(trainer, published)
+
+
+_STEP_HOOKS = frozenset(
+    {
+        "on_train_batch_start",
+        "on_train_batch_end",
+        "on_before_backward",
+        "on_after_backward",
+        "on_before_optimizer_step",
+        "on_before_zero_grad",
+    }
+)
+
+
+def logs_this_step(trainer: pl.Trainer) -> bool:
+    """Whether Lightning writes step metrics to the loggers at the current training step
+    (every ``trainer.log_every_n_steps``). Dense, every-step readings log only then, as
+    Lightning's own metrics do."""
+    connector = getattr(trainer, "_logger_connector", None)
+    return bool(getattr(connector, "should_update_logs", True)) or bool(trainer.fast_dev_run)
+
+
+def write_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
+    """Write ``metrics`` to every logger now, on rank 0, at the step Lightning itself uses
+    for step metrics (as ``LearningRateMonitor`` does)."""
+    if not trainer.is_global_zero:
+        return
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
+    for logger in trainer.loggers:
+        logger.log_metrics(dict(metrics), step=step)
 
 
 @contextlib.contextmanager
