@@ -35,7 +35,7 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
     ("highest level", "stability/meta/level", "max"),
     ("final learning-rate scale", "stability/action/lr_scale", "last"),
     ("highest stage", "stability/action/stage", "max"),
-    ("lowest audit LR margin", "stability/audit/lr_margin", "min"),
+    ("lowest audit LR margin", "stability/audit/optimisation/lr_margin", "min"),
 )
 
 
@@ -119,8 +119,8 @@ def load_run(
     }
     events: list[tuple[int, str]] = []
     for tag in tags.get("tensors", []):
-        if not tag.startswith("stability/"):
-            continue
+        if not tag.startswith("stability/") or tag.startswith("stability/summary"):
+            continue  # the end-of-run summary is not an event
         for e in acc.Tensors(tag):
             values = e.tensor_proto.string_val
             if values:

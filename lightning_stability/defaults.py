@@ -1,0 +1,82 @@
+"""The default set of callbacks: ``Trainer(callbacks=stability_callbacks())``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from lightning.pytorch.callbacks import Callback
+
+from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
+from lightning_stability.dashboard import StabilityDashboard
+from lightning_stability.probes import (
+    GradientMonitor,
+    LossMonitor,
+    RepresentationDriftMonitor,
+    SharpnessMonitor,
+)
+from lightning_stability.warning import EarlyWarning
+
+__all__ = ["stability_callbacks"]
+
+Actions = Literal["none", "backoff", "staged"]
+_ACTIONS = ("none", "backoff", "staged")
+
+
+def stability_callbacks(
+    *,
+    actions: Actions = "none",
+    sharpness: bool | dict[str, Any] = True,
+    gradients: bool | dict[str, Any] = True,
+    loss: bool | dict[str, Any] = True,
+    drift: bool | dict[str, Any] = False,
+    warning: bool | dict[str, Any] = True,
+    rollback: bool | dict[str, Any] = True,
+    dashboard: bool | dict[str, Any] = True,
+) -> list[Callback]:
+    """A sensible, ordered set of stability callbacks.
+
+    Probes come first, then the early warning, then actions (so that an event raised at a
+    step is acted on at that same step boundary), then the dashboard.
+
+    Args:
+        actions: what may change training. ``"none"`` (default) only measures and warns;
+            ``"backoff"`` halves the learning rate on each warning (:class:`LRBackoff`);
+            ``"staged"`` climbs the default ladder of safer stages (:class:`StagedTraining`).
+            With either, :class:`Rollback` restores the last good state on a critical
+            event unless ``rollback=False``.
+        sharpness, gradients, loss, drift, warning, rollback, dashboard: ``True`` for the
+            default configuration, ``False`` to leave the callback out, or a dict of init
+            arguments. Representation drift is off by default because it needs to find the
+            model input in a batch (see :class:`RepresentationDriftMonitor`'s ``input_fn``).
+
+    Raises:
+        ValueError: ``actions`` is not one of ``"none"``, ``"backoff"``, ``"staged"``, or a
+            callback option is neither a bool nor a dict.
+    """
+    if actions not in _ACTIONS:
+        raise ValueError(f"actions must be one of {_ACTIONS}, got {actions!r}")
+
+    def build(option: bool | dict[str, Any], name: str, cls: type[Callback]) -> list[Callback]:
+        if option is False:
+            return []
+        if option is True:
+            return [cls()]
+        if isinstance(option, dict):
+            return [cls(**option)]
+        raise ValueError(f"{name} must be True, False or a dict of init arguments, got {option!r}")
+
+    callbacks: list[Callback] = [
+        *build(sharpness, "sharpness", SharpnessMonitor),
+        *build(gradients, "gradients", GradientMonitor),
+        *build(loss, "loss", LossMonitor),
+        *build(drift, "drift", RepresentationDriftMonitor),
+        *build(warning, "warning", EarlyWarning),
+    ]
+    if actions != "none":
+        if warning is False:
+            raise ValueError("actions need the early warning: set warning=True or actions='none'")
+        action_cls = LRBackoff if actions == "backoff" else StagedTraining
+        callbacks += build(True, "actions", action_cls)
+        callbacks += build(rollback, "rollback", Rollback)
+    callbacks += build(dashboard, "dashboard", StabilityDashboard)
+    return callbacks

@@ -1,0 +1,103 @@
+"""The default set in a real run: what lands in TensorBoard, the progress bar and the
+end-of-run summary."""
+
+import pytest
+import torch
+from helpers import TinyClassifier, classification_data, loader, trainer
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import (
+    STORE_EVERYTHING_SIZE_GUIDANCE,
+    EventAccumulator,
+)
+
+from lightning_stability import StabilityDashboard, stability_callbacks
+from lightning_stability.report import find_runs
+
+
+def _callbacks():
+    return stability_callbacks(
+        sharpness={"every_n_steps": 10, "directional_every_n_steps": 5},
+        gradients={"window": 20},
+        warning={"warmup": 10},
+    )
+
+
+def test_default_set_writes_the_stability_tab_and_readings(tmp_path, capsys):
+    callbacks = _callbacks()
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    csv = CSVLogger(tmp_path, name="csv")
+    t = trainer(max_steps=40, log_every_n_steps=5, logger=[csv, tb], callbacks=callbacks)
+    t.fit(TinyClassifier(lr=0.05), loader(classification_data()))
+
+    (run,) = find_runs(tmp_path / "tb")
+    acc = EventAccumulator(str(run), size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in (
+        "stability/sharpness/lambda_max",
+        "stability/sharpness/eos_ratio",
+        "stability/sharpness/directional",
+        "stability/grad/norm",
+        "stability/loss/value",
+        "stability/meta/deviation",
+        "stability/meta/level",
+        "stability/ref/edge",
+        "stability/ref/two_over_lr",
+    ):
+        assert tag in scalars, tag
+    # every curvature check (steps 10, 20, 30, 40) reached TensorBoard, at its own step
+    assert len(acc.Scalars("stability/sharpness/lambda_max")) == 4
+    two_over_lr = [e.value for e in acc.Scalars("stability/ref/two_over_lr")]
+    assert two_over_lr and all(v == pytest.approx(2 / 0.05) for v in two_over_lr)
+    # the custom-scalars layout (a plugin tensor) is there once
+    tensors = acc.Tags()["tensors"]
+    assert "custom_scalars__config__" in tensors
+    assert "stability/summary/text_summary" in tensors
+
+    # the CSV logger got the scalars too
+    csv_text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "stability/sharpness/lambda_max" in csv_text
+
+    dashboard = next(cb for cb in callbacks if isinstance(cb, StabilityDashboard))
+    summary = dict(dashboard.last_summary.rows)
+    lambdas = [e.value for e in acc.Scalars("stability/sharpness/lambda_max")]
+    assert summary["peak lambda_max"] == pytest.approx(max(lambdas), rel=1e-6)
+    assert set(dashboard.last_summary.seconds_in_callbacks) >= {
+        "SharpnessMonitor",
+        "GradientMonitor",
+        "EarlyWarning",
+    }
+    assert "Stability summary" in capsys.readouterr().out
+
+
+def test_progress_bar_shows_level_and_ratio():
+    callbacks = _callbacks()
+    bar = TQDMProgressBar()
+    t = trainer(max_steps=12, callbacks=[*callbacks, bar], enable_progress_bar=True)
+    model = TinyClassifier()
+    t.fit(model, loader(classification_data()))
+    # during fit the bar's metrics carry the level; after teardown the wrapper is gone
+    assert "get_metrics" not in bar.__dict__
+    dashboard = next(cb for cb in callbacks if isinstance(cb, StabilityDashboard))
+    dashboard.setup(t, model, "fit")
+    metrics = bar.get_metrics(t, model)
+    assert metrics["stab"] == "ok"
+    assert float(metrics["eos"]) > 0
+    dashboard.teardown(t, model, "fit")
+
+
+def test_dashboard_without_tensorboard_is_silent(tmp_path):
+    t = trainer(
+        max_steps=10, log_every_n_steps=5, logger=CSVLogger(tmp_path), callbacks=_callbacks()
+    )
+    t.fit(TinyClassifier(), loader(classification_data()))
+    assert not list(tmp_path.rglob("events.out.tfevents.*"))
+    assert torch.isfinite(t.callback_metrics["stability/grad/norm"])
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="actions must be one of"):
+        stability_callbacks(actions="panic")
+    with pytest.raises(ValueError, match="sharpness must be True, False or a dict"):
+        stability_callbacks(sharpness="often")
