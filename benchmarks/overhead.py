@@ -54,6 +54,14 @@ def _registry() -> dict[str, Callable[[], list[Callback]]]:
         return [GradientMonitor(), LossMonitor()]
 
     reg["grad+loss"] = grad_loss
+
+    def default() -> list[Callback]:
+        from lightning_stability.defaults import stability_callbacks
+
+        # The one-line default set exactly as a user gets it; its target is under 5%.
+        return stability_callbacks()
+
+    reg["default"] = default
     return reg
 
 

@@ -4,8 +4,7 @@ Modes (what :func:`stability_set` attaches):
     ``"bare"``: nothing of ours.
     ``"probes"``: every measuring callback that is available.
     ``"warning"``: the probes plus ``EarlyWarning`` (actions off).
-    ``"actions"``: the above plus every available action (LR backoff, staged training,
-        rollback).
+    ``"actions"``: the above plus the actions (LR backoff and rollback).
 
 Imports are lazy: a callback that does not exist (yet) or cannot be built for a task is
 left out and named in :attr:`RunRecord.missing`, so that its columns read "n/a" instead of
@@ -55,7 +54,13 @@ PROBES = {
     "RepresentationDriftMonitor": "lightning_stability.probes.drift",
 }
 WARNING = {"EarlyWarning": "lightning_stability.warning.early_warning"}
-ACTIONS = ("LRBackoff", "StagedTraining", "Rollback")
+# composed when there is no default set; staged training is the alternative to backoff
+ACTIONS = ("LRBackoff", "Rollback")
+OVERRIDES: dict[str, dict[str, Any]] = {
+    # the scenario runs last a few hundred steps, shorter than the defaults' check intervals
+    "SharpnessMonitor": {"every_n_steps": 50},
+    "RepresentationDriftMonitor": {"every_n_steps": 50},
+}
 CallbacksFactory = Callable[[str, Scenario], tuple[list[Callback], list[str]]]
 
 
@@ -216,15 +221,48 @@ def _build(cls: type, scenario: Scenario) -> Callback:
     kwargs: dict[str, Any] = {}
     if "layers" in params and scenario.layers:
         kwargs["layers"] = list(scenario.layers)
+    kwargs.update({k: v for k, v in OVERRIDES.get(cls.__name__, {}).items() if k in params})
     return cls(**kwargs)
 
 
+def _default_set(mode: str, scenario: Scenario) -> list[Callback] | None:
+    """``stability_callbacks()`` (the one-line default set) for ``"warning"`` (actions
+    ``"none"``) or ``"actions"`` (``"backoff"`` with rollback), with drift on for the
+    scenario's layers and the short-run check intervals; ``None`` when it does not exist."""
+    try:
+        from lightning_stability.defaults import stability_callbacks
+    except ImportError:
+        return None
+    params = inspect.signature(stability_callbacks).parameters
+    options: dict[str, Any] = {
+        "actions": "backoff" if mode == "actions" else "none",
+        "sharpness": dict(OVERRIDES["SharpnessMonitor"]),
+        "drift": {**OVERRIDES["RepresentationDriftMonitor"], "layers": list(scenario.layers)},
+        "dashboard": False,  # a view; the runs have no logger
+    }
+    return stability_callbacks(**{k: v for k, v in options.items() if k in params})
+
+
 def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[str]]:
-    """The project's callbacks for ``mode`` (see the module docstring), built with their
-    defaults; returns ``(callbacks, missing)`` where ``missing`` names what was wanted but
-    is not importable or could not be built, with the reason."""
+    """The project's callbacks for ``mode`` (see the module docstring); returns
+    ``(callbacks, missing)`` where ``missing`` names what was wanted but is not importable
+    or could not be built, with the reason.
+
+    ``"warning"`` and ``"actions"`` use the default set, ``stability_callbacks()``, when it
+    exists; otherwise (and for ``"probes"``) the callbacks are composed one by one with
+    their defaults except for :data:`OVERRIDES` and the scenario's layers.
+    """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    missing: list[str] = []
+    if mode in ("warning", "actions"):
+        try:
+            default = _default_set(mode, scenario)
+        except Exception as err:  # a default set that cannot be built for this task
+            default = None
+            missing.append(f"stability_callbacks ({type(err).__name__}: {err})")
+        if default is not None:
+            return default, missing
     wanted: list[tuple[str, str, str | None]] = []
     if mode != "bare":
         wanted += [(n, "lightning_stability.probes", m) for n, m in PROBES.items()]
@@ -233,7 +271,6 @@ def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[s
     if mode == "actions":
         wanted += [(n, "lightning_stability.actions", None) for n in ACTIONS]
     callbacks: list[Callback] = []
-    missing: list[str] = []
     for name, package, hint in wanted:
         cls = _find_class(package, name, hint)
         if cls is None:
