@@ -102,12 +102,17 @@ def test_readings_match_the_exact_hessian(opt):
 
 
 # ----------------------------------------------------------------- no side effects
-@pytest.mark.parametrize("opt", ["sgd", "adam"])
-def test_training_is_bit_identical_with_and_without_the_monitor(opt):
+@pytest.mark.parametrize(("opt", "accumulate"), [("sgd", 1), ("adam", 1), ("sgd", 2)])
+def test_training_is_bit_identical_with_and_without_the_monitor(opt, accumulate):
     def run(callbacks):
         pl.seed_everything(0, verbose=False)
         model = TinyClassifier(opt=opt, norm=True, dropout=0.3)
-        t = trainer(max_steps=9, callbacks=callbacks, gradient_clip_val=0.5)
+        t = trainer(
+            max_steps=9,
+            callbacks=callbacks,
+            gradient_clip_val=0.5,
+            accumulate_grad_batches=accumulate,
+        )
         t.fit(model, loader(classification_data(), batch_size=16, shuffle=True))
         return flat_weights(model), [b.clone() for b in model.buffers()]
 
@@ -386,3 +391,18 @@ def test_probe_dataloader_leaves_the_global_rng_alone():
     cb = SharpnessMonitor(every_n_steps=3, probe_dataloader=probe)
     assert torch.equal(run([cb]), run([]))
     assert KEY + "lambda_max" in cb.readings
+
+
+def test_configurable_from_yaml():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(SharpnessMonitor, "monitor")
+    cfg = parser.parse_string(
+        "monitor:\n  every_n_steps: 7\n  k: 3\n  backend: pyhessian\n  dtype: float64\n"
+        "  directional_every_n_steps: 2\n  ratio_threshold: 0.5\n"
+    )
+    build = getattr(parser, "instantiate", None) or parser.instantiate_classes
+    cb = build(cfg).monitor
+    assert isinstance(cb, SharpnessMonitor)
+    assert (cb.every_n_steps, cb.k, cb.backend, cb.dtype) == (7, 3, "pyhessian", torch.float64)
+    assert (cb.directional_every_n_steps, cb.ratio_threshold) == (2, 0.5)
