@@ -10,7 +10,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_stability.estimators.online_stats import EMAStats, RollingWindow
-from lightning_stability.probes.gradients import GradientMonitor, logs_this_step
+from lightning_stability.probes.base import logs_this_step
+from lightning_stability.probes.gradients import GradientMonitor
 from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
 
 __all__ = ["AdaptiveGradientClipping"]

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from lightning_stability.estimators.online_stats import RollingWindow
-from lightning_stability.probes.base import StabilityProbe
+from lightning_stability.probes.base import StabilityProbe, logs_this_step
 
-__all__ = ["GradientMonitor", "logs_this_step"]
+__all__ = ["GradientMonitor"]
 
 _UPDATE_MODES = ("sample", "full", "off")
 
@@ -24,16 +24,6 @@ def _positive_int(value: Any, argument: str, *, allow_zero: bool = False) -> int
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{argument} must be {kind} integer, got {value!r}")
     return value
-
-
-def logs_this_step(trainer: pl.Trainer) -> bool:
-    """Whether Lightning writes step metrics to the loggers at the current training step
-    (every ``log_every_n_steps``). ``pl_module.log`` costs far more than the per-step
-    measurements, and values logged on other steps are dropped anyway, so the monitors
-    update their readings every step but log them only then (as Lightning's own
-    ``LearningRateMonitor`` does)."""
-    connector = getattr(trainer, "_logger_connector", None)
-    return bool(getattr(connector, "should_update_logs", True)) or bool(trainer.fast_dev_run)
 
 
 def _overrides_clipping(pl_module: pl.LightningModule) -> bool:
@@ -74,7 +64,8 @@ class GradientMonitor(StabilityProbe):
       more synchronisation per step, only in that case.
 
     Readings are updated every step; they are passed to ``pl_module.log`` only on the
-    steps where Lightning writes to the loggers (see :func:`logs_this_step`).
+    steps where Lightning writes to the loggers
+    (:func:`~lightning_stability.probes.base.logs_this_step`).
 
     Every ``log_every_n_steps`` steps also, per parameter group (parameter names cut to
     their first ``group_depth`` components, e.g. ``encoder``, ``head``):

@@ -11,8 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_stability.estimators.online_stats import RollingWindow
-from lightning_stability.probes.base import StabilityProbe
-from lightning_stability.probes.gradients import logs_this_step
+from lightning_stability.probes.base import StabilityProbe, logs_this_step
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "LossMonitor"]
 
