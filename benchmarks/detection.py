@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     seeds = list(range(args.seeds or (1 if args.quick else 5)))
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # the models are tiny: a second thread buys nothing and, on a busy machine, its
+    # spin-waiting multiplies every step's time
+    torch.set_num_threads(1)
 
     start = time.perf_counter()
     first = SCENARIOS[names[0]]
