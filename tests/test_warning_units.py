@@ -61,6 +61,7 @@ def test_metastate_maps_transforms_orients_and_drops_stale_readings():
     meta = MetaState(max_age=10)
     readings = {
         "stability/loss/value": Reading(2.0, 5),
+        "stability/grad/norm": Reading(3.0, 9),
         "stability/cka/min": Reading(0.9, 5),
         "stability/act/layer1/dead_fraction": Reading(0.25, 5),
         "stability/sharpness/eos_ratio": Reading(0.8, 0),
@@ -69,10 +70,13 @@ def test_metastate_maps_transforms_orients_and_drops_stale_readings():
     obs = {o.key: o for o in meta.observe(readings, step=12)}
     assert set(obs) == {
         "stability/loss/value",
+        "stability/grad/norm",
         "stability/cka/min",
         "stability/act/layer1/dead_fraction",
     }  # eos_ratio is 12 steps old: stale; unrelated keys are not consumed
-    assert obs["stability/loss/value"].value == pytest.approx(math.log(2.0))
+    assert obs["stability/loss/value"].value == 2.0  # minibatch loss: identity scale
+    assert obs["stability/grad/norm"].value == pytest.approx(math.log(3.0))
+    assert obs["stability/grad/norm"].dimension == "optimization"
     assert obs["stability/loss/value"].dimension == "learning_signal"
     assert obs["stability/loss/value"].age == 7 and obs["stability/loss/value"].fresh
     # a falling CKA is a rising log(1 - CKA)

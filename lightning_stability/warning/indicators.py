@@ -135,21 +135,25 @@ class TrendIndicator:
             return None
         variances = list(self.variances)
         ac1s = list(self.ac1s)
-        tau_var = kendall_tau(variances[-self.history :])
-        tau_ac1 = kendall_tau(ac1s[-self.history :])
         reference = median(variances)
-        ratio = variances[-1] / reference if reference > 0 else float("inf")
+        ratio = variances[-1] / reference if reference > 0 else math.inf
         rise = ac1s[-1] - median(ac1s)
+        # Kendall's tau is the expensive part: computed only when the cheap growth
+        # conditions already hold (NaN otherwise), which in a calm run is rarely
+        tau_var = tau_ac1 = math.nan
         level = Level.OK
-        if tau_var >= self.tau and ratio >= self.var_factor:
-            level = Level.WATCH
-            slowing = tau_ac1 >= self.tau and rise >= self.ac1_rise
-            if advance:
-                self.streak = self.streak + 1 if slowing else 0
-            if slowing and self.streak >= self.sustain:
-                level = Level.WARNING
-        elif advance:
-            self.streak = 0
+        slowing = False
+        if ratio >= self.var_factor:
+            tau_var = kendall_tau(variances[-self.history :])
+            if tau_var >= self.tau:
+                level = Level.WATCH
+                if rise >= self.ac1_rise:
+                    tau_ac1 = kendall_tau(ac1s[-self.history :])
+                    slowing = tau_ac1 >= self.tau
+        if advance:
+            self.streak = self.streak + 1 if slowing else 0
+        if slowing and self.streak >= self.sustain:
+            level = Level.WARNING
         return TrendReading(tau_var, tau_ac1, ratio, rise, level)
 
     def state_dict(self) -> dict[str, Any]:
