@@ -129,7 +129,7 @@ def test_checkpoint_holds_state_that_loads_weights_only_and_resumes(tmp_path):
     values = state["monitor"]["baselines"]["stability/loss/value"]["values"]
     assert len(values) == 32 and all(math.isfinite(v) for v in values)
     resumed = EarlyWarning()
-    trainer(max_steps=33, callbacks=[resumed], enable_checkpointing=True).fit(
+    trainer(max_steps=33, callbacks=[resumed], default_root_dir=tmp_path).fit(
         TinyClassifier(),
         loader(data, batch_size=BATCH, shuffle=False),
         ckpt_path=tmp_path / "last.ckpt",

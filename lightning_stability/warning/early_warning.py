@@ -52,9 +52,13 @@ class EarlyWarning(Callback):
     Place probes before this callback in ``callbacks`` so that their
     ``on_train_batch_end`` readings are seen in the same step.
 
-    Defaults are starting values to be calibrated on the scenario suite
-    (``benchmarks/detection.py``: recall and lead time on diverging runs, no warning on
-    stable ones); every threshold is an argument.
+    Calibration: the defaults are starting values, to be set on the scenario suite
+    (``python -m benchmarks.detection``), which records every event and the logged
+    ``stability/meta/deviation`` of stable and diverging runs. ``warning_threshold`` goes
+    above the largest deviation seen on the stable runs with a margin, ``watch_threshold``
+    below it; ``patience``, ``trend_*`` and ``eos_margin`` trade lead time on the diverging
+    runs (goal: a warning before divergence in >= 90% of them, median lead >= 20 steps)
+    against false alarms (goal: none on the stable runs). Every threshold is an argument.
 
     Args:
         watch_threshold: deviation (robust sd) that proposes WATCH (default 5).
