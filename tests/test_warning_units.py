@@ -153,3 +153,20 @@ def test_bad_signal_spec_names_allowed_values():
         SignalSpec("stability/x", "vibes")
     with pytest.raises(ValueError, match="transform must be one of"):
         SignalSpec("stability/x", "data", transform="sqrt")
+
+
+def test_configurable_from_yaml_like_lightning_cli():
+    jsonargparse = pytest.importorskip("jsonargparse")
+    parser = jsonargparse.ArgumentParser()
+    parser.add_class_arguments(EarlyWarning, "ew")
+    cfg = parser.parse_string(
+        "ew:\n  warning_threshold: 7.0\n  warn_level: critical\n  signals:\n"
+        "    - pattern: stability/loss/value\n      dimension: learning_signal\n"
+        "      transform: identity\n      trend: true\n"
+    )
+    ew = parser.instantiate(cfg).ew
+    assert ew.monitor.thresholds[1] == 7.0
+    assert ew.warn_level == Level.CRITICAL
+    assert ew.monitor.meta.signals == (
+        SignalSpec("stability/loss/value", "learning_signal", "identity", trend=True),
+    )
