@@ -65,6 +65,23 @@ TABLE_KEYS = (
 NA = "n/a"
 
 
+def _first_from(steps: list[int], onset: int) -> int | None:
+    """The first firing at or after the perturbation's onset (earlier ones are false
+    alarms: nothing had gone wrong yet)."""
+    return next((s for s in sorted(steps) if s >= onset), None)
+
+
+def _onset(run: RunRecord) -> int:
+    return SCENARIOS[run.scenario].onset if run.scenario in SCENARIOS else 0
+
+
+DETECTORS = {
+    "EarlyWarning": lambda r: r.warning_steps,
+    "SpikeDetection (Lightning)": lambda r: r.spike_detection_steps,
+    "EarlyStopping(divergence_threshold) (Lightning)": lambda r: r.early_stopping_steps,
+}
+
+
 def _lead(detect: int | None, diverge: int | None) -> int | None:
     return None if detect is None or diverge is None else diverge - detect
 
@@ -77,18 +94,21 @@ def _fmt(x: Any, digits: int = 3) -> str:
     return str(x)
 
 
-def detector_stats(runs: list[RunRecord], step_of) -> dict[str, Any]:
-    """Recall, median lead and false alarms of one detector (``step_of(run)`` gives the
-    step at which it first fired, ``None`` when it did not)."""
+def detector_stats(runs: list[RunRecord], steps_of) -> dict[str, Any]:
+    """Recall, median lead and false alarms of one detector (``steps_of(run)`` lists the
+    steps at which it fired). A diverging run counts as detected when the detector fires
+    between the perturbation's onset and the divergence step; firings before the onset
+    are counted as early false alarms; any firing on a stable run is a false alarm."""
     diverging = [r for r in runs if r.kind == "diverging" and r.divergence_step is not None]
     stable = [r for r in runs if r.kind == "stable"]
-    leads = [_lead(step_of(r), r.divergence_step) for r in diverging]
+    leads = [_lead(_first_from(steps_of(r), _onset(r)), r.divergence_step) for r in diverging]
     hits = [lead for lead in leads if lead is not None and lead >= 0]
     return {
         "recall": len(hits) / len(diverging) if diverging else math.nan,
         "detected_any_time": sum(lead is not None for lead in leads),
         "median_lead": statistics.median(hits) if hits else math.nan,
-        "false_alarms": sum(step_of(r) is not None for r in stable),
+        "early_false_alarms": sum(any(s < _onset(r) for s in steps_of(r)) for r in diverging),
+        "false_alarms": sum(bool(steps_of(r)) for r in stable),
         "stable_runs": len(stable),
         "diverging_runs": len(diverging),
     }
@@ -110,9 +130,9 @@ def _plot(scenario: Scenario, warn: RunRecord, act: RunRecord | None) -> Path | 
     ax.set_yscale("log")
     marks = [
         (warn.divergence_step, "red", "divergence"),
-        (warn.first_warning_step, "orange", "EarlyWarning"),
-        (warn.spike_detection_step, "purple", "SpikeDetection"),
-        (warn.early_stopping_step, "grey", "EarlyStopping"),
+        (_first_from(warn.warning_steps, 0), "orange", "EarlyWarning"),
+        (_first_from(warn.spike_detection_steps, 0), "purple", "SpikeDetection"),
+        (_first_from(warn.early_stopping_steps, 0), "grey", "EarlyStopping"),
     ]
     for step, colour, label in marks:
         if step is not None:
@@ -153,23 +173,32 @@ def _markdown(payload: dict[str, Any]) -> str:
         "",
         f"Missing callbacks (their columns read {NA}): {', '.join(payload['missing']) or 'none'}.",
         "",
+        f"Runs that failed: {'; '.join(payload['errors']) or 'none'}.",
+        "",
         "## Detectors (actions off)",
         "",
-        "| detector | recall | detected at any time | median lead (steps) | false alarms |",
-        "|---|---|---|---|---|",
+        "A diverging run is detected when the detector fires between the perturbation's "
+        "onset and the divergence step (lead = divergence - first such firing).",
+        "",
+        "| detector | recall | detected at any time | median lead (steps) | false alarms "
+        "(stable runs) | fired before onset (diverging runs) |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in payload["detectors"].items():
         if s is None:
-            lines.append(f"| {name} | {NA} | {NA} | {NA} | {NA} |")
+            lines.append(f"| {name} | {NA} | {NA} | {NA} | {NA} | {NA} |")
             continue
         lines.append(
             f"| {name} | {_fmt(s['recall'])} ({s['diverging_runs']} diverging runs) | "
             f"{s['detected_any_time']} | {_fmt(s['median_lead'])} | "
-            f"{s['false_alarms']} / {s['stable_runs']} stable runs |"
+            f"{s['false_alarms']} / {s['stable_runs']} | "
+            f"{s['early_false_alarms']} / {s['diverging_runs']} |"
         )
     lines += [
         "",
         "## Runs",
+        "",
+        "Detector columns: first firing at or after the perturbation's onset.",
         "",
         "| scenario | seed | diverged at | EarlyWarning | lead | SpikeDetection | "
         "EarlyStopping | rescued | final val (off) | final val (on) | best fixed lr val |",
@@ -254,12 +283,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     runs: list[RunRecord] = []
     rows: list[dict[str, Any]] = []
     readings: dict[str, Any] = {}
+    errors: list[str] = []
     for name in names:
         scenario = SCENARIOS[name]
         for seed in seeds:
-            warn = run_scenario(scenario, seed, "warning", keep_history=seed == 0)
+            try:
+                warn = run_scenario(scenario, seed, "warning", keep_history=seed == 0)
+            except Exception as err:  # one broken run must not hide the others' results
+                errors.append(f"{name} seed {seed} warning: {type(err).__name__}: {err}")
+                print(errors[-1], flush=True)
+                continue
             runs.append(warn)
-            act = run_scenario(scenario, seed, "actions") if has_actions else None
+            act = None
+            if has_actions:
+                try:
+                    act = run_scenario(scenario, seed, "actions")
+                except Exception as err:
+                    errors.append(f"{name} seed {seed} actions: {type(err).__name__}: {err}")
+                    print(errors[-1], flush=True)
             if act is not None:
                 runs.append(act)
             best = math.nan
@@ -272,18 +313,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 finite = [v for v in vals if math.isfinite(v)]
                 best = min(finite) if finite else math.nan
             diverged = warn.divergence_step is not None
+            onset = scenario.onset
             rows.append(
                 {
                     "scenario": name,
                     "kind": scenario.kind,
                     "seed": seed,
                     "divergence_step": warn.divergence_step,
-                    "first_warning_step": warn.first_warning_step if warn.warning_available else NA,
-                    "lead": _lead(warn.first_warning_step, warn.divergence_step)
+                    "first_warning_step": _first_from(warn.warning_steps, onset)
                     if warn.warning_available
                     else NA,
-                    "spike_detection_step": warn.spike_detection_step,
-                    "early_stopping_step": warn.early_stopping_step,
+                    "lead": _lead(_first_from(warn.warning_steps, onset), warn.divergence_step)
+                    if warn.warning_available
+                    else NA,
+                    "spike_detection_step": _first_from(warn.spike_detection_steps, onset),
+                    "early_stopping_step": _first_from(warn.early_stopping_steps, onset),
                     "rescued": (act.divergence_step is None if diverged else "-")
                     if act is not None
                     else NA,
@@ -297,8 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(
                 f"{name:<24} seed {seed}  diverged at {_fmt(warn.divergence_step):>4}  "
                 f"warning {_fmt(rows[-1]['first_warning_step']):>4}  "
-                f"spike {_fmt(warn.spike_detection_step):>4}  "
-                f"early-stop {_fmt(warn.early_stopping_step):>4}  "
+                f"spike {_fmt(rows[-1]['spike_detection_step']):>4}  "
+                f"early-stop {_fmt(rows[-1]['early_stopping_step']):>4}  "
                 f"rescued {_fmt(rows[-1]['rescued']):>5}  ({warn.wall_s:.1f} s)",
                 flush=True,
             )
@@ -309,13 +353,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     off = [r for r in runs if r.mode == "warning"]
     has_warning = any(r.warning_available for r in off)
     detectors = {
-        "EarlyWarning": detector_stats(off, lambda r: r.first_warning_step)
-        if has_warning
-        else None,
-        "SpikeDetection (Lightning)": detector_stats(off, lambda r: r.spike_detection_step),
-        "EarlyStopping(divergence_threshold) (Lightning)": detector_stats(
-            off, lambda r: r.early_stopping_step
-        ),
+        name: detector_stats(off, steps_of) if has_warning or name != "EarlyWarning" else None
+        for name, steps_of in DETECTORS.items()
     }
     rescuable = [r for r in rows if r["kind"] == "diverging" and r["divergence_step"] is not None]
     rescue_rate = (
@@ -335,6 +374,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "of that stretch"
         ),
         "missing": missing,
+        "errors": errors,
         "detectors": detectors,
         "rescue_rate": rescue_rate,
         "rows": rows,

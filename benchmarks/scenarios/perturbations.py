@@ -15,7 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 __all__ = ["CorruptedLoader", "LRJump", "RoutingFeedback"]
 
@@ -205,17 +205,20 @@ class RoutingFeedback:
         for _ in range(self.steps_per_epoch):
             yield self.next_batch()
 
-    def val_loader(self) -> _RoutesNow:
-        """One batch of every route with its current travel time."""
-        return _RoutesNow(self)
+    def val_loader(self) -> DataLoader:
+        """One batch of every route with its travel time at the moment it is read."""
+        return DataLoader(_RoutesNow(self), batch_size=self.n_routes, shuffle=False)
 
 
-class _RoutesNow:
+class _RoutesNow(Dataset):
+    """Map-style view of the routes; targets are read live, so validation sees the
+    congestion of the moment (and a drift probe can draw fixed inputs by index)."""
+
     def __init__(self, env: RoutingFeedback) -> None:
         self.env = env
 
     def __len__(self) -> int:
-        return 1
+        return self.env.n_routes
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        yield self.env.features, self.env.travel_times()
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.env.features[i], self.env.travel_times()[i]

@@ -46,6 +46,8 @@ class Scenario:
             classification, the target variance for regression); what a Lightning user
             would pass to ``EarlyStopping(divergence_threshold=...)``.
         layers: module names whose activations a drift monitor watches.
+        onset: the step at which the perturbation starts (0 when the run is set up to fail
+            from the start); a detector firing before it raised a false alarm, not a warning.
         val_every: optimizer steps between validation runs.
         rule: the divergence rule.
     """
@@ -56,6 +58,7 @@ class Scenario:
     build: Callable[[int, float], Built]
     divergence_threshold: float
     layers: tuple[str, ...] = ()
+    onset: int = 0
     val_every: int = 10
     rule: DivergenceRule = field(default_factory=DivergenceRule)
 
@@ -150,6 +153,7 @@ _LIST = [
         lambda s, k: _digits(s, 0.05 * k, 400, jump=(150, 10.0)),
         DIGITS_CHANCE,
         MLP_LAYERS,
+        onset=150,
     ),
     Scenario(
         "corrupted_batches",
@@ -158,6 +162,7 @@ _LIST = [
         lambda s, k: _digits(s, 0.05 * k, 400, corrupt=dict(start=200, stop=210, mode="scale")),
         DIGITS_CHANCE,
         MLP_LAYERS,
+        onset=200,
     ),
     Scenario(
         "label_noise_burst",
@@ -168,6 +173,7 @@ _LIST = [
         ),
         DIGITS_CHANCE,
         MLP_LAYERS,
+        onset=150,
     ),
     Scenario(
         "feedback_loop",
@@ -176,6 +182,7 @@ _LIST = [
         _routing,
         1.0,
         MLP_LAYERS,
+        onset=100,
     ),
     Scenario(
         "adam_spike",

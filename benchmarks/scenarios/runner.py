@@ -70,7 +70,9 @@ class RunRecord:
 
     ``losses[i]`` is the training loss of optimizer step ``i``; steps are optimizer steps.
     ``first_warning_step`` is the first step at which ``EarlyWarning`` reached WARNING or
-    above (``None``: never, or no ``EarlyWarning`` attached, see ``missing``).
+    above (``None``: never, or no ``EarlyWarning`` attached, see ``missing``);
+    ``warning_steps``, ``spike_detection_steps`` and ``early_stopping_steps`` list every
+    step at which each detector fired.
     """
 
     scenario: str
@@ -83,10 +85,12 @@ class RunRecord:
     val_losses: list[tuple[int, float]] = field(default_factory=list)
     divergence_step: int | None = None
     first_warning_step: int | None = None
+    warning_steps: list[int] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     spike_detection_step: int | None = None
-    spike_detection_count: int = 0
+    spike_detection_steps: list[int] = field(default_factory=list)
     early_stopping_step: int | None = None
+    early_stopping_steps: list[int] = field(default_factory=list)
     early_stopping_reason: str | None = None
     readings: dict[str, dict[str, float]] = field(default_factory=dict)
     final_val_loss: float = math.nan
@@ -127,7 +131,8 @@ class RecordingSpikeDetection(SpikeDetection):
 
 class RecordingEarlyStopping(EarlyStopping):
     """``EarlyStopping(monitor, divergence_threshold=...)`` that records the first step at
-    which it would stop for divergence or a non-finite metric, and lets the run go on.
+    which it would stop for divergence or a non-finite metric (and every later such check),
+    and lets the run go on.
     Patience is effectively off: it is the divergence check being compared."""
 
     def __init__(self, monitor: str = "val_loss", divergence_threshold: float = math.inf) -> None:
@@ -139,6 +144,7 @@ class RecordingEarlyStopping(EarlyStopping):
             strict=False,
         )
         self.fired_step: int | None = None
+        self.fired_steps: list[int] = []
         self.fired_reason: str | None = None
         self._step = 0
 
@@ -149,12 +155,14 @@ class RecordingEarlyStopping(EarlyStopping):
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
         should_stop, _ = super()._evaluate_stopping_criteria(current)
         if should_stop:
-            if self.fired_step is None and self.stopping_reason in (
+            if self.stopping_reason in (
                 EarlyStoppingReason.DIVERGENCE_THRESHOLD,
                 EarlyStoppingReason.NON_FINITE_METRIC,
             ):
-                self.fired_step = self._step
-                self.fired_reason = self.stopping_reason.name.lower()
+                self.fired_steps.append(self._step)
+                if self.fired_step is None:
+                    self.fired_step = self._step
+                    self.fired_reason = self.stopping_reason.name.lower()
             self.stopping_reason = EarlyStoppingReason.NOT_STOPPED
         return False, None
 
@@ -334,8 +342,10 @@ def run_scenario(
                 "source": str(getattr(event, "source", "")),
             }
         )
-        if level is not None and int(level) >= 2 and record.first_warning_step is None:
-            record.first_warning_step = int(event.step)
+        if level is not None and int(level) >= 2:
+            record.warning_steps.append(int(event.step))
+            if record.first_warning_step is None:
+                record.first_warning_step = int(event.step)
 
     if warning is not None and hasattr(warning, "subscribe"):
         warning.subscribe(on_event)
@@ -367,9 +377,11 @@ def run_scenario(
     record.divergence_step = divergence_step(record.losses, scenario.rule)
     if record.first_warning_step is None and recorder.level_step is not None:
         record.first_warning_step = recorder.level_step
+        record.warning_steps = [recorder.level_step]
     record.spike_detection_step = spike.spike_steps[0] if spike.spike_steps else None
-    record.spike_detection_count = len(spike.spike_steps)
+    record.spike_detection_steps = list(spike.spike_steps)
     record.early_stopping_step = stopper.fired_step
+    record.early_stopping_steps = list(stopper.fired_steps)
     record.early_stopping_reason = stopper.fired_reason
     record.final_val_loss = record.val_losses[-1][1] if record.val_losses else math.nan
     record.readings = _summarise(recorder.history, record.divergence_step)
