@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import trainer as make_trainer
+from lightning.fabric.utilities.spike import TrainingSpikeException
+from lightning.pytorch.callbacks import SpikeDetection
 from torch.utils.data import DataLoader, TensorDataset
 
 from benchmarks.scenarios.divergence import DivergenceRule, divergence_step
@@ -148,3 +152,19 @@ def test_stable_digits_run_does_not_diverge():
     assert record.divergence_step is None
     assert record.losses[-1] < 0.2 * record.losses[0]
     assert record.early_stopping_step is None
+
+
+def test_recording_spike_detection_fires_where_lightnings_raises(tmp_path):
+    scenario = SCENARIOS["stable_digits_sgd"]
+    record = run_scenario(scenario, seed=0, mode="bare")
+    assert record.spike_detection_steps  # Lightning's detector fires on this (stable) run
+    pl.seed_everything(0, verbose=False)
+    module, train, _, _, max_steps = scenario.make(0)
+    trainer = make_trainer(
+        max_steps=max_steps,
+        callbacks=[SpikeDetection(exclude_batches_path=str(tmp_path))],
+        default_root_dir=tmp_path,
+    )
+    with pytest.raises(TrainingSpikeException):
+        trainer.fit(module, train)
+    assert trainer.global_step - 1 == record.spike_detection_steps[0]
