@@ -98,7 +98,9 @@ class SharpnessMonitor(StabilityProbe):
     ``directional`` = ``g^T H g / g^T g`` (one product; "batch sharpness", Andreyev &
     Beneventano 2024, which settles at ``2/lr`` under mini-batch SGD; for Adam its crossing
     of ``2/lr`` precedes spikes, Bai et al. 2025), ``directional_ratio`` =
-    ``directional * lr / 2`` (largest group lr), and ``critical`` = ``2 / eta_c`` where
+    ``directional / edge`` with the same optimizer edge as ``eos_ratio`` for SGD (so 1.0
+    is the edge for both readings; ``directional * lr / 2`` without momentum) and
+    ``directional * lr / 2`` for other optimizers (largest group lr), and ``critical`` = ``2 / eta_c`` where
     ``eta_c`` is the smallest step, in learning-rate units, along the last update
     direction ``(w_t - w_{t-1}) / lr`` that raises the probe loss (Kalra et al. 2026;
     forward passes only). For plain gradient descent ``critical`` equals ``directional``
@@ -365,8 +367,9 @@ class SharpnessMonitor(StabilityProbe):
                         u = g / gnorm
                         d = float(u @ op.matvec(u).to(dtype))
                         values["sharpness/directional"] = d
-                        if lrs:
-                            values["sharpness/directional_ratio"] = d * max(lrs) / 2.0
+                        if lrs and optimizer is not None:
+                            edge = min(_group_edge(optimizer, g) for g in optimizer.param_groups)
+                            values["sharpness/directional_ratio"] = d / edge
             if directional and self.critical and self._weights_before is not None and lrs:
                 crit = self._critical(params, closure, reduce, max(lrs), dtype)
                 if crit is not None:
