@@ -187,9 +187,9 @@ _LIST = [
     Scenario(
         "adam_spike",
         "diverging",
-        "char-LM, Adam lr 3e-3 with beta2 0.5 (< beta1^2, so the update m/sqrt(v) is "
+        "char-LM, Adam lr 1e-2 with beta2 0.5 (< beta1^2, so the update m/sqrt(v) is "
         "unbounded): late loss spikes",
-        lambda s, k: _charlm(s, 3e-3 * k, 300, betas=(0.9, 0.5)),
+        lambda s, k: _charlm(s, 1e-2 * k, 300, betas=(0.9, 0.5)),
         CHARLM_CHANCE,
         CHARLM_LAYERS,
         val_every=25,
