@@ -101,3 +101,34 @@ def test_bad_options_are_rejected():
         stability_callbacks(actions="panic")
     with pytest.raises(ValueError, match="sharpness must be True, False or a dict"):
         stability_callbacks(sharpness="often")
+
+
+def test_actions_and_warnings_reach_tensorboard_as_text(tmp_path):
+    data = classification_data(n=320)
+    x, y = data.tensors
+    x = x.clone()
+    x[7 * 32 : 8 * 32] = float("nan")  # the 8th batch poisons the loss
+    callbacks = stability_callbacks(
+        actions="backoff",
+        sharpness=False,
+        rollback={"every": 2},
+        warning={"warmup": 3},
+        dashboard={"summary": False},
+    )
+    tb = TensorBoardLogger(tmp_path)
+    t = trainer(max_steps=10, log_every_n_steps=1, logger=tb, callbacks=callbacks)
+    model = TinyClassifier()
+    t.fit(model, loader(torch.utils.data.TensorDataset(x, y), shuffle=False))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+    acc = EventAccumulator(tb.log_dir, size_guidance=STORE_EVERYTHING_SIZE_GUIDANCE)
+    acc.Reload()
+    texts = {
+        tag: [e.tensor_proto.string_val[0].decode() for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+        if tag.endswith("text_summary")
+    }
+    assert any("critical" in m for m in texts["stability/events/text_summary"])
+    assert any(m.startswith("**rollback**") for m in texts["stability/actions/text_summary"])
+    dashboard = next(cb for cb in callbacks if isinstance(cb, StabilityDashboard))
+    assert any("rollback" in text for _, text in dashboard.last_summary.events)

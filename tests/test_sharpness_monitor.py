@@ -355,7 +355,7 @@ def test_tensorboard_gets_scalars_and_the_spectral_density(tmp_path):
     trainer(max_steps=4, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(
         model, loader(classification_data())
     )
-    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0}).Reload()
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0, "images": 0}).Reload()
     logged = {e.step: e.value for e in events.Scalars(KEY + "lambda_max")}
     assert logged[3] == pytest.approx(value(cb, "lambda_max"))  # 0-based logger steps
     assert 0 not in logged  # nothing before the first check
@@ -365,6 +365,8 @@ def test_tensorboard_gets_scalars_and_the_spectral_density(tmp_path):
     dim = sum(p.numel() for p in model.parameters())
     assert hist.histogram_value.num == pytest.approx(dim, rel=0.02)
     assert hist.histogram_value.max >= value(cb, "lambda_max") * 0.95
+    (image,) = events.Images(KEY + "density_plot")
+    assert image.step == 4 and image.width > 100 and image.height > 100
 
 
 def test_pyhessian_backend_agrees_with_the_exact_hessian():

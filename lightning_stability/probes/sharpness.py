@@ -524,6 +524,11 @@ class SharpnessMonitor(StabilityProbe):
             _write_histogram(
                 loggers, "stability/sharpness/density", grid, values, op.dim, trainer.global_step
             )
+            figure = density_figure(grid, values, trainer.global_step)
+            for logger in loggers:
+                logger.experiment.add_figure(
+                    "stability/sharpness/density_plot", figure, trainer.global_step, close=False
+                )
 
     # --------------------------------------------------------------- cadence
     def _watch_requested(self, trainer: pl.Trainer) -> bool:
@@ -646,6 +651,21 @@ def _group_edge(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> floa
             bool(group.get("nesterov", False)),
         )
     return 2.0 / lr
+
+
+def density_figure(grid: Tensor, density: Tensor, step: int) -> Any:
+    """A matplotlib ``Figure`` of the smoothed Hessian spectral density (log scale, so the
+    bulk near zero and the outliers both show). Built without pyplot."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 2.6))
+    ax = fig.subplots()
+    ax.semilogy(grid.double().cpu().numpy(), density.double().cpu().clamp_min(1e-12).numpy())
+    ax.set_xlabel("eigenvalue", fontsize=8)
+    ax.set_ylabel("density", fontsize=8)
+    ax.set_title(f"Hessian spectral density (SLQ), step {step}", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _write_histogram(
