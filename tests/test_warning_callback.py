@@ -117,6 +117,39 @@ def test_edge_of_stability_rule_from_a_probe_and_tensorboard_text(tmp_path):
     assert texts and texts[0][0] == "stability/events" and texts[0][2] == 17
 
 
+class BeyondEdgeProbe(StabilityProbe):
+    """Publishes a directional ratio of 3.0 (three times the edge) every 2 steps from step 4,
+    whatever the learning rate: a run that stays beyond the edge."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step % 2 == 0:
+            ratio = 3.0 if step >= 4 else 0.5
+            self.publish(trainer, pl_module, {"sharpness/directional_ratio": ratio})
+
+
+def test_persisting_edge_warning_is_repeated_and_backoff_cuts_each_time():
+    from test_actions_events import LrRecorder
+
+    from lightning_stability.actions import LRBackoff
+
+    ew = EarlyWarning(use_step_loss=False, repeat_every=5)
+    backoff = LRBackoff()
+    rec = LrRecorder()
+    t = trainer(max_steps=20, callbacks=[BeyondEdgeProbe(), ew, backoff, rec])
+    with pytest.warns(InstabilityWarning, match="directional ratio"):
+        t.fit(TinyClassifier(lr=0.1), loader(classification_data(), batch_size=BATCH))
+    # second reading above 1.25 at step 6, held for patience=2 steps -> WARNING at 7,
+    # repeated every 5 steps while the readings stay beyond the edge
+    assert [(e.level, e.step) for e in ew.events] == [(Level.WARNING, s) for s in (7, 12, 17)]
+    assert ew.events[0].signals[0] == "stability/sharpness/directional_ratio"
+    assert [e.step for e in backoff.events] == [7, 12, 17]
+    assert rec.lrs[6] == pytest.approx(0.1)
+    assert rec.lrs[7] == pytest.approx(0.05)
+    assert rec.lrs[12] == pytest.approx(0.025)
+    assert rec.lrs[20] == pytest.approx(0.0125)
+
+
 def test_checkpoint_holds_state_that_loads_weights_only_and_resumes(tmp_path):
     ew = EarlyWarning()
     ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)

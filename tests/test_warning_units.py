@@ -117,6 +117,49 @@ def test_level_tracker_patience_dwell_cooldown_and_critical_repeat():
     assert t.update(32, ok, ok, hard=True) == Level.CRITICAL
 
 
+def test_directional_ratio_alone_triggers_the_edge_rule_on_its_own_streak():
+    rules = HardRules(eos_margin=0.25, eos_sustain=2)
+    meta = MetaState()
+    key = "stability/sharpness/directional_ratio"
+    fired = []
+    # a sparse eos_ratio below the edge does not reset the directional streak
+    for step, directional, eos in [
+        (5, 1.3, None),
+        (10, 1.3, 0.4),
+        (15, 1.2, None),
+        (20, 1.5, None),
+    ]:
+        r = {key: Reading(directional, step)}
+        if eos is not None:
+            r["stability/sharpness/eos_ratio"] = Reading(eos, step)
+        hits = rules.check(meta.observe(r, step), r)
+        fired.append([(h.level, h.signal) for h in hits])
+    assert fired[0] == []  # one reading above 1.25 is not sustained
+    assert fired[1] == [(Level.WARNING, key)]
+    assert fired[2] == []  # 1.2 is within the margin: streak reset
+    assert fired[3] == []
+    restored = HardRules(eos_margin=0.25, eos_sustain=2)
+    restored.load_state_dict(rules.state_dict())
+    assert restored.eos_streaks == {key: 1, "stability/sharpness/eos_ratio": 0}
+    r = {key: Reading(1.5, 25)}
+    assert [h.signal for h in restored.check(meta.observe(r, 25), r)] == [key]
+
+
+def test_level_tracker_repeats_a_persisting_warning_only_while_evidence_holds():
+    t = LevelTracker(patience=1, min_dwell=3, cooldown=10, repeat_every=5)
+    warn, watch, ok = Level.WARNING, Level.WATCH, Level.OK
+    issued = {step: t.update(step, warn, warn) for step in range(0, 12)}
+    assert {s: lv for s, lv in issued.items() if lv is not None} == {0: warn, 5: warn, 10: warn}
+    # evidence below the exit threshold: no repeat, then the level falls after min_dwell
+    t2 = LevelTracker(patience=1, min_dwell=20, cooldown=10, repeat_every=5)
+    assert t2.update(0, warn, warn) == warn
+    assert [t2.update(s, ok, watch) for s in range(1, 12)] == [None] * 11
+    never = LevelTracker(patience=1, repeat_every=None)
+    assert [never.update(s, warn, warn) for s in range(0, 60)].count(warn) == 1
+    with pytest.raises(ValueError, match="repeat_every"):
+        LevelTracker(repeat_every=0)
+
+
 def test_trend_indicator_state_round_trip():
     a, b = TrendIndicator(window=8, history=8), TrendIndicator(window=8, history=8)
     rng = random.Random(1)

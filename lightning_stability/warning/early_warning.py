@@ -40,7 +40,10 @@ class EarlyWarning(Callback):
     ``1 + eos_margin``) give a level, smoothed by hysteresis.
 
     Each change of level is an :class:`InstabilityEvent` (CRITICAL from a hard rule is
-    repeated, at most every ``cooldown`` steps): logged as ``stability/meta/level``,
+    repeated, at most every ``cooldown`` steps; a WARNING or CRITICAL that the evidence
+    still holds is repeated every ``repeat_every`` steps, so that an action such as
+    :class:`~lightning_stability.actions.LRBackoff` cuts again while the run stays
+    unstable): logged as ``stability/meta/level``,
     written as TensorBoard text when a :class:`TensorBoardLogger` is attached, warned
     once as an :class:`InstabilityWarning` (levels >= ``warn_level``), and delivered to
     every listener (:meth:`subscribe`) and to ``on_event``, on every rank. Every step
@@ -70,6 +73,9 @@ class EarlyWarning(Callback):
         min_dwell: minimum steps at a level before it falls (default 10).
         cooldown: steps before a level that was left can be re-entered, and between
             repeated CRITICAL events (default 50).
+        repeat_every: steps between repeats of a persisting WARNING or CRITICAL whose
+            evidence still holds at the exit thresholds (default 25; ``None``: only
+            changes of level are issued).
         window: readings in each rolling baseline (default 64).
         warmup: readings a baseline needs before it scores (default 20).
         max_age: optimizer steps after which a reading is stale and left out (default 250).
@@ -81,8 +87,9 @@ class EarlyWarning(Callback):
         trend_var_factor: growth of the rolling variance over the history (default 3).
         trend_ac1_rise: growth of the lag-1 autocorrelation over the history (default 0.2).
         trend_sustain: consecutive readings of slowing down before WARNING (default 10).
-        eos_margin: the edge-of-stability rule fires above ``1 + eos_margin`` (default 0.25).
-        eos_sustain: consecutive sharpness readings above it (default 2).
+        eos_margin: the edge-of-stability rule fires when ``eos_ratio`` or
+            ``directional_ratio`` is above ``1 + eos_margin`` (default 0.25).
+        eos_sustain: consecutive readings of one of them above it (default 2).
         use_step_loss: when no probe publishes ``stability/loss/value``, use the training
             step's own loss (averaged over ranks) instead (default True).
         signals: which readings feed which dimension and how (default
@@ -100,6 +107,7 @@ class EarlyWarning(Callback):
         patience: int = 2,
         min_dwell: int = 10,
         cooldown: int = 50,
+        repeat_every: int | None = 25,
         window: int = 64,
         warmup: int = 20,
         max_age: int = 250,
@@ -137,7 +145,9 @@ class EarlyWarning(Callback):
             eos_margin=eos_margin,
             eos_sustain=eos_sustain,
         )
-        self.tracker = LevelTracker(patience=patience, min_dwell=min_dwell, cooldown=cooldown)
+        self.tracker = LevelTracker(
+            patience=patience, min_dwell=min_dwell, cooldown=cooldown, repeat_every=repeat_every
+        )
         self.use_step_loss = use_step_loss
         self.warn_level = Level.parse(warn_level, "warn_level")
         if on_event is not None and not callable(on_event):

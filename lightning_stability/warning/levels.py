@@ -26,20 +26,35 @@ class LevelTracker:
     - Cooldown: a level that was left is not re-entered by score for ``cooldown`` steps,
       and CRITICAL from a hard rule that keeps firing is repeated at most every
       ``cooldown`` steps.
+    - Repeat: while the level is WARNING or above and the evidence still holds it
+      (``hold`` at or above it), the level is issued again every ``repeat_every`` steps,
+      so that actions which respond to events (a learning-rate backoff) act again on a
+      run that is still unstable after their first response.
 
     Args:
         patience: consecutive steps of evidence before rising (default 2).
         min_dwell: minimum steps at a level before falling (default 10).
         cooldown: steps (default 50), see above.
+        repeat_every: steps between repeats of a persisting WARNING (default 25; ``None``:
+            never repeat).
     """
 
-    def __init__(self, patience: int = 2, min_dwell: int = 10, cooldown: int = 50) -> None:
+    def __init__(
+        self,
+        patience: int = 2,
+        min_dwell: int = 10,
+        cooldown: int = 50,
+        repeat_every: int | None = 25,
+    ) -> None:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
         if min_dwell < 0:
             raise ValueError(f"min_dwell must be >= 0, got {min_dwell!r}")
         if cooldown < 0:
             raise ValueError(f"cooldown must be >= 0, got {cooldown!r}")
+        if repeat_every is not None and repeat_every < 1:
+            raise ValueError(f"repeat_every must be >= 1 or None, got {repeat_every!r}")
+        self.repeat_every = repeat_every
         self.patience = patience
         self.min_dwell = min_dwell
         self.cooldown = cooldown
@@ -49,6 +64,7 @@ class LevelTracker:
         self.streak_min = Level.CRITICAL
         self.left_at: dict[int, int] = {}
         self.last_hard = _NEVER
+        self.last_issued = _NEVER
 
     def update(self, step: int, proposed: Level, hold: Level, hard: bool = False) -> Level | None:
         """Advance to ``step``; the new level when an event is due, else None."""
@@ -57,6 +73,7 @@ class LevelTracker:
             if self.level < Level.CRITICAL or step - self.last_hard >= self.cooldown:
                 self.last_hard = step
                 self._move(Level.CRITICAL, step)
+                self.last_issued = step
                 return Level.CRITICAL
             return None
         if proposed > self.level:
@@ -70,12 +87,25 @@ class LevelTracker:
                     target = Level(target - 1)
                 if target > self.level:
                     self._move(target, step)
+                    self.last_issued = step
                     return target
-            return None
+            return self._repeat(step, hold)
         self.streak = 0
         if hold < self.level and step - self.since >= self.min_dwell:
             self._move(hold, step)
+            self.last_issued = step
             return hold
+        return self._repeat(step, hold)
+
+    def _repeat(self, step: int, hold: Level) -> Level | None:
+        if (
+            self.repeat_every is not None
+            and self.level >= Level.WARNING
+            and hold >= self.level
+            and step - self.last_issued >= self.repeat_every
+        ):
+            self.last_issued = step
+            return self.level
         return None
 
     def _move(self, level: Level, step: int) -> None:
@@ -93,6 +123,7 @@ class LevelTracker:
             "streak_min": int(self.streak_min),
             "left_at": {str(k): v for k, v in self.left_at.items()},
             "last_hard": self.last_hard,
+            "last_issued": self.last_issued,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -102,3 +133,4 @@ class LevelTracker:
         self.streak_min = Level(int(state["streak_min"]))
         self.left_at = {int(k): int(v) for k, v in state["left_at"].items()}
         self.last_hard = int(state["last_hard"])
+        self.last_issued = int(state.get("last_issued", self.since))

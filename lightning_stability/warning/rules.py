@@ -4,8 +4,11 @@ stability.
 Under gradient descent with step size eta, the quadratic model diverges along any
 direction whose curvature exceeds 2/eta (Cohen et al. 2021, "Gradient descent on neural
 networks typically occurs at the edge of stability"); the sharpness probe publishes this
-as ``eos_ratio`` (1.0 = the edge). Training hovers near 1 at the edge of stability, so
-only a ratio sustained above ``1 + margin`` is a warning.
+as ``eos_ratio`` (1.0 = the edge; Lanczos, sparse) and, cheaper and more often, as
+``directional_ratio`` (curvature along the gradient over the same edge). Training hovers
+near 1 at the edge of stability, so only a ratio sustained above ``1 + margin`` is a
+warning; each reading keeps its own streak, so the dense one need not wait for the sparse
+one.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from typing import Any, NamedTuple
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.metastate import Observation
 
-__all__ = ["EOS_KEY", "HardRules", "RuleHit"]
+__all__ = ["EOS_KEY", "EOS_KEYS", "HardRules", "RuleHit"]
 
 EOS_KEY = "stability/sharpness/eos_ratio"
+EOS_KEYS = (EOS_KEY, "stability/sharpness/directional_ratio")
+"""Readings on the edge-of-stability scale (1.0 = the edge) that the rule watches."""
 _NONFINITE_SUFFIX = "/nonfinite"
 
 
@@ -32,8 +37,9 @@ class RuleHit(NamedTuple):
 
 
 class HardRules:
-    """Non-finite loss or gradients -> CRITICAL at once; ``eos_ratio`` above ``1 + margin``
-    on ``sustain`` consecutive sharpness readings -> WARNING.
+    """Non-finite loss or gradients -> CRITICAL at once; ``eos_ratio`` or
+    ``directional_ratio`` above ``1 + margin`` on ``sustain`` consecutive readings of that
+    key -> WARNING.
 
     Args:
         eos_margin: how far above the edge (1.0) the ratio must be (default 0.25).
@@ -47,7 +53,7 @@ class HardRules:
             raise ValueError(f"eos_sustain must be >= 1, got {eos_sustain!r}")
         self.eos_margin = eos_margin
         self.eos_sustain = eos_sustain
-        self.eos_streak = 0
+        self.eos_streaks: dict[str, int] = {}
         self.nonfinite_seen: dict[str, int] = {}
 
     def check(
@@ -69,23 +75,33 @@ class HardRules:
         for obs in observations:
             if not math.isfinite(obs.raw) and obs.fresh:
                 hits.append(RuleHit(Level.CRITICAL, obs.key, f"{obs.key} is {obs.raw}: non-finite"))
-            elif obs.key == EOS_KEY and obs.fresh:
-                self.eos_streak = self.eos_streak + 1 if obs.raw > 1 + self.eos_margin else 0
-        eos = next((o for o in observations if o.key == EOS_KEY), None)
-        if eos is not None and self.eos_streak >= self.eos_sustain:
-            hits.append(
-                RuleHit(
-                    Level.WARNING,
-                    EOS_KEY,
-                    f"edge-of-stability ratio {eos.raw:.2f} above {1 + self.eos_margin:.2f} "
-                    f"on {self.eos_streak} consecutive readings",
+            elif obs.key in EOS_KEYS and obs.fresh:
+                above = obs.raw > 1 + self.eos_margin
+                self.eos_streaks[obs.key] = self.eos_streaks.get(obs.key, 0) + 1 if above else 0
+        for obs in observations:
+            streak = self.eos_streaks.get(obs.key, 0)
+            if obs.key in EOS_KEYS and streak >= self.eos_sustain:
+                name = "ratio" if obs.key == EOS_KEY else "directional ratio"
+                hits.append(
+                    RuleHit(
+                        Level.WARNING,
+                        obs.key,
+                        f"edge-of-stability {name} {obs.raw:.2f} above "
+                        f"{1 + self.eos_margin:.2f} on {streak} consecutive readings",
+                    )
                 )
-            )
+                break
         return hits
 
+    @property
+    def eos_streak(self) -> int:
+        """The longest current streak above the edge among the watched readings."""
+        return max(self.eos_streaks.values(), default=0)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"eos_streak": self.eos_streak, "nonfinite_seen": dict(self.nonfinite_seen)}
+        return {"eos_streaks": dict(self.eos_streaks), "nonfinite_seen": dict(self.nonfinite_seen)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.eos_streak = int(state.get("eos_streak", 0))
+        streaks = state.get("eos_streaks", {EOS_KEY: state.get("eos_streak", 0)})
+        self.eos_streaks = {str(k): int(v) for k, v in streaks.items()}
         self.nonfinite_seen = {str(k): int(v) for k, v in state.get("nonfinite_seen", {}).items()}
