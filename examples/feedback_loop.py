@@ -16,55 +16,30 @@ delays updates until more data has accumulated).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from demo_run import demo_trainer, quiet_console
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmark's task code
 from benchmarks.scenarios.perturbations import RoutingFeedback
 from benchmarks.scenarios.tasks import MLP
-from lightning_stability import InstabilityEvent, StagedTraining, stability_callbacks
-from lightning_stability.warning import InstabilityWarning
-
-
-def print_event(event: InstabilityEvent, trainer: pl.Trainer, pl_module: pl.LightningModule):
-    print(f"  !! {event.message}")
+from lightning_stability import StagedTraining
 
 
 def run(lr: float, steps: int, logdir: str, guarded: bool, seed: int) -> dict[str, float]:
     pl.seed_everything(seed, verbose=False)
     module = MLP(8, 1, hidden=32, depth=2, task="regression", lr=lr, optimizer="sgd")
     env = RoutingFeedback(module, deploy_step=100, seed=seed)
-    callbacks = (
-        stability_callbacks(
-            actions="staged",
-            sharpness={"every_n_steps": 50, "directional_every_n_steps": 10},
-            warning={"on_event": print_event},
-        )
-        if guarded
-        else []
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=steps,
-        logger=TensorBoardLogger(logdir, name="with_callbacks" if guarded else "without"),
-        callbacks=callbacks,
-        log_every_n_steps=10,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = demo_trainer(logdir, guarded, actions="staged", max_steps=steps)
     trainer.fit(module, env)
     with torch.no_grad():
         x, y = next(iter(env.val_loader()))
         mse = float(torch.nn.functional.mse_loss(module(x).squeeze(-1), y))
-    staged = next((cb for cb in callbacks if isinstance(cb, StagedTraining)), None)
+    staged = next((cb for cb in trainer.callbacks if isinstance(cb, StagedTraining)), None)
     return {"route_mse": mse, "stage": staged.stage if staged is not None else 0}
 
 
@@ -75,10 +50,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--logdir", default="runs/feedback_loop")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore", category=InstabilityWarning)  # printed by print_event
-    warnings.filterwarnings("ignore", module="lightning")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_console()
 
     print("1/2 the routing model without the callbacks ...")
     bare = run(args.lr, args.steps, args.logdir, guarded=False, seed=args.seed)

@@ -14,44 +14,15 @@ goes non-finite), and the run finishes healthy. Both runs log to TensorBoard.
 from __future__ import annotations
 
 import argparse
-import logging
-import warnings
 
 import lightning.pytorch as pl
-import torch
+from demo_run import demo_trainer, quiet_console
 from digits import DigitsClassifier, DigitsDataModule
-from lightning.pytorch.loggers import TensorBoardLogger
-
-from lightning_stability import InstabilityEvent, stability_callbacks
-from lightning_stability.warning import InstabilityWarning
-
-
-def print_event(event: InstabilityEvent, trainer: pl.Trainer, pl_module: pl.LightningModule):
-    print(f"  !! {event.message}")
 
 
 def train(lr: float, epochs: int, logdir: str, guarded: bool) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
-    callbacks = (
-        stability_callbacks(
-            actions="backoff",
-            # short run: measure curvature often (the defaults suit long runs)
-            sharpness={"every_n_steps": 50, "directional_every_n_steps": 10},
-            warning={"on_event": print_event},
-        )
-        if guarded
-        else []
-    )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_epochs=epochs,
-        logger=TensorBoardLogger(logdir, name="with_callbacks" if guarded else "without"),
-        callbacks=callbacks,
-        log_every_n_steps=10,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    trainer = demo_trainer(logdir, guarded, actions="backoff", max_epochs=epochs)
     trainer.fit(DigitsClassifier(lr=lr), DigitsDataModule())
     metrics = trainer.validate(trainer.lightning_module, DigitsDataModule(), verbose=False)[0]
     return {"val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"]}
@@ -63,10 +34,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--logdir", default="runs/quickstart")
     args = parser.parse_args()
-    torch.set_num_threads(1)  # a tiny model: extra intra-op threads only contend
-    warnings.filterwarnings("ignore", category=InstabilityWarning)  # printed by print_event
-    warnings.filterwarnings("ignore", module="lightning")
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    quiet_console()
 
     print(f"1/2 training at lr={args.lr} without the callbacks ...")
     bare = train(args.lr, args.epochs, args.logdir, guarded=False)

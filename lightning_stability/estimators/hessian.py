@@ -69,6 +69,24 @@ def _params(module: nn.Module, params: Sequence[Tensor] | None) -> list[Tensor]:
 
 
 @contextlib.contextmanager
+def _isolated(
+    module: nn.Module,
+    params: Sequence[Tensor] | None,
+    train: bool | None,
+    dtype: torch.dtype | None,
+) -> Iterator[list[Tensor]]:
+    """State preserved, compute precision set, inputs cast: yields the chosen parameters."""
+    chosen = _params(module, params)
+    compute = resolve_compute_dtype(chosen, dtype)
+    with (
+        preserved_state(module, train),
+        compute_precision(module, compute),
+        _inputs_in(module, compute),
+    ):
+        yield chosen
+
+
+@contextlib.contextmanager
 def isolated_hessian(
     module: nn.Module,
     loss_fn: LossFn,
@@ -91,13 +109,7 @@ def isolated_hessian(
         reduce: averages flat tensors across data-parallel ranks (see
             :class:`HessianOperator`).
     """
-    chosen = _params(module, params)
-    compute = resolve_compute_dtype(chosen, dtype)
-    with (
-        preserved_state(module, train),
-        compute_precision(module, compute),
-        _inputs_in(module, compute),
-    ):
+    with _isolated(module, params, train, dtype) as chosen:
         op = HessianOperator(loss_fn, chosen, reduce)
         try:
             yield op
@@ -131,13 +143,7 @@ def hessian_top_k(
     if backend == "pyhessian":
         if reduce is not None or warm_start is not None:
             raise ValueError("backend='pyhessian' supports neither reduce nor warm_start")
-        chosen = _params(module, params)
-        compute = resolve_compute_dtype(chosen, dtype)
-        with (
-            preserved_state(module, train),
-            compute_precision(module, compute),
-            _inputs_in(module, compute),
-        ):
+        with _isolated(module, params, train, dtype) as chosen:
             return PyHessianBackend(loss_fn, chosen, module).top_k(k, max_iter=max_iter, tol=tol)
     with isolated_hessian(
         module, loss_fn, params=params, train=train, dtype=dtype, reduce=reduce
@@ -173,13 +179,7 @@ def hessian_trace(
     if method not in ("hutchpp", "hutchinson", "pyhessian"):
         raise ValueError(f"method must be 'hutchpp', 'hutchinson' or 'pyhessian', got {method!r}")
     if method == "pyhessian":
-        chosen = _params(module, params)
-        compute = resolve_compute_dtype(chosen, dtype)
-        with (
-            preserved_state(module, train),
-            compute_precision(module, compute),
-            _inputs_in(module, compute),
-        ):
+        with _isolated(module, params, train, dtype) as chosen:
             return PyHessianBackend(loss_fn, chosen, module).trace(max_iter=num_products)
     estimator = hutchpp_trace if method == "hutchpp" else hutchinson_trace
     with isolated_hessian(
