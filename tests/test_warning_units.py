@@ -154,6 +154,10 @@ def test_level_tracker_repeats_a_persisting_warning_only_while_evidence_holds():
     t2 = LevelTracker(patience=1, min_dwell=20, cooldown=10, repeat_every=5)
     assert t2.update(0, warn, warn) == warn
     assert [t2.update(s, ok, watch) for s in range(1, 12)] == [None] * 11
+    # CRITICAL (which triggers rollbacks) is not repeated by score
+    crit = LevelTracker(patience=1, repeat_every=5)
+    crit_levels = [crit.update(s, Level.CRITICAL, Level.CRITICAL) for s in range(0, 12)]
+    assert crit_levels.count(Level.CRITICAL) == 1
     never = LevelTracker(patience=1, repeat_every=None)
     assert [never.update(s, warn, warn) for s in range(0, 60)].count(warn) == 1
     with pytest.raises(ValueError, match="repeat_every"):

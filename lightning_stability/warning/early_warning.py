@@ -40,8 +40,8 @@ class EarlyWarning(Callback):
     ``1 + eos_margin``) give a level, smoothed by hysteresis.
 
     Each change of level is an :class:`InstabilityEvent` (CRITICAL from a hard rule is
-    repeated, at most every ``cooldown`` steps; a WARNING or CRITICAL that the evidence
-    still holds is repeated every ``repeat_every`` steps, so that an action such as
+    repeated, at most every ``cooldown`` steps; a WARNING that the evidence still holds
+    is repeated every ``repeat_every`` steps, so that an action such as
     :class:`~lightning_stability.actions.LRBackoff` cuts again while the run stays
     unstable): logged as ``stability/meta/level``,
     written as TensorBoard text when a :class:`TensorBoardLogger` is attached, warned
@@ -73,8 +73,8 @@ class EarlyWarning(Callback):
         min_dwell: minimum steps at a level before it falls (default 10).
         cooldown: steps before a level that was left can be re-entered, and between
             repeated CRITICAL events (default 50).
-        repeat_every: steps between repeats of a persisting WARNING or CRITICAL whose
-            evidence still holds at the exit thresholds (default 25; ``None``: only
+        repeat_every: steps between repeats of a persisting WARNING whose evidence
+            still holds at the exit thresholds (default 25; ``None``: only
             changes of level are issued).
         window: readings in each rolling baseline (default 64).
         warmup: readings a baseline needs before it scores (default 20).

@@ -26,10 +26,12 @@ class LevelTracker:
     - Cooldown: a level that was left is not re-entered by score for ``cooldown`` steps,
       and CRITICAL from a hard rule that keeps firing is repeated at most every
       ``cooldown`` steps.
-    - Repeat: while the level is WARNING or above and the evidence still holds it
-      (``hold`` at or above it), the level is issued again every ``repeat_every`` steps,
-      so that actions which respond to events (a learning-rate backoff) act again on a
-      run that is still unstable after their first response.
+    - Repeat: while the level is WARNING and the evidence still holds it (``hold`` at
+      WARNING or above), WARNING is issued again every ``repeat_every`` steps, so that
+      actions which respond to events (a learning-rate backoff) act again on a run that
+      is still unstable after their first response. CRITICAL is not repeated this way:
+      it triggers rollbacks, which return to the same snapshot each time; a hard rule
+      that keeps firing repeats it after ``cooldown``.
 
     Args:
         patience: consecutive steps of evidence before rising (default 2).
@@ -100,7 +102,7 @@ class LevelTracker:
     def _repeat(self, step: int, hold: Level) -> Level | None:
         if (
             self.repeat_every is not None
-            and self.level >= Level.WARNING
+            and self.level == Level.WARNING
             and hold >= self.level
             and step - self.last_issued >= self.repeat_every
         ):
