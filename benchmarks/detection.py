@@ -115,6 +115,42 @@ def detector_stats(runs: list[RunRecord], steps_of) -> dict[str, Any]:
     }
 
 
+def _finite_end(run: RunRecord) -> bool:
+    """The run ended with a finite training loss and a finite last validation loss."""
+    return bool(run.losses) and math.isfinite(run.losses[-1]) and math.isfinite(run.final_val_loss)
+
+
+def _rescue_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The rescue targets: of the runs that diverge without actions, the fraction that end
+    with a finite loss with actions on, and the fraction whose final validation loss is
+    within 10% of the best fixed learning rate's (full mode); on stable runs, the fraction
+    whose final validation loss with actions is within 1% of the run without."""
+    diverged = [r for r in rows if r["kind"] == "diverging" and r["divergence_step"] is not None]
+    stable = [r for r in rows if r["kind"] == "stable"]
+
+    def within(value: Any, reference: Any, tol: float) -> bool:
+        ok = isinstance(value, float) and isinstance(reference, float)
+        return ok and math.isfinite(value) and value <= reference * (1 + tol)
+
+    def share(flags: list[bool]) -> float:
+        return sum(flags) / len(flags) if flags else math.nan
+
+    with_best = [r for r in diverged if isinstance(r["best_fixed_lr_val"], float)]
+    return {
+        "diverged_runs": len(diverged),
+        "finite_rate": share([r["final_loss_finite_on"] is True for r in diverged]),
+        "within_10pct_of_best_lr": share(
+            [within(r["final_val_on"], r["best_fixed_lr_val"], 0.10) for r in with_best]
+        )
+        if with_best
+        else NA,
+        "stable_runs": len(stable),
+        "stable_within_1pct": share(
+            [within(r["final_val_on"], r["final_val_off"], 0.01) for r in stable]
+        ),
+    }
+
+
 def _plot(scenario: Scenario, warn: RunRecord, act: RunRecord | None) -> Path | None:
     try:
         import matplotlib
@@ -160,6 +196,22 @@ def _plot(scenario: Scenario, warn: RunRecord, act: RunRecord | None) -> Path | 
     fig.savefig(path, dpi=80)
     plt.close(fig)
     return path
+
+
+def _rescue_lines(rescue: dict[str, Any]) -> list[str]:
+    if not rescue:
+        return []
+    return [
+        f"Of the {rescue['diverged_runs']} runs that diverge without actions, the fraction that "
+        f"end with a finite loss with actions on: {_fmt(rescue['finite_rate'])} (target >= 0.9); "
+        "the fraction that "
+        "end with a validation loss within 10% of the best fixed learning rate's: "
+        f"{_fmt(rescue['within_10pct_of_best_lr'])} (target >= 0.9; full mode only). "
+        f"Fraction of the {rescue['stable_runs']} stable runs whose final validation loss with "
+        f"actions is within 1% of the run without: {_fmt(rescue['stable_within_1pct'])} "
+        "(target 1).",
+        "",
+    ]
 
 
 def _markdown(payload: dict[str, Any]) -> str:
@@ -233,6 +285,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"Rescue rate: {_fmt(payload['rescue_rate'])} "
         f"(diverging runs that no longer diverge with the actions attached).",
         "",
+        *_rescue_lines(payload.get("rescue", {})),
         "## Probe readings per scenario (seed 0, actions off)",
         "",
         "Median over the run / last value at or before the divergence step (the run's end "
@@ -336,6 +389,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "final_val_on": act.final_val_loss if act is not None else NA,
                     "best_fixed_lr_val": best if not args.quick else NA,
                     "divergence_step_actions_on": act.divergence_step if act else NA,
+                    "final_loss_finite_on": _finite_end(act) if act is not None else NA,
                     "wall_s": warn.wall_s,
                 }
             )
@@ -365,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rule = DivergenceRule()
     payload = {
+        "rescue": _rescue_summary(rows) if has_actions else {},
         "command": " ".join(["python -m benchmarks.detection", *(argv or sys.argv[1:])]),
         "quick": args.quick,
         "seeds": len(seeds),

@@ -33,6 +33,11 @@ class LRBackoff(StabilityAction):
     """Multiply every param group's learning rate by ``factor`` on an event at or above
     ``level``, keeping the cut through any learning-rate scheduler.
 
+    :class:`~lightning_stability.warning.EarlyWarning` repeats a WARNING that its evidence
+    still holds every ``repeat_every`` steps, so a run that stays unstable after a cut is
+    cut again (bounded by ``max_backoffs`` and ``min_lr``); ``cooldown`` spaces the cuts
+    when several events arrive close together.
+
     Args:
         level: lowest event level that triggers a backoff (``"watch"``, ``"warning"``,
             ``"critical"``). Default ``"warning"``.
