@@ -12,7 +12,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
-from lightning_stability.probes.base import Reading, StabilityProbe
+from lightning_stability.probes.base import (
+    Reading,
+    StabilityProbe,
+    logs_this_step,
+    write_to_loggers,
+)
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
 from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
 from lightning_stability.warning.levels import LevelTracker
@@ -228,10 +233,18 @@ class EarlyWarning(Callback):
         proposed, hold, hard, deviation, dims, src = self._reduce(trainer, local)
         self.deviation = deviation
         new = self.tracker.update(step, proposed, hold, hard)
-        pl_module.log("stability/meta/deviation", deviation, batch_size=1)
-        pl_module.log("stability/meta/level", float(self.tracker.level), batch_size=1)
-        for name, value in dims.items():
-            pl_module.log(f"stability/meta/{name}", value, batch_size=1)
+        meta = {
+            "stability/meta/deviation": deviation,
+            "stability/meta/level": float(self.tracker.level),
+            **{f"stability/meta/{name}": value for name, value in dims.items()},
+        }
+        for key, value in meta.items():
+            trainer.callback_metrics[key] = torch.tensor(value)
+        # Loggers get the dense readings at Lightning's log cadence (pl_module.log costs
+        # about a millisecond a call), and always on a step with an event, so the level
+        # plot shows every change.
+        if new is not None or logs_this_step(trainer):
+            write_to_loggers(trainer, meta)
         if new is not None:
             self._emit(trainer, pl_module, new, step, deviation, dims, local, src)
 
