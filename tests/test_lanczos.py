@@ -113,3 +113,13 @@ def test_front_end_rejects_unknown_backend():
     model = nn.Linear(2, 1)
     with pytest.raises(ValueError, match="backend"):
         hessian_top_k(model, lambda: model(torch.ones(1, 2)).sum(), backend="arpack")
+
+
+def test_non_finite_operator_raises_floating_point_error():
+    def matvec(v):
+        out = 2.0 * v
+        out[0] = float("nan")
+        return out
+
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        lanczos_top_k(matvec, 10, k=1)

@@ -410,3 +410,17 @@ def test_configurable_from_yaml():
     assert isinstance(cb, SharpnessMonitor)
     assert (cb.every_n_steps, cb.k, cb.backend, cb.dtype) == (7, 3, "pyhessian", torch.float64)
     assert (cb.directional_every_n_steps, cb.ratio_threshold) == (2, 0.5)
+
+
+def test_non_finite_curvature_is_a_reading_not_a_crash():
+    class Poisoned(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3:
+                with torch.no_grad():
+                    next(pl_module.parameters())[0, 0] = float("nan")
+
+    model = TinyClassifier()
+    cb = SharpnessMonitor(every_n_steps=4, directional_every_n_steps=4)
+    trainer(max_steps=4, callbacks=[Poisoned(), cb]).fit(model, loader(classification_data()))
+    assert value(cb, "nonfinite") == 1.0
+    assert cb.readings[KEY + "nonfinite"].step == 4

@@ -146,6 +146,11 @@ def lanczos_iterations(
         for _ in range(2):
             w = w - active.T @ (active @ w)
         beta = float(w.norm())
+        if not (math.isfinite(alpha) and math.isfinite(beta)):
+            raise FloatingPointError(
+                f"matvec returned non-finite values at Lanczos step {j + 1} "
+                "(the operator, e.g. the Hessian at non-finite weights, is not finite)"
+            )
         alphas.append(alpha)
 
         t = torch.diag(torch.tensor(alphas, dtype=torch.float64))

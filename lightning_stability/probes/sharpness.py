@@ -316,7 +316,14 @@ class SharpnessMonitor(StabilityProbe):
         directional = self.directional and step >= self._next_directional
         if not (check or directional) or not self._batches:
             return
-        values = self.measure(trainer, pl_module, check=check, directional=directional)
+        try:
+            values = self.measure(trainer, pl_module, check=check, directional=directional)
+        except (FloatingPointError, torch.linalg.LinAlgError):
+            # The curvature itself is not finite (weights or probe loss blew up): that is a
+            # reading for the warning layer, not a reason to stop the run. Warm starts from
+            # a broken landscape are dropped.
+            self._eigvecs = self._pre_eigvecs = None
+            values = {"sharpness/nonfinite": 1.0}
         self._weights_before = None
         self.publish(trainer, pl_module, values)
         self._schedule(trainer, step, check, directional, values.get("sharpness/eos_ratio"))
