@@ -5,7 +5,7 @@ in machine load hits both sides alike; the reported ratio is median(with) / medi
 
     python -m benchmarks.overhead --quick          # < 2 minutes on 2 cores
     python -m benchmarks.overhead                  # full
-    python -m benchmarks.overhead --only grad,loss
+    python -m benchmarks.overhead --only grad+loss,default
 
 Writes ``benchmarks/overhead.json`` next to this file.
 """
@@ -109,10 +109,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--only", default="", help="comma-separated names from the registry")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    steps = args.steps or (60 if args.quick else 300)
-    repeats = args.repeats or (3 if args.quick else 5)
+    torch.set_num_threads(args.threads)
+    # Full runs are long enough to include the default set's sparse checks (a Lanczos check
+    # every 1000 steps, a directional one every 400); quick runs see only per-step costs.
+    steps = args.steps or (60 if args.quick else 1000)
+    repeats = args.repeats or 3
     registry = _registry()
     names = [n for n in args.only.split(",") if n] or list(registry)
     unknown = sorted(set(names) - set(registry))
