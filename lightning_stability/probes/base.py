@@ -19,6 +19,7 @@ __all__ = [
     "logs_this_step",
     "module_loss",
     "muted_logging",
+    "step_loss",
     "write_to_loggers",
 ]
 
@@ -111,6 +112,20 @@ def write_to_loggers(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
     step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step)
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=step)
+
+
+def step_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) -> Tensor | None:
+    """The batch's training loss from ``on_train_batch_end``'s ``outputs`` (a tensor or a
+    dict with ``"loss"``), detached, as a float scalar on the scale ``training_step``
+    returned it (Lightning's division by ``accumulate_grad_batches`` undone); ``None`` when
+    ``training_step`` skipped the batch."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        return None
+    loss = loss.detach().float().reshape(())
+    if pl_module.automatic_optimization:
+        loss = loss * trainer.accumulate_grad_batches
+    return loss
 
 
 @contextlib.contextmanager

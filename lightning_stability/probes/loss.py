@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lightning_stability.estimators.online_stats import RollingWindow
-from lightning_stability.probes.base import StabilityProbe, logs_this_step
+from lightning_stability.probes.base import StabilityProbe, logs_this_step, step_loss
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "LossMonitor"]
 
@@ -73,12 +73,9 @@ class LossMonitor(StabilityProbe):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not isinstance(loss, Tensor):
+        loss = step_loss(trainer, pl_module, outputs)
+        if loss is None:
             return  # training_step skipped this batch (returned None)
-        loss = loss.detach().float().reshape(())
-        if pl_module.automatic_optimization:
-            loss = loss * trainer.accumulate_grad_batches  # undo Lightning's normalisation
         row = [loss]
         per_sample = outputs.get(PER_SAMPLE_LOSS_KEY) if isinstance(outputs, Mapping) else None
         if isinstance(per_sample, Tensor) and per_sample.numel() > 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +15,7 @@ from lightning_stability.probes.base import (
     Reading,
     StabilityProbe,
     logs_this_step,
+    step_loss,
     write_to_loggers,
 )
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
@@ -220,9 +220,9 @@ class EarlyWarning(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if self.use_step_loss and isinstance(loss, torch.Tensor) and loss.numel() == 1:
-            self._loss_sum += float(loss.detach())
+        loss = step_loss(trainer, pl_module, outputs) if self.use_step_loss else None
+        if loss is not None:
+            self._loss_sum += float(loss)
             self._loss_count += 1
         step = trainer.global_step
         # evaluate once per optimizer step (not per accumulated micro-batch)
