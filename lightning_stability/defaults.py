@@ -40,7 +40,8 @@ def stability_callbacks(
 
     Args:
         actions: what may change training. ``"none"`` (default) only measures and warns;
-            ``"backoff"`` halves the learning rate on each warning (:class:`LRBackoff`);
+            ``"backoff"`` halves the learning rate on each warning and ramps it back
+            over 100 steps after 100 calm ones (:class:`LRBackoff`);
             ``"staged"`` climbs the default ladder of safer stages (:class:`StagedTraining`).
             With either, :class:`Rollback` restores the last good state on a critical
             event unless ``rollback=False``.
@@ -75,8 +76,12 @@ def stability_callbacks(
     if actions != "none":
         if warning is False:
             raise ValueError("actions need the early warning: set warning=True or actions='none'")
-        action_cls = LRBackoff if actions == "backoff" else StagedTraining
-        callbacks += build(True, "actions", action_cls)
+        if actions == "backoff":
+            # Ramp back after 100 calm steps: a transient incident should not cost the
+            # rest of the run its learning rate.
+            callbacks.append(LRBackoff(patience=100, recovery_steps=100))
+        else:
+            callbacks += build(True, "actions", StagedTraining)
         callbacks += build(rollback, "rollback", Rollback)
     callbacks += build(dashboard, "dashboard", StabilityDashboard)
     return callbacks

@@ -1,4 +1,5 @@
-"""Rollback: bit-identical restore of the snapshot step, NaN recovery, clean stop."""
+"""Rollback: bit-identical restore of the proven-good snapshot step, NaN recovery, clean
+stop."""
 
 from __future__ import annotations
 
@@ -58,14 +59,47 @@ def test_restores_bit_identical_weights_and_optimizer_state():
     t = trainer(max_steps=10, callbacks=cbs)
     model = TinyClassifier(lr=0.01, opt="adam")
     t.fit(model, loader(classification_data(512), shuffle=False))
-    weights_6, opt_6 = before.states[6]  # last snapshot before step 8
+    # Step 6 is the latest snapshot but still unproven (pending); step 3 was promoted to
+    # good at step 6 after a calm interval, so that is where the run goes back to.
+    weights_3, opt_3 = before.states[3]
     weights_8, opt_8 = after.states[8]
-    assert torch.equal(weights_8, weights_6)
-    assert not torch.equal(before.states[8][0], weights_6)
-    assert _same_optimizer_state(opt_8, opt_6)
-    assert not _same_optimizer_state(before.states[8][1], opt_6)
+    assert torch.equal(weights_8, weights_3)
+    assert not torch.equal(before.states[8][0], weights_3)
+    assert not torch.equal(before.states[6][0], weights_3)
+    assert _same_optimizer_state(opt_8, opt_3)
+    assert not _same_optimizer_state(before.states[8][1], opt_3)
     assert opt_8["param_groups"][0]["lr"] == pytest.approx(0.005)
     assert rollback.rollbacks == 1 and rollback.events[0].source == "rollback"
+    assert rollback.events[0].details["to_step"] == 3.0
+
+
+class InitialWeights(Callback):
+    def on_train_start(self, trainer, pl_module):
+        self.weights = flat_weights(pl_module)
+
+
+@pytest.mark.parametrize(
+    ("script", "to_step"),
+    [
+        # A warning in the interval after step 3 keeps it from being promoted at step 6;
+        # step 6 is promoted at step 9 after a calm interval.
+        ({4: "warning", 5: "ok", 10: "critical"}, 6),
+        # No calm interval completed since the warning: only the starting state is good.
+        ({4: "warning", 5: "ok", 8: "critical"}, 0),
+        # Calm throughout: the previous snapshot (promoted at step 9), not step 9 itself.
+        ({10: "critical"}, 6),
+    ],
+)
+def test_only_a_snapshot_followed_by_a_calm_interval_is_restored(script, to_step):
+    before, after, initial = StateRecorder(), StateRecorder(), InitialWeights()
+    rollback = Rollback(every=3)
+    t = trainer(max_steps=11, callbacks=[ScriptedSource(script), initial, before, rollback, after])
+    model = TinyClassifier(lr=0.05)
+    t.fit(model, loader(classification_data(512), shuffle=False))
+    expected = initial.weights if to_step == 0 else before.states[to_step][0]
+    crit = max(script)
+    assert torch.equal(after.states[crit][0], expected)
+    assert rollback.events[0].details["to_step"] == float(to_step)
 
 
 def _data_with_nan_batches(nan_batches: tuple[int, ...], batch_size: int = 32):
@@ -114,3 +148,13 @@ def test_stops_cleanly_after_max_rollbacks(tmp_path):
     assert rollback.stop_checkpoint is not None and os.path.exists(rollback.stop_checkpoint)
     ckpt = torch.load(rollback.stop_checkpoint, weights_only=True)
     assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+
+
+def test_stop_checkpoint_defaults_to_the_trainer_root(tmp_path):
+    rollback = Rollback(every=2, max_rollbacks=0)
+    cbs = [ScriptedSource({}), rollback]
+    t = trainer(max_steps=12, default_root_dir=str(tmp_path), callbacks=cbs)
+    with pytest.warns(UserWarning, match="max_rollbacks=0"):
+        t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((5,)), shuffle=False))
+    assert rollback.stop_checkpoint == os.path.join(str(tmp_path), "rollback-stop-step6.ckpt")
+    assert os.path.exists(rollback.stop_checkpoint)

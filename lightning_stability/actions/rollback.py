@@ -29,41 +29,56 @@ ROLLBACKS_KEY = "stability/action/rollbacks"
 
 
 class Rollback(StabilityAction):
-    """Keep the last known-good training state in memory and return to it on a critical
-    event, then make training safer and continue the run instead of failing.
+    """Keep a proven-good training state in memory and return to it on a critical event,
+    then make training safer and continue the run instead of failing.
 
-    Every ``every`` steps, while the run's level is below ``calm_below`` and the weights
-    are finite, a :class:`~lightning_stability.actions.snapshot.TrainingSnapshot` is
-    taken: module state, optimizer and scheduler states, AMP scaler, and the state of the
-    other action callbacks (one at the start of training, too). Memory: one extra copy
-    of the weights and optimizer state (about 3x the parameters for Adam); ``offload``
-    keeps it in host memory.
+    A state is trusted only after the run stayed calm for a whole interval after it, as
+    in large-scale practice (PaLM restarted from a checkpoint about 100 steps before a
+    loss spike, Chowdhery et al., 2022): damage such as a corrupted batch often shows up
+    a few steps after the update that did it, so the latest snapshot may already hold it.
+    Two :class:`~lightning_stability.actions.snapshot.TrainingSnapshot` are kept (module
+    state, optimizer and scheduler states, AMP scaler, and the state of the other action
+    callbacks):
+
+    * ``pending``: taken every ``every`` steps while the latest level is below
+      ``calm_below`` and the weights are finite;
+    * ``good``: at the next snapshot time, ``pending`` is promoted to ``good`` if the
+      level stayed below ``calm_below`` at every step since it was taken and the weights
+      are still finite; otherwise it is dropped. The state training starts from (the
+      initial or resumed weights) is ``good`` from the start.
 
     On an event at or above ``level`` (and, with ``nonfinite_loss``, on a non-finite
-    training loss on any rank) the snapshot is restored and then training is made safer:
-    the next stage of a :class:`StagedTraining` in ``trainer.callbacks`` if there is one,
-    else a backoff of an :class:`LRBackoff`, else the learning rates are multiplied by
-    ``backoff_factor``. The data loader is not rewound: the batches seen since the
-    snapshot, the offending ones among them, are not replayed, and
-    ``trainer.global_step`` keeps counting. After ``max_rollbacks`` rollbacks, the next
-    critical event restores the snapshot once more, saves it as a checkpoint in
-    ``dirpath`` (default ``trainer.default_root_dir``) and stops the run with a warning.
+    training loss on any rank) ``good`` is restored, so the run goes back between
+    ``every`` and ``2 * every`` steps before the trouble. ``pending`` is used only when
+    there is no ``good`` state (the starting weights were not finite); it was taken while
+    calm, before the trouble was reported. Then training is made safer: the next stage of
+    a :class:`StagedTraining` in ``trainer.callbacks`` if there is one, else a backoff of
+    an :class:`LRBackoff`, else the learning rates are multiplied by ``backoff_factor``.
+    The data loader is not rewound: the batches seen since the snapshot, the offending
+    ones among them, are not replayed, and ``trainer.global_step`` keeps counting. After
+    ``max_rollbacks`` rollbacks, the next critical event restores the good state once
+    more, saves it as a checkpoint in ``dirpath`` (default ``trainer.default_root_dir``)
+    and stops the run with a warning.
+
+    Memory: two snapshots, i.e. about twice the weights plus the optimizer state (about
+    6x the parameters for Adam, 4x for SGD with momentum); ``offload`` keeps them in host
+    (CPU) memory instead of on the accelerator.
 
     Args:
         every: snapshot interval in optimizer steps. Default 50.
         level: event level that triggers a rollback. Default ``"critical"``.
-        calm_below: snapshots are taken only while the latest level is below this.
-            Default ``"warning"``.
+        calm_below: snapshots are taken, and promoted to good, only while the level is
+            below this. Default ``"warning"``.
         max_rollbacks: rollbacks allowed before stopping. Default 3.
-        offload: keep the snapshot on the CPU. Default False.
+        offload: keep the snapshots on the CPU. Default False.
         backoff_factor: learning-rate multiplier after a rollback when no other action
             is attached, in (0, 1). Default 0.5.
         nonfinite_loss: treat a non-finite training loss (``outputs["loss"]``) as
             critical even if no source reports it. Default True.
         dirpath: where the stop checkpoint goes. Default ``None`` (the Trainer's root).
 
-    The snapshot itself is not written into checkpoints (only the rollback count is); a
-    resumed run takes a fresh snapshot when training starts.
+    The snapshots themselves are not written into checkpoints (only the rollback count
+    is); a resumed run takes a fresh good snapshot when training starts.
     """
 
     source_name = "rollback"
@@ -92,12 +107,15 @@ class Rollback(StabilityAction):
         self.dirpath = dirpath
         self.rollbacks = 0
         self.current_level = Level.OK
-        self.snapshot: TrainingSnapshot | None = None
+        self.good: TrainingSnapshot | None = None
+        self.pending: TrainingSnapshot | None = None
+        self._calm_since_pending = False
         self.stop_checkpoint: str | None = None
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._take(trainer, pl_module)
+        self.good = self._take(trainer, pl_module)
+        self.pending = None
 
     def on_train_batch_end(
         self,
@@ -118,33 +136,58 @@ class Rollback(StabilityAction):
     ) -> None:
         if level is not None:
             self.current_level = level
+        if self.current_level >= self.calm_below:
+            self._calm_since_pending = False
         if level is not None and level >= self.level:
             self._roll_back(trainer, pl_module, level)
-        elif int(trainer.global_step) % self.every == 0 and self.current_level < self.calm_below:
-            self._take(trainer, pl_module)
+        elif int(trainer.global_step) % self.every == 0:
+            self._advance(trainer, pl_module)
         self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
+
+    @property
+    def snapshot(self) -> TrainingSnapshot | None:
+        """The state a rollback would return to now."""
+        return self.good if self.good is not None else self.pending
 
     # ------------------------------------------------------------- mechanics
     def _others(self, trainer: pl.Trainer) -> dict[str, StabilityAction]:
         return {cb.state_key: cb for cb in action_callbacks(trainer) if cb is not self}
 
-    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainingSnapshot | None:
         # Weights are identical on every rank under DDP, so this check agrees everywhere.
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
-            return
-        self.snapshot = TrainingSnapshot.take(
+            return None
+        return TrainingSnapshot.take(
             trainer, pl_module, self._others(trainer), offload=self.offload
         )
+
+    def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Snapshot time: promote ``pending`` if the interval since it was calm, then take
+        a new ``pending`` if the run is calm now."""
+        fresh = self._take(trainer, pl_module) if self.current_level < self.calm_below else None
+        finite_now = fresh is not None or all(
+            bool(torch.isfinite(p).all()) for p in pl_module.parameters()
+        )
+        if self.pending is not None and self._calm_since_pending and finite_now:
+            self.good = self.pending
+        self.pending = fresh
+        self._calm_since_pending = fresh is not None
 
     def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level) -> None:
         step = int(trainer.global_step)
         others = self._others(trainer)
         for action in others.values():
             action.mark_handled(step)
-        if self.snapshot is None:
+        target = self.snapshot
+        # The trajectory after the restored state is abandoned, and an unproven pending
+        # state from it must not be promoted later.
+        if target is self.good:
+            self.pending = None
+        self._calm_since_pending = False
+        if target is None:
             self._stop(trainer, pl_module, "no known-good state to return to")
             return
-        self.snapshot.restore(trainer, pl_module, others)
+        target.restore(trainer, pl_module, others)
         for action in others.values():
             action.restored(trainer, pl_module)
         self.current_level = Level.OK
@@ -156,9 +199,9 @@ class Rollback(StabilityAction):
         self.record(
             trainer,
             level,
-            f"rolled back to step {self.snapshot.step} after a {level.name} event; {safer}",
+            f"rolled back to step {target.step} after a {level.name} event; {safer}",
             signals=(ROLLBACKS_KEY,),
-            details={"to_step": float(self.snapshot.step), "rollbacks": float(self.rollbacks)},
+            details={"to_step": float(target.step), "rollbacks": float(self.rollbacks)},
         )
 
     def _make_safer(
