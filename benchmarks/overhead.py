@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     # Full runs are long enough to include the default set's sparse checks (a Lanczos check
-    # every 1000 steps, a directional one every 400); quick runs see only per-step costs.
-    steps = args.steps or (60 if args.quick else 1000)
-    repeats = args.repeats or 3
+    # every 2500 steps, a directional one every 1000); quick runs see only per-step costs.
+    steps = args.steps or (60 if args.quick else 2500)
+    repeats = args.repeats or (3 if args.quick else 2)
     registry = _registry()
     names = [n for n in args.only.split(",") if n] or list(registry)
     unknown = sorted(set(names) - set(registry))
