@@ -158,3 +158,20 @@ def test_stop_checkpoint_defaults_to_the_trainer_root(tmp_path):
         t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((5,)), shuffle=False))
     assert rollback.stop_checkpoint == os.path.join(str(tmp_path), "rollback-stop-step6.ckpt")
     assert os.path.exists(rollback.stop_checkpoint)
+
+
+def test_rollback_keeps_the_history_of_earlier_actions():
+    backoff = LRBackoff()
+    rollback = Rollback(every=3)
+    cbs = [ScriptedSource({7: "warning", 11: "critical"}), backoff, rollback]
+    t = trainer(max_steps=12, callbacks=cbs)
+    t.fit(TinyClassifier(lr=0.1), loader(classification_data(512), shuffle=False))
+    # The cuts at steps 7 and 11 are rolled back with the rest of the state (the snapshot
+    # is from step 3), then the rollback cuts once from there; the log keeps all three.
+    log = [(e.step, e.message) for e in backoff.events]
+    assert [step for step, _ in log] == [7, 11, 11]
+    assert "(WARNING event)" in log[0][1]
+    assert "(CRITICAL event)" in log[1][1]
+    assert "(rollback 1)" in log[2][1]
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
+    assert rollback.rollbacks == 1

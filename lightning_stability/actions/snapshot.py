@@ -77,7 +77,11 @@ class TrainingSnapshot:
             trainer.precision_plugin.load_state_dict(_copy(self.precision, False))
         for key, cb in (callbacks or {}).items():
             if key in self.callbacks:
+                # The log of what the actions did is history, not state to roll back.
+                history = list(getattr(cb, "events", []))
                 cb.load_state_dict(_copy(self.callbacks[key], False))
+                if hasattr(cb, "events"):
+                    cb.events = history
 
     def nbytes(self) -> int:
         """Bytes held by the tensors of this snapshot."""
