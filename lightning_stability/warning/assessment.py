@@ -175,8 +175,14 @@ class MetaStateMonitor:
                         (
                             obs.key,
                             _Z_CAP + float(reading.level),
-                            f"{what} of {obs.key} rising (Kendall tau {reading.tau_var:.2f} / "
-                            f"{reading.tau_ac1:.2f}, variance x{reading.var_ratio:.1f})",
+                            f"{what} of {obs.key} rising (Kendall tau of the variance "
+                            f"{reading.tau_var:.2f}"
+                            + (
+                                f", of the autocorrelation {reading.tau_ac1:.2f}"
+                                if math.isfinite(reading.tau_ac1)
+                                else ""
+                            )
+                            + f"; variance x{reading.var_ratio:.1f})",
                         )
                     )
         out.dimensions = {d: dims[d] for d in DIMENSIONS if d in dims}
