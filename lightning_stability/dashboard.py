@@ -23,6 +23,10 @@ __all__ = ["StabilityDashboard"]
 
 LEVEL_NAMES = {lv: lv.name.lower() for lv in Level}
 
+_SUMMARY_TAGS = frozenset(tag for _, tag, _ in SUMMARY_ROWS)
+# what the dashboard reads from probes: the summary's readings and those framing 2/lr
+_PROBE_TAGS = _SUMMARY_TAGS | {"stability/sharpness/lambda_max", "stability/sharpness/directional"}
+
 _TIMED_HOOKS = (
     "on_train_batch_start",
     "on_train_batch_end",
@@ -89,6 +93,7 @@ class StabilityDashboard(Callback):
         self.seconds: dict[str, float] = {}
         self.last_summary: RunSummary | None = None
         self._peaks: dict[str, _Peak] = {}
+        self._seen: dict[str, int] = {}
         self._probes: list[StabilityProbe] = []
         self._warning: EarlyWarning | None = None
         self._actions: list[StabilityAction] = []
@@ -175,20 +180,24 @@ class StabilityDashboard(Callback):
         batch_idx: int,
     ) -> None:
         step = trainer.global_step
+        # Only the readings the summary reports are followed, each once per new reading
+        # (probes stamp readings at their own step, which need not be this one).
         fresh: dict[str, float] = {}
         for probe in self._probes:
-            for key, reading in probe.readings.items():
-                if reading.step == step:
+            for key in _PROBE_TAGS.intersection(probe.readings):
+                reading = probe.readings[key]
+                if self._seen.get(key) != reading.step:
+                    self._seen[key] = reading.step
                     fresh[key] = reading.value
         if self._warning is not None:
             fresh["stability/meta/deviation"] = self._warning.deviation
             fresh["stability/meta/level"] = float(self._warning.level)
-        for key, value in fresh.items():
-            self._peaks.setdefault(key, _Peak()).add(value)
         for key in ("stability/action/lr_scale", "stability/action/stage"):
             value = trainer.callback_metrics.get(key)
             if value is not None:
-                self._peaks.setdefault(key, _Peak()).add(float(value))
+                fresh[key] = float(value)
+        for key, value in fresh.items():
+            self._peaks.setdefault(key, _Peak()).add(value)
         if trainer.is_global_zero:
             self._write_references(trainer, fresh, step)
             self._write_action_events(trainer)

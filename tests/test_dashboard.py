@@ -63,6 +63,9 @@ def test_default_set_writes_the_stability_tab_and_readings(tmp_path, capsys):
     summary = dict(dashboard.last_summary.rows)
     lambdas = [e.value for e in acc.Scalars("stability/sharpness/lambda_max")]
     assert summary["peak lambda_max"] == pytest.approx(max(lambdas), rel=1e-6)
+    # gradient readings are stamped before the step increments; the peak still sees them
+    norms = [e.value for e in acc.Scalars("stability/grad/norm")]
+    assert summary["peak gradient norm"] >= max(norms) > 0
     assert set(dashboard.last_summary.seconds_in_callbacks) >= {
         "SharpnessMonitor",
         "GradientMonitor",
