@@ -137,7 +137,7 @@ def test_nonfinite_loss_is_critical_without_a_source_saying_so():
 
 
 def test_stops_cleanly_after_max_rollbacks(tmp_path):
-    rollback = Rollback(every=2, max_rollbacks=2, dirpath=str(tmp_path))
+    rollback = Rollback(every=2, max_rollbacks=2, dirpath=str(tmp_path), skip_steps=0)
     t = trainer(max_steps=14, callbacks=[ScriptedSource({}), rollback])
     model = TinyClassifier(lr=0.1)
     with pytest.warns(UserWarning, match="max_rollbacks=2"):

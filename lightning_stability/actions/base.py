@@ -104,6 +104,7 @@ class StabilityAction(Callback):
         self._decide_at_batch_end = True
         self._boundary_step = -1
         self._handled_step = -1
+        self._handled_until = -1
 
     # ----------------------------------------------------------------- wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -165,7 +166,7 @@ class StabilityAction(Callback):
             return  # inside an accumulation window: no optimizer step since last time
         self._boundary_step = step
         level = self._agree(trainer)
-        if self._handled_step == step:
+        if self._handled_step <= step <= self._handled_until:
             level = None  # another action already acted on this step's events for us
         self.on_step_boundary(trainer, pl_module, level)
 
@@ -188,9 +189,11 @@ class StabilityAction(Callback):
         Called on every rank at the same step boundary."""
         return False
 
-    def mark_handled(self, step: int) -> None:
-        """Events of ``step`` have been acted on by another action: do not act again."""
+    def mark_handled(self, step: int, until: int | None = None) -> None:
+        """Events of ``step`` (through ``until``) have been acted on by another action:
+        do not act on them again."""
         self._handled_step = step
+        self._handled_until = step if until is None else max(step, until)
 
     def restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Called after a rollback loaded this action's state: re-apply whatever part of

@@ -26,6 +26,7 @@ from lightning_stability.warning.events import Level
 __all__ = ["Rollback"]
 
 ROLLBACKS_KEY = "stability/action/rollbacks"
+SKIPPED_KEY = "stability/action/skipped_steps"
 
 
 class Rollback(StabilityAction):
@@ -55,7 +56,16 @@ class Rollback(StabilityAction):
     a :class:`StagedTraining` in ``trainer.callbacks`` if there is one, else a backoff of
     an :class:`LRBackoff`, else the learning rates are multiplied by ``backoff_factor``.
     The data loader is not rewound: the batches seen since the snapshot, the offending
-    ones among them, are not replayed, and ``trainer.global_step`` keeps counting. After
+    ones among them, are not replayed, and ``trainer.global_step`` keeps counting. The
+    next ``skip_steps`` batches are skipped too (their gradients are dropped before the
+    optimizer step, so neither the weights nor the optimizer's moments change), since a
+    bad stretch of data often outlasts the batch that raised the alarm (PaLM skipped 200
+    to 500 batches after restarting, Chowdhery et al., 2022). A critical event while
+    skipping cannot come from the restored weights, so it extends the skip instead of
+    rolling back again, for at most ``5 * skip_steps`` steps after the rollback. Every
+    callback with a ``rearm`` method (:class:`EarlyWarning`, the probes' rolling
+    windows) is re-armed at a rollback, so that renewed trouble is reported at once, and
+    the other actions ignore the events of the skipped steps. After
     ``max_rollbacks`` rollbacks, the next critical event restores the good state once
     more, saves it as a checkpoint in ``dirpath`` (default ``trainer.default_root_dir``)
     and stops the run with a warning.
@@ -75,6 +85,8 @@ class Rollback(StabilityAction):
             is attached, in (0, 1). Default 0.5.
         nonfinite_loss: treat a non-finite training loss (``outputs["loss"]``) as
             critical even if no source reports it. Default True.
+        skip_steps: batches skipped after a rollback (their updates are not applied).
+            Default 10; 0 skips none.
         dirpath: where the stop checkpoint goes. Default ``None`` (the Trainer's root).
 
     The snapshots themselves are not written into checkpoints (only the rollback count
@@ -93,12 +105,18 @@ class Rollback(StabilityAction):
         backoff_factor: float = 0.5,
         nonfinite_loss: bool = True,
         dirpath: str | None = None,
+        skip_steps: int = 10,
     ) -> None:
         super().__init__(level)
         check_positive_int(every, "every")
         self.calm_below = Level.parse(calm_below, "calm_below")
         check_nonnegative_int(max_rollbacks, "max_rollbacks")
         check_factor(backoff_factor, "backoff_factor")
+        check_nonnegative_int(skip_steps, "skip_steps")
+        self.skip_steps = skip_steps
+        self.skipped = 0
+        self._skip_from = -1
+        self._skip_until = -1
         self.every = every
         self.max_rollbacks = max_rollbacks
         self.offload = bool(offload)
@@ -138,11 +156,40 @@ class Rollback(StabilityAction):
             self.current_level = level
         if self.current_level >= self.calm_below:
             self._calm_since_pending = False
+        step = int(trainer.global_step)
         if level is not None and level >= self.level:
-            self._roll_back(trainer, pl_module, level)
+            if step <= self._skip_until and step + self.skip_steps <= (
+                self._skip_from + 5 * self.skip_steps
+            ):
+                self._extend_skip(trainer, level, step)
+            else:
+                self._roll_back(trainer, pl_module, level)
         elif int(trainer.global_step) % self.every == 0:
             self._advance(trainer, pl_module)
         self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
+        self.log_value(pl_module, SKIPPED_KEY, self.skipped)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
+    ) -> None:
+        if int(trainer.global_step) >= self._skip_until:
+            return
+        self.skipped += 1
+        # A gradient scaler asserts that it saw gradients: give it zeros, not None.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if scaler is None:
+                    p.grad = None
+                else:
+                    p.grad.zero_()
+
+    @property
+    def skipping(self) -> bool:
+        """True while the updates of the coming batches are being skipped."""
+        return self._boundary_step < self._skip_until
 
     @property
     def snapshot(self) -> TrainingSnapshot | None:
@@ -191,6 +238,8 @@ class Rollback(StabilityAction):
         for action in others.values():
             action.restored(trainer, pl_module)
         self.current_level = Level.OK
+        self._skip_from, self._skip_until = step, step + self.skip_steps
+        self._rearm_sources(trainer, step)
         if self.rollbacks >= self.max_rollbacks:
             self._stop(trainer, pl_module, f"max_rollbacks={self.max_rollbacks} reached")
             return
@@ -202,6 +251,29 @@ class Rollback(StabilityAction):
             f"rolled back to step {target.step} after a {level.name} event; {safer}",
             signals=(ROLLBACKS_KEY,),
             details={"to_step": float(target.step), "rollbacks": float(self.rollbacks)},
+        )
+
+    def _rearm_sources(self, trainer: pl.Trainer, step: int) -> None:
+        for cb in trainer.callbacks:
+            rearm = getattr(cb, "rearm", None)
+            if cb is not self and callable(rearm):
+                rearm(step, self.skip_steps)
+        # Events while skipping come from data the weights never saw: no other action
+        # should respond to them.
+        for action in self._others(trainer).values():
+            action.mark_handled(step, until=self._skip_until)
+
+    def _extend_skip(self, trainer: pl.Trainer, level: Level, step: int) -> None:
+        self._skip_until = step + self.skip_steps
+        self.current_level = Level.OK
+        self._rearm_sources(trainer, step)
+        self.record(
+            trainer,
+            level,
+            f"{level.name} event while skipping batches after a rollback: skipping "
+            f"{self.skip_steps} more",
+            signals=(SKIPPED_KEY,),
+            details={"skip_until": float(self._skip_until)},
         )
 
     def _make_safer(
@@ -236,10 +308,16 @@ class Rollback(StabilityAction):
         return {
             "rollbacks": self.rollbacks,
             "current_level": int(self.current_level),
+            "skipped": self.skipped,
+            "skip_from": self._skip_from,
+            "skip_until": self._skip_until,
             "events": self._events_state(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = int(state_dict["rollbacks"])
         self.current_level = Level(int(state_dict["current_level"]))
+        self.skipped = int(state_dict.get("skipped", 0))
+        self._skip_from = int(state_dict.get("skip_from", -1))
+        self._skip_until = int(state_dict.get("skip_until", -1))
         self._load_events(state_dict.get("events", []))

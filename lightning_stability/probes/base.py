@@ -50,6 +50,11 @@ class StabilityProbe(Callback):
         super().__init__()
         self.readings: dict[str, Reading] = {}
 
+    def rearm(self, step: int, pause: int = 0) -> None:
+        """Called by a rollback at ``step`` on every rank: drop the readings (and, in
+        subclasses, rolling statistics) that describe the abandoned trajectory."""
+        self.readings.clear()
+
     def publish(
         self,
         trainer: pl.Trainer,

@@ -118,6 +118,7 @@ class GradientMonitor(StabilityProbe):
 
         self.norm_window = RollingWindow(window)
         self.clip_window = RollingWindow(window)
+        self._paused_until = -1  # norms of batches whose update is skipped stay out
 
         self._names: list[str] = []
         self._params: list[Tensor] = []
@@ -266,7 +267,7 @@ class GradientMonitor(StabilityProbe):
         if not math.isfinite(norm):
             grads = [self._params[i].grad for i in out["with_grad"].tolist()]
             nonfinite = int(sum(int((~torch.isfinite(g)).sum()) for g in grads))
-        else:
+        elif trainer.global_step >= self._paused_until:
             self.norm_window.update(norm)
         values["grad/nonfinite"] = float(nonfinite)
         if "dsq" in out:
@@ -346,6 +347,12 @@ class GradientMonitor(StabilityProbe):
         )
 
     # ------------------------------------------------------------------ resume
+
+    def rearm(self, step: int, pause: int = 0) -> None:
+        super().rearm(step, pause)
+        self.norm_window = RollingWindow(self.window)
+        self.clip_window = RollingWindow(self.window)
+        self._paused_until = step + pause
 
     def state_dict(self) -> dict[str, Any]:
         return {

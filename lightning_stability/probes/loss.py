@@ -63,6 +63,7 @@ class LossMonitor(StabilityProbe):
         self.quantile = float(quantile)
         self.loss_window = RollingWindow(window)
         self.worst_window = RollingWindow(window)
+        self._paused_until = -1  # losses of batches whose update is skipped stay out
 
     @torch.no_grad()
     def on_train_batch_end(
@@ -91,18 +92,25 @@ class LossMonitor(StabilityProbe):
             "loss/value": sum(losses) / len(losses),
             "loss/nonfinite": 0.0 if finite else 1.0,
         }
-        if finite:
+        if finite and trainer.global_step >= self._paused_until:
             self.loss_window.update(values["loss/value"])
             self.worst_window.update(max(losses))
-        values["loss/tail_max"] = self.worst_window.max()
-        values["loss/tail_q"] = self.worst_window.quantile(self.quantile)
-        values["loss/spread"] = values["loss/tail_q"] - self.worst_window.quantile(0.5)
+        if len(self.worst_window):  # empty after a rollback; nan would read as non-finite
+            values["loss/tail_max"] = self.worst_window.max()
+            values["loss/tail_q"] = self.worst_window.quantile(self.quantile)
+            values["loss/spread"] = values["loss/tail_q"] - self.worst_window.quantile(0.5)
         values["loss/var"] = self.loss_window.var()
         values["loss/ac1"] = self.loss_window.ac1()
         if len(row) == 3:
             values["loss/sample_q"] = max(r[1] for r in host)
             values["loss/sample_max"] = max(r[2] for r in host)
         self.publish(trainer, pl_module, values, log=logs_this_step(trainer))
+
+    def rearm(self, step: int, pause: int = 0) -> None:
+        super().rearm(step, pause)
+        self.loss_window = RollingWindow(self.window)
+        self.worst_window = RollingWindow(self.window)
+        self._paused_until = step + pause
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_stability.warning.baseline import RobustBaseline
+from lightning_stability.warning.cusum import Cusum
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.indicators import TrendIndicator
 from lightning_stability.warning.metastate import DIMENSIONS, MetaState, SignalSpec
@@ -55,7 +56,9 @@ class MetaStateMonitor:
     :class:`TrendIndicator` if its spec asks for one). The deviation is the Euclidean
     norm of the four dimension scores, each the largest upward robust z-score among
     that dimension's signals: a Mahalanobis-type distance with a robust diagonal
-    scale, in which only the direction of instability counts. Baselines are frozen
+    scale, in which only the direction of instability counts. A one-sided CUSUM of the
+    deviation (:class:`~lightning_stability.warning.cusum.Cusum`) proposes WARNING when a
+    moderate deviation persists. Baselines are frozen
     while the level is WARNING or worse (so they do not learn the instability), for
     at most ``freeze_limit`` steps (after which the run's new regime is accepted).
 
@@ -82,6 +85,8 @@ class MetaStateMonitor:
         trend_sustain: int = 10,
         eos_margin: float = 0.25,
         eos_sustain: int = 2,
+        cusum_drift: float = 4.0,
+        cusum_threshold: float | None = 8.0,
     ) -> None:
         if not 0 < watch_threshold <= warning_threshold <= critical_threshold:
             raise ValueError(
@@ -110,9 +115,11 @@ class MetaStateMonitor:
         )
         TrendIndicator(*self.trend_args)
         self.rules = HardRules(eos_margin, eos_sustain)
+        self.cusum = None if cusum_threshold is None else Cusum(cusum_drift, cusum_threshold)
         self.baselines: dict[str, RobustBaseline] = {}
         self.trends: dict[str, TrendIndicator] = {}
         self.frozen_since: int | None = None
+        self.paused_until = -1
 
     def _baseline(self, key: str, spec: SignalSpec) -> RobustBaseline:
         if key not in self.baselines:
@@ -137,7 +144,9 @@ class MetaStateMonitor:
                 self.frozen_since = step
         else:
             self.frozen_since = None
-        learn = self.frozen_since is None or step - self.frozen_since >= self.freeze_limit
+        learn = step >= self.paused_until and (
+            self.frozen_since is None or step - self.frozen_since >= self.freeze_limit
+        )
 
         observations = self.meta.observe(readings, step)
         out = Assessment()
@@ -163,7 +172,7 @@ class MetaStateMonitor:
                 baseline.update(obs.value)
             if obs.spec.trend:
                 trend = self.trends.setdefault(obs.key, TrendIndicator(*self.trend_args))
-                reading = trend.update(obs.value) if obs.fresh else trend.last
+                reading = trend.update(obs.value) if obs.fresh and learn else trend.last
                 if reading is not None and reading.level > Level.OK:
                     trend_level = max(trend_level, reading.level)
                     what = (
@@ -189,6 +198,23 @@ class MetaStateMonitor:
         out.deviation = math.sqrt(sum(s * s for s in out.dimensions.values()))
         out.proposed = max(self._level_of(out.deviation, 1.0), trend_level)
         out.hold = max(self._level_of(out.deviation, self.exit_ratio), trend_level)
+        if self.cusum is not None:
+            # readings of skipped updates describe data the weights never saw
+            s = self.cusum.update(out.deviation if step >= self.paused_until else 0.0)
+            if s >= self.exit_ratio * self.cusum.threshold:
+                out.hold = max(out.hold, Level.WARNING)
+            if s >= self.cusum.threshold:
+                # named first only when it, not this step's deviation, is the reason
+                reason = out.proposed < Level.WARNING
+                out.proposed = max(out.proposed, Level.WARNING)
+                out.drivers.append(
+                    (
+                        "stability/meta/deviation",
+                        _Z_CAP if reason else 0.0,
+                        f"deviation above {self.cusum.drift:g} sustained (CUSUM {s:.1f} >= "
+                        f"{self.cusum.threshold:g})",
+                    )
+                )
 
         hits: list[RuleHit] = self.rules.check(observations, readings)
         rule_drivers = []
@@ -202,6 +228,17 @@ class MetaStateMonitor:
         out.drivers = rule_drivers + out.drivers
         return out
 
+    def restart(self, step: int, pause: int = 0) -> None:
+        """The run went back to an earlier state at ``step``: forget the trend windows and
+        the CUSUM (they describe the abandoned trajectory), keep the baselines (learned
+        before the trouble, while they were frozen), and learn nothing for ``pause``
+        steps (readings of updates that are being skipped describe no training)."""
+        self.trends = {}
+        if self.cusum is not None:
+            self.cusum.reset()
+        self.frozen_since = None
+        self.paused_until = step + pause
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "meta": self.meta.state_dict(),
@@ -209,6 +246,8 @@ class MetaStateMonitor:
             "baselines": {k: b.state_dict() for k, b in self.baselines.items()},
             "trends": {k: t.state_dict() for k, t in self.trends.items()},
             "frozen_since": -1 if self.frozen_since is None else self.frozen_since,
+            "cusum": None if self.cusum is None else self.cusum.state_dict(),
+            "paused_until": self.paused_until,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -223,5 +262,8 @@ class MetaStateMonitor:
         for key, sub in state["trends"].items():
             self.trends[key] = TrendIndicator(*self.trend_args)
             self.trends[key].load_state_dict(sub)
+        if self.cusum is not None and state.get("cusum") is not None:
+            self.cusum.load_state_dict(state["cusum"])
+        self.paused_until = int(state.get("paused_until", -1))
         frozen = int(state["frozen_since"])
         self.frozen_since = None if frozen < 0 else frozen

@@ -40,7 +40,8 @@ class EarlyWarning(Callback):
     form a meta-state along four dimensions (optimisation, learning signal, parametric,
     data). The deviation of each reading from its robust baseline (rolling median/MAD,
     log scale for positive quantities), critical-slowing-down trends (rising variance
-    and lag-1 autocorrelation, Kendall's tau; Dakos et al. 2012) and hard rules
+    and lag-1 autocorrelation, Kendall's tau; Dakos et al. 2012), a CUSUM of the
+    deviation that accumulates a moderate shift while it persists (Page 1954) and hard rules
     (non-finite loss or gradients; edge-of-stability ratio sustained above
     ``1 + eos_margin``) give a level, smoothed by hysteresis.
 
@@ -104,6 +105,10 @@ class EarlyWarning(Callback):
         eos_margin: the edge-of-stability rule fires when ``eos_ratio`` or
             ``directional_ratio`` is above ``1 + eos_margin`` (default 0.25).
         eos_sustain: consecutive readings of one of them above it (default 2).
+        cusum_drift: per-step allowance of the CUSUM on the deviation (default 4).
+        cusum_threshold: the CUSUM's sum of excesses over ``cusum_drift`` that proposes
+            WARNING (default 8; ``None``: no CUSUM). It catches a moderate deviation that
+            persists, which the rolling baselines would otherwise learn as normal.
         use_step_loss: when no probe publishes ``stability/loss/value``, use the training
             step's own loss (averaged over ranks) instead (default True).
         signals: which readings feed which dimension and how (default
@@ -134,6 +139,8 @@ class EarlyWarning(Callback):
         trend_sustain: int = 10,
         eos_margin: float = 0.25,
         eos_sustain: int = 2,
+        cusum_drift: float = 4.0,
+        cusum_threshold: float | None = 8.0,
         use_step_loss: bool = True,
         signals: list[SignalSpec] | None = None,
         warn_level: str = "warning",
@@ -158,6 +165,8 @@ class EarlyWarning(Callback):
             trend_sustain=trend_sustain,
             eos_margin=eos_margin,
             eos_sustain=eos_sustain,
+            cusum_drift=cusum_drift,
+            cusum_threshold=cusum_threshold,
         )
         self.tracker = LevelTracker(
             patience=patience, min_dwell=min_dwell, cooldown=cooldown, repeat_every=repeat_every
@@ -247,6 +256,14 @@ class EarlyWarning(Callback):
             write_to_loggers(trainer, meta)
         if new is not None:
             self._emit(trainer, pl_module, new, step, deviation, dims, local, src)
+
+    def rearm(self, step: int, pause: int = 0) -> None:
+        """Called by a rollback on every rank at the same step: the weights are back at a
+        good state, so the level returns to OK and may rise again at once, the trend
+        windows and CUSUM restart, and the baselines learn nothing for ``pause`` steps."""
+        self.tracker.reset(step)
+        self.monitor.restart(step, pause)
+        self.deviation = 0.0
 
     def _reduce(
         self, trainer: pl.Trainer, local: Assessment

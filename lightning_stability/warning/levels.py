@@ -99,6 +99,15 @@ class LevelTracker:
             return hold
         return self._repeat(step, hold)
 
+    def reset(self, step: int) -> None:
+        """Back to OK at ``step`` with every level free to be entered again at once (the
+        run returned to an earlier, good state; what follows is new evidence)."""
+        self.level = Level.OK
+        self.since = step
+        self.streak = 0
+        self.left_at = {}
+        self.last_hard = _NEVER
+
     def _repeat(self, step: int, hold: Level) -> Level | None:
         if (
             self.repeat_every is not None
