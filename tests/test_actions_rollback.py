@@ -23,6 +23,7 @@ from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
         ({"max_rollbacks": -1}, "max_rollbacks"),
         ({"backoff_factor": 1.5}, "backoff_factor"),
         ({"calm_below": "fine"}, "calm_below"),
+        ({"skip_steps": -1}, "skip_steps"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, match):
@@ -175,3 +176,33 @@ def test_rollback_keeps_the_history_of_earlier_actions():
     assert "(rollback 1)" in log[2][1]
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
     assert rollback.rollbacks == 1
+
+
+def test_a_burst_of_bad_batches_is_skipped_not_rolled_back_again():
+    """Batches 5-8 are NaN. Batch 5 triggers the rollback at step 6; batches 6-8 arrive
+    while the next ``skip_steps`` updates are skipped, so each extends the skip instead of
+    rolling back again; no update is applied until the skip ends."""
+    after = StateRecorder()
+    rollback = Rollback(every=2, skip_steps=5)
+    t = trainer(max_steps=20, callbacks=[ScriptedSource({}), rollback, after])
+    model = TinyClassifier(lr=0.1)
+    t.fit(model, loader(_data_with_nan_batches((5, 6, 7, 8)), shuffle=False))
+    assert rollback.rollbacks == 1
+    assert torch.isfinite(flat_weights(model)).all()
+    # the last bad batch is step 9; the skip then runs through step 14
+    restored = after.states[6][0]
+    for step in range(7, 15):
+        assert torch.equal(after.states[step][0], restored), step
+    assert not torch.equal(after.states[15][0], restored)
+    assert rollback.skipped == 8
+    extensions = [e for e in rollback.events if "while skipping" in e.message]
+    assert [e.step for e in extensions] == [7, 8, 9]
+
+
+def test_skipping_can_be_turned_off():
+    after = StateRecorder()
+    rollback = Rollback(every=2, skip_steps=0)
+    t = trainer(max_steps=10, callbacks=[ScriptedSource({}), rollback, after])
+    t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((5,)), shuffle=False))
+    assert rollback.rollbacks == 1 and rollback.skipped == 0
+    assert not torch.equal(after.states[7][0], after.states[6][0])

@@ -109,3 +109,61 @@ def test_state_survives_a_weights_only_checkpoint(tmp_path):
             tail.append((step, new))
     assert head + tail == expected
     assert any(level >= Level.WARNING for _, level in expected)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_moderate_shift_that_persists_warns_through_the_cusum(seed):
+    """A level shift of about 6 robust sd from step 300 on: below warning_threshold on
+    every single step, so only the CUSUM (Page 1954) can warn, and it does within
+    threshold / (shift - drift) steps; with the CUSUM off the baseline learns the shift
+    and no warning ever comes."""
+    rng = random.Random(seed)
+    sd = 0.05  # of log(value): above min_scale, so the robust scale is about sd
+    shift = 6.0 * sd
+    values = [math.exp(sd * rng.gauss(0, 1) + (shift if t >= 300 else 0.0)) for t in range(600)]
+    on = [s for s, level in replay(values) if level >= Level.WARNING]
+    assert on and 300 < on[0] <= 300 + 20, on
+    off = replay(values, warning=EarlyWarning(cusum_threshold=None))
+    assert all(level < Level.WARNING for _, level in off), off
+
+
+def test_cusum_follows_pages_recursion_and_is_capped():
+    from lightning_stability.warning.cusum import Cusum
+
+    c = Cusum(drift=4.0, threshold=8.0)
+    expected, s = [], 0.0
+    xs = [1.0, 6.0, 7.0, 3.0, float("nan"), 9.0, 30.0, 0.0, 0.0]
+    for x in xs:
+        if math.isfinite(x):
+            s = min(max(0.0, s + x - 4.0), 16.0)
+        expected.append(s)
+    assert [c.update(x) for x in xs] == expected
+    assert expected[-3] == 16.0  # capped at twice the threshold
+    c2 = Cusum(4.0, 8.0)
+    c2.load_state_dict(c.state_dict())
+    assert c2.value == c.value and c2.alarm == (c.value >= 8.0)
+    for arg, bad in (("cusum_drift", {"drift": 0.0, "threshold": 1.0}),
+                     ("cusum_threshold", {"drift": 1.0, "threshold": -1.0})):
+        with pytest.raises(ValueError, match=arg):
+            Cusum(**bad)
+
+
+def test_rearm_after_a_rollback_lets_renewed_trouble_through_at_once():
+    ew = EarlyWarning()
+    values = ar_stream(100, 0) + [float("nan")]
+    events = replay(values, warning=ew)
+    assert events[-1] == (100, Level.CRITICAL)
+    # without a rearm a second non-finite reading within the cooldown is not repeated
+    a = ew.monitor.assess({KEY: Reading(float("nan"), 101)}, 101, ew.level)
+    assert ew.tracker.update(101, a.proposed, a.hold, a.hard) is None
+    ew.rearm(102, pause=5)
+    assert ew.level == Level.OK and ew.monitor.cusum.value == 0.0
+    a = ew.monitor.assess({KEY: Reading(float("nan"), 103)}, 103, ew.level)
+    assert ew.tracker.update(103, a.proposed, a.hold, a.hard) == Level.CRITICAL
+    # during the pause the baseline learns nothing
+    baseline = ew.monitor.baselines[KEY]
+    before = list(baseline.values)
+    ew.monitor.assess({KEY: Reading(1.0, 104)}, 104, Level.OK)
+    assert list(baseline.values) == before
+    ew.monitor.assess({KEY: Reading(1.0, 108)}, 108, Level.OK)
+    assert list(baseline.values) != before
