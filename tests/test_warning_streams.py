@@ -142,15 +142,17 @@ def test_cusum_follows_pages_recursion_and_is_capped():
     c2 = Cusum(4.0, 8.0)
     c2.load_state_dict(c.state_dict())
     assert c2.value == c.value and c2.alarm == (c.value >= 8.0)
-    for arg, bad in (("cusum_drift", {"drift": 0.0, "threshold": 1.0}),
-                     ("cusum_threshold", {"drift": 1.0, "threshold": -1.0})):
+    for arg, bad in (
+        ("cusum_drift", {"drift": 0.0, "threshold": 1.0}),
+        ("cusum_threshold", {"drift": 1.0, "threshold": -1.0}),
+    ):
         with pytest.raises(ValueError, match=arg):
             Cusum(**bad)
 
 
 def test_rearm_after_a_rollback_lets_renewed_trouble_through_at_once():
     ew = EarlyWarning()
-    values = ar_stream(100, 0) + [float("nan")]
+    values = [*ar_stream(100, 0), float("nan")]
     events = replay(values, warning=ew)
     assert events[-1] == (100, Level.CRITICAL)
     # without a rearm a second non-finite reading within the cooldown is not repeated
