@@ -24,6 +24,7 @@ import importlib
 import inspect
 import math
 import pkgutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -365,6 +366,7 @@ def run_scenario(
         check_val_every_n_epoch=None,
         callbacks=[*extra, *ours, spike, stopper, recorder],
         deterministic=True,
+        default_root_dir=tempfile.mkdtemp(prefix="scenario-"),  # a rollback's stop checkpoint
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)

@@ -67,16 +67,19 @@ class EarlyWarning(Callback):
     The largest ``stability/meta/deviation`` on the 15 stable runs was 6.7 (5.9 digits/SGD,
     6.2 regression/Adam, 6.7 char-LM/Adam): ``warning_threshold=8`` leaves a margin of
     about 20% above it, and ``watch_threshold=5`` lies below it (stable runs do reach
-    WATCH, which only tightens probe cadences). Shorter trend windows (24/48 instead of
-    48/96) changed no detection on the feedback-loop scenario, so the longer ones, less
-    noisy on long runs, were kept. ``eos_margin=0.25``: the stable runs' ``eos_ratio`` and
-    ``directional_ratio`` stayed below 0.12. Measured with these defaults and no action:
-    a warning at or before divergence in 24 of 29 diverging runs (0.83; target 0.9),
-    median lead 3.5 steps (target 20; three of the six scenarios diverge 2-10 steps after
-    their perturbation starts, which bounds their lead), no warning on any stable run;
-    Lightning's ``SpikeDetection`` on the same runs: recall 0.93, median lead 7, but
-    firing on 5 of 15 stable runs and before the perturbation in 14 of 29. Every
-    threshold is an argument.
+    WATCH, which only tightens probe cadences). The CUSUM's largest value on the stable
+    runs was 3.7 with ``cusum_drift=4``, so ``cusum_threshold=8`` leaves a factor of 2;
+    drifts of 2-3.5 warned on stable runs and 5 missed feedback-loop runs. Shorter trend
+    windows (24/48 instead of 48/96) changed no detection on the feedback-loop scenario,
+    so the longer ones, less noisy on long runs, were kept. ``eos_margin=0.25``: the
+    stable runs' ``eos_ratio`` and ``directional_ratio`` stayed below 0.12. Measured with
+    these defaults and no action: a warning between the perturbation and the divergence
+    in 27 of 30 diverging runs (0.9), median lead 5 steps (target 20: three of the six
+    scenarios diverge 2-13 steps after an external shock, so even a warning at the shock
+    itself would give a median of at most 21), no warning on any stable run; Lightning's
+    ``SpikeDetection`` on the same runs: recall 0.93, median lead 6.5, but firing on 5 of
+    15 stable runs and before the perturbation in 15 of 30. Every threshold is an
+    argument.
 
     Args:
         watch_threshold: deviation (robust sd) that proposes WATCH (default 5).
@@ -91,6 +94,10 @@ class EarlyWarning(Callback):
         repeat_every: steps between repeats of a persisting WARNING whose evidence
             still holds at the exit thresholds (default 25; ``None``: only
             changes of level are issued).
+        escalate_after: a WARNING whose evidence still holds this many steps after it was
+            entered (the actions' responses did not end it) becomes CRITICAL, which is
+            what a :class:`~lightning_stability.actions.Rollback` acts on (default 50;
+            ``None``: never).
         window: readings in each rolling baseline (default 64).
         warmup: readings a baseline needs before it scores (default 20).
         max_age: optimizer steps after which a reading is stale and left out (default 250).
@@ -127,6 +134,7 @@ class EarlyWarning(Callback):
         min_dwell: int = 10,
         cooldown: int = 50,
         repeat_every: int | None = 25,
+        escalate_after: int | None = 50,
         window: int = 64,
         warmup: int = 20,
         max_age: int = 250,
@@ -169,7 +177,11 @@ class EarlyWarning(Callback):
             cusum_threshold=cusum_threshold,
         )
         self.tracker = LevelTracker(
-            patience=patience, min_dwell=min_dwell, cooldown=cooldown, repeat_every=repeat_every
+            patience=patience,
+            min_dwell=min_dwell,
+            cooldown=cooldown,
+            repeat_every=repeat_every,
+            escalate_after=escalate_after,
         )
         self.use_step_loss = use_step_loss
         self.warn_level = Level.parse(warn_level, "warn_level")

@@ -32,6 +32,9 @@ class LevelTracker:
       is still unstable after their first response. CRITICAL is not repeated this way:
       it triggers rollbacks, which return to the same snapshot each time; a hard rule
       that keeps firing repeats it after ``cooldown``.
+    - Escalate: a WARNING whose evidence still holds ``escalate_after`` steps after it was
+      entered (repeats included: the actions' responses have not ended it) becomes
+      CRITICAL.
 
     Args:
         patience: consecutive steps of evidence before rising (default 2).
@@ -39,6 +42,9 @@ class LevelTracker:
         cooldown: steps (default 50), see above.
         repeat_every: steps between repeats of a persisting WARNING (default 25; ``None``:
             never repeat).
+        escalate_after: a WARNING whose evidence has held this many steps since it was
+            entered, through the actions' responses, becomes CRITICAL (default 50;
+            ``None``: never).
     """
 
     def __init__(
@@ -47,6 +53,7 @@ class LevelTracker:
         min_dwell: int = 10,
         cooldown: int = 50,
         repeat_every: int | None = 25,
+        escalate_after: int | None = 50,
     ) -> None:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
@@ -57,6 +64,9 @@ class LevelTracker:
         if repeat_every is not None and repeat_every < 1:
             raise ValueError(f"repeat_every must be >= 1 or None, got {repeat_every!r}")
         self.repeat_every = repeat_every
+        if escalate_after is not None and escalate_after < 1:
+            raise ValueError(f"escalate_after must be >= 1 or None, got {escalate_after!r}")
+        self.escalate_after = escalate_after
         self.patience = patience
         self.min_dwell = min_dwell
         self.cooldown = cooldown
@@ -109,6 +119,15 @@ class LevelTracker:
         self.last_hard = _NEVER
 
     def _repeat(self, step: int, hold: Level) -> Level | None:
+        if (
+            self.escalate_after is not None
+            and self.level == Level.WARNING
+            and hold >= Level.WARNING
+            and step - self.since >= self.escalate_after
+        ):
+            self._move(Level.CRITICAL, step)
+            self.last_issued = step
+            return Level.CRITICAL
         if (
             self.repeat_every is not None
             and self.level == Level.WARNING
