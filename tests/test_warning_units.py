@@ -217,3 +217,35 @@ def test_configurable_from_yaml_like_lightning_cli():
     assert ew.monitor.meta.signals == (
         SignalSpec("stability/loss/value", "learning_signal", "identity", trend=True),
     )
+
+
+@pytest.mark.parametrize("escalate_after", [50, 20, None])
+def test_a_warning_that_persists_escalates_to_critical(escalate_after):
+    from lightning_stability.warning.levels import LevelTracker
+
+    tracker = LevelTracker(escalate_after=escalate_after)
+    issued = {}
+    for step in range(200):
+        new = tracker.update(step, Level.WARNING, Level.WARNING)
+        if new is not None:
+            issued.setdefault(int(new), step)
+    entered = issued[int(Level.WARNING)]
+    assert entered == 1  # patience 2
+    if escalate_after is None:
+        assert int(Level.CRITICAL) not in issued
+    else:
+        assert issued[int(Level.CRITICAL)] == entered + escalate_after
+    # evidence that falls to WATCH before the escalation step lets the level fall instead
+    calm = LevelTracker(escalate_after=50)
+    levels = [
+        calm.update(
+            s, Level.WARNING if s < 30 else Level.WATCH, Level.WARNING if s < 30 else Level.WATCH
+        )
+        for s in range(120)
+    ]
+    assert Level.CRITICAL not in levels
+
+
+def test_escalate_after_must_be_positive():
+    with pytest.raises(ValueError, match="escalate_after"):
+        EarlyWarning(escalate_after=0)
