@@ -49,11 +49,18 @@ class StabilityProbe(Callback):
     def __init__(self) -> None:
         super().__init__()
         self.readings: dict[str, Reading] = {}
+        self._paused_until = -1
 
     def rearm(self, step: int, pause: int = 0) -> None:
         """Called by a rollback at ``step`` on every rank: drop the readings (and, in
-        subclasses, rolling statistics) that describe the abandoned trajectory."""
+        subclasses, rolling statistics) that describe the abandoned trajectory, and keep
+        the next ``pause`` steps (whose updates are skipped) out of rolling statistics."""
         self.readings.clear()
+        self._paused_until = step + pause
+
+    def accumulating(self, trainer: pl.Trainer) -> bool:
+        """Whether this step's values may enter rolling statistics (not while paused)."""
+        return trainer.global_step >= self._paused_until
 
     def publish(
         self,

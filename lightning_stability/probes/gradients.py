@@ -118,7 +118,6 @@ class GradientMonitor(StabilityProbe):
 
         self.norm_window = RollingWindow(window)
         self.clip_window = RollingWindow(window)
-        self._paused_until = -1  # norms of batches whose update is skipped stay out
 
         self._names: list[str] = []
         self._params: list[Tensor] = []
@@ -267,7 +266,7 @@ class GradientMonitor(StabilityProbe):
         if not math.isfinite(norm):
             grads = [self._params[i].grad for i in out["with_grad"].tolist()]
             nonfinite = int(sum(int((~torch.isfinite(g)).sum()) for g in grads))
-        elif trainer.global_step >= self._paused_until:
+        elif self.accumulating(trainer):
             self.norm_window.update(norm)
         values["grad/nonfinite"] = float(nonfinite)
         if "dsq" in out:
@@ -352,7 +351,6 @@ class GradientMonitor(StabilityProbe):
         super().rearm(step, pause)
         self.norm_window = RollingWindow(self.window)
         self.clip_window = RollingWindow(self.window)
-        self._paused_until = step + pause
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -63,7 +63,6 @@ class LossMonitor(StabilityProbe):
         self.quantile = float(quantile)
         self.loss_window = RollingWindow(window)
         self.worst_window = RollingWindow(window)
-        self._paused_until = -1  # losses of batches whose update is skipped stay out
 
     @torch.no_grad()
     def on_train_batch_end(
@@ -92,7 +91,7 @@ class LossMonitor(StabilityProbe):
             "loss/value": sum(losses) / len(losses),
             "loss/nonfinite": 0.0 if finite else 1.0,
         }
-        if finite and trainer.global_step >= self._paused_until:
+        if finite and self.accumulating(trainer):
             self.loss_window.update(values["loss/value"])
             self.worst_window.update(max(losses))
         if len(self.worst_window):  # empty after a rollback; nan would read as non-finite
@@ -110,7 +109,6 @@ class LossMonitor(StabilityProbe):
         super().rearm(step, pause)
         self.loss_window = RollingWindow(self.window)
         self.worst_window = RollingWindow(self.window)
-        self._paused_until = step + pause
 
     def state_dict(self) -> dict[str, Any]:
         return {
