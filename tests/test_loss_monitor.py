@@ -106,3 +106,22 @@ def test_bad_arguments_name_the_argument():
         LossMonitor(window=0)
     with pytest.raises(ValueError, match="quantile"):
         LossMonitor(quantile=1.0)
+
+
+def test_rearm_clears_windows_and_readings_and_pauses_accumulation():
+    from types import SimpleNamespace
+
+    from lightning_stability.probes.base import Reading
+
+    m = LossMonitor(window=8)
+    for v in (1.0, 2.0, 3.0):
+        m.loss_window.update(v)
+        m.worst_window.update(v)
+    m.readings["stability/loss/tail_max"] = Reading(3.0, 2)
+    state = m.state_dict()
+    m.rearm(5, pause=3)
+    assert len(m.loss_window) == len(m.worst_window) == 0 and not m.readings
+    assert not m.accumulating(SimpleNamespace(global_step=7))
+    assert m.accumulating(SimpleNamespace(global_step=8))
+    m.load_state_dict(state)  # the checkpoint keys are the window names
+    assert m.worst_window.values() == [1.0, 2.0, 3.0]

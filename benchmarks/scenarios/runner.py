@@ -177,6 +177,9 @@ class _Recorder(Callback):
         self.lrs: list[float] = []
         self.val_losses: list[tuple[int, float]] = []
         self.history: dict[str, list[tuple[int, float]]] = {}
+        # (batch index at which it was first seen, its step, its value): what EarlyWarning
+        # saw at each batch, for replaying the warning offline (benchmarks.calibration)
+        self.arrivals: dict[str, list[tuple[int, int, float]]] = {}
         self.warning = warning
         self.level_step: int | None = None
 
@@ -189,6 +192,9 @@ class _Recorder(Callback):
                 series = self.history.setdefault(key, [])
                 if not series or series[-1][0] != reading.step:
                     series.append((int(reading.step), float(reading.value)))
+                    self.arrivals.setdefault(key, []).append(
+                        (len(self.losses) - 1, int(reading.step), float(reading.value))
+                    )
         level = getattr(self.warning, "level", None)
         if self.level_step is None and level is not None and int(level) >= 2:
             self.level_step = trainer.global_step - 1
@@ -321,7 +327,8 @@ def run_scenario(
 
     ``callbacks_factory(mode, scenario) -> (callbacks, missing)`` replaces
     :func:`stability_set`. With ``keep_history`` the record also carries the readings'
-    per-step series in ``record.history`` (for plots).
+    per-step series in ``record.history`` (for plots) and ``record.arrivals`` (the batch at
+    which each reading arrived, for replays).
     """
     pl.seed_everything(seed, verbose=False)
     module, train_loader, val_loader, extra, max_steps = scenario.make(seed, lr_scale)
@@ -389,4 +396,5 @@ def run_scenario(
     record.readings = _summarise(recorder.history, record.divergence_step)
     if keep_history:
         record.history = recorder.history  # type: ignore[attr-defined]
+        record.arrivals = recorder.arrivals  # type: ignore[attr-defined]
     return record

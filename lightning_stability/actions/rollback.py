@@ -158,13 +158,13 @@ class Rollback(StabilityAction):
             self._calm_since_pending = False
         step = int(trainer.global_step)
         if level is not None and level >= self.level:
-            if step <= self._skip_until and step + self.skip_steps <= (
-                self._skip_from + 5 * self.skip_steps
-            ):
+            # a batch that was skipped left the restored weights as they were
+            skipped = step <= self._skip_until
+            if skipped and step + self.skip_steps <= self._skip_from + 5 * self.skip_steps:
                 self._extend_skip(trainer, level, step)
             else:
                 self._roll_back(trainer, pl_module, level)
-        elif int(trainer.global_step) % self.every == 0:
+        elif step % self.every == 0:
             self._advance(trainer, pl_module)
         self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
         self.log_value(pl_module, SKIPPED_KEY, self.skipped)
@@ -185,11 +185,6 @@ class Rollback(StabilityAction):
                     p.grad = None
                 else:
                     p.grad.zero_()
-
-    @property
-    def skipping(self) -> bool:
-        """True while the updates of the coming batches are being skipped."""
-        return self._boundary_step < self._skip_until
 
     @property
     def snapshot(self) -> TrainingSnapshot | None:
@@ -239,7 +234,7 @@ class Rollback(StabilityAction):
             action.restored(trainer, pl_module)
         self.current_level = Level.OK
         self._skip_from, self._skip_until = step, step + self.skip_steps
-        self._rearm_sources(trainer, step)
+        self._rearm(trainer, step)
         if self.rollbacks >= self.max_rollbacks:
             self._stop(trainer, pl_module, f"max_rollbacks={self.max_rollbacks} reached")
             return
@@ -253,7 +248,7 @@ class Rollback(StabilityAction):
             details={"to_step": float(target.step), "rollbacks": float(self.rollbacks)},
         )
 
-    def _rearm_sources(self, trainer: pl.Trainer, step: int) -> None:
+    def _rearm(self, trainer: pl.Trainer, step: int) -> None:
         for cb in trainer.callbacks:
             rearm = getattr(cb, "rearm", None)
             if cb is not self and callable(rearm):
@@ -266,7 +261,7 @@ class Rollback(StabilityAction):
     def _extend_skip(self, trainer: pl.Trainer, level: Level, step: int) -> None:
         self._skip_until = step + self.skip_steps
         self.current_level = Level.OK
-        self._rearm_sources(trainer, step)
+        self._rearm(trainer, step)
         self.record(
             trainer,
             level,

@@ -65,6 +65,11 @@ class RollingWindow:
         self._cached = None
         self.total += 1
 
+    def clear(self) -> None:
+        """Drop the values held (``total`` keeps counting)."""
+        self._values.clear()
+        self._cached = None
+
     def extend(self, values: Iterable[float | Tensor]) -> None:
         for v in values:
             self.update(v)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -46,21 +46,34 @@ class StabilityProbe(Callback):
     e.g. ``"stability/grad/norm"``.
     """
 
+    rolling: ClassVar[tuple[str, ...]] = ()
+    """Names of the probe's :class:`RollingWindow` attributes: a rollback clears them and
+    the checkpoint holds them (``state_dict`` under the same names)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.readings: dict[str, Reading] = {}
         self._paused_until = -1
 
     def rearm(self, step: int, pause: int = 0) -> None:
-        """Called by a rollback at ``step`` on every rank: drop the readings (and, in
-        subclasses, rolling statistics) that describe the abandoned trajectory, and keep
-        the next ``pause`` steps (whose updates are skipped) out of rolling statistics."""
+        """Called by a rollback at ``step`` on every rank: drop the readings and rolling
+        statistics that describe the abandoned trajectory, and keep the next ``pause``
+        steps (whose updates are skipped) out of rolling statistics."""
         self.readings.clear()
+        for name in self.rolling:
+            getattr(self, name).clear()
         self._paused_until = step + pause
 
     def accumulating(self, trainer: pl.Trainer) -> bool:
         """Whether this step's values may enter rolling statistics (not while paused)."""
         return trainer.global_step >= self._paused_until
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name).state_dict() for name in self.rolling}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name in self.rolling:
+            getattr(self, name).load_state_dict(state_dict[name])
 
     def publish(
         self,

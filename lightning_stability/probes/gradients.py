@@ -95,6 +95,8 @@ class GradientMonitor(StabilityProbe):
         seed: seed of the private generator choosing the sampled coordinates. Default 0.
     """
 
+    rolling = ("norm_window", "clip_window")
+
     def __init__(
         self,
         window: int = 100,
@@ -344,20 +346,3 @@ class GradientMonitor(StabilityProbe):
             {"grad/clip_event": float(engaged), "grad/clip_rate": self.clip_window.mean()},
             log=logs_this_step(trainer),
         )
-
-    # ------------------------------------------------------------------ resume
-
-    def rearm(self, step: int, pause: int = 0) -> None:
-        super().rearm(step, pause)
-        self.norm_window = RollingWindow(self.window)
-        self.clip_window = RollingWindow(self.window)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "norm_window": self.norm_window.state_dict(),
-            "clip_window": self.clip_window.state_dict(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.norm_window.load_state_dict(state_dict["norm_window"])
-        self.clip_window.load_state_dict(state_dict["clip_window"])

@@ -53,6 +53,8 @@ class LossMonitor(StabilityProbe):
         quantile: the tail quantile, in (0, 1); default 0.95.
     """
 
+    rolling = ("loss_window", "worst_window")
+
     def __init__(self, window: int = 100, quantile: float = 0.95) -> None:
         super().__init__()
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -104,18 +106,3 @@ class LossMonitor(StabilityProbe):
             values["loss/sample_q"] = max(r[1] for r in host)
             values["loss/sample_max"] = max(r[2] for r in host)
         self.publish(trainer, pl_module, values, log=logs_this_step(trainer))
-
-    def rearm(self, step: int, pause: int = 0) -> None:
-        super().rearm(step, pause)
-        self.loss_window = RollingWindow(self.window)
-        self.worst_window = RollingWindow(self.window)
-
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "loss_window": self.loss_window.state_dict(),
-            "worst_window": self.worst_window.state_dict(),
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.loss_window.load_state_dict(state_dict["loss_window"])
-        self.worst_window.load_state_dict(state_dict["worst_window"])

@@ -203,7 +203,7 @@ class MetaStateMonitor:
             s = self.cusum.update(out.deviation if step >= self.paused_until else 0.0)
             if s >= self.exit_ratio * self.cusum.threshold:
                 out.hold = max(out.hold, Level.WARNING)
-            if s >= self.cusum.threshold:
+            if self.cusum.alarm:
                 # named first only when it, not this step's deviation, is the reason
                 reason = out.proposed < Level.WARNING
                 out.proposed = max(out.proposed, Level.WARNING)

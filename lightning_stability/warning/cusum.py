@@ -15,9 +15,10 @@ class Cusum:
     ``S_t = max(0, S_{t-1} + x_t - drift)``: each step's excess of ``x_t`` over ``drift``
     accumulates, and steps below ``drift`` pay it back. A single spike adds its excess
     once; a shift that persists, even one too small to cross a per-step threshold, grows
-    ``S`` linearly until it reaches ``threshold``. ``S`` is capped at twice the threshold,
-    so that it falls below the threshold within a few calm steps after a long alarm. Baselines that adapt to a slow drift
-    (a rolling median does within half its window) miss exactly this case.
+    ``S`` linearly until it reaches ``threshold``. Baselines that adapt to a slow drift
+    (a rolling median does within half its window) miss exactly this case. ``S`` is
+    capped at twice the threshold, so that it falls below the threshold within a few calm
+    steps after a long alarm.
 
     Args:
         drift: the per-step allowance, in the units of ``x`` (robust sd for the
@@ -37,7 +38,6 @@ class Cusum:
     def update(self, x: float) -> float:
         """Add one observation (non-finite ones are ignored) and return ``S``."""
         if math.isfinite(x):
-            # capped, so that a long alarm is forgotten within a few calm steps
             self.value = min(max(0.0, self.value + x - self.drift), 2.0 * self.threshold)
         return self.value
 
