@@ -104,7 +104,12 @@ def seeded_loader(dataset: Dataset, batch_size: int, seed: int, shuffle: bool = 
 
 def digits_data(seed: int = 0, n_val: int = 297) -> tuple[TensorDataset, TensorDataset]:
     """scikit-learn's 8x8 digits (1797 images, 10 classes), standardised with the training
-    split's statistics; the split is drawn from ``seed``."""
+    split's statistics; the split is drawn from ``seed``.
+
+    A pixel that is constant over the training split keeps scale 1 (as scikit-learn's
+    ``StandardScaler`` does): dividing by a clamped tiny standard deviation would turn a
+    validation image that has ink there into a 1000-sigma input whose single loss then
+    dominates the validation mean."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -113,7 +118,8 @@ def digits_data(seed: int = 0, n_val: int = 297) -> tuple[TensorDataset, TensorD
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
     x, y = x[perm], y[perm]
     xt, yt, xv, yv = x[n_val:], y[n_val:], x[:n_val], y[:n_val]
-    mean, std = xt.mean(0), xt.std(0).clamp_min(1e-3)
+    mean, std = xt.mean(0), xt.std(0)
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return TensorDataset((xt - mean) / std, yt), TensorDataset((xv - mean) / std, yv)
 
 
