@@ -78,6 +78,21 @@ def test_recovery_ramps_back_geometrically_never_above():
     assert lrs[12] == pytest.approx(0.1, rel=1e-12)
 
 
+def test_trouble_after_a_ramp_caps_later_ramps_at_the_cut():
+    action = LRBackoff(factor=0.25, patience=2, recovery_steps=4)
+    lrs, _ = _fit(action, {2: "warning", 9: "warning", 14: "warning"}, max_steps=24)
+    assert lrs[7] == pytest.approx(0.1, rel=1e-12)  # the first ramp reached 1.0
+    # step 9: the ramped learning rate proved too high: cut, and 0.25 becomes the ceiling
+    assert lrs[9] == pytest.approx(0.025)
+    assert action.ceiling == [[pytest.approx(0.25)]]
+    assert lrs[13] == pytest.approx(0.025)  # calm, but already at the ceiling
+    # step 14 cuts below the ceiling without a ramp in between: the ceiling stays, and the
+    # next ramp climbs back to it (steps 16-19), not to 1.0
+    assert lrs[14] == pytest.approx(0.1 * 0.25**2)
+    assert lrs[19] == pytest.approx(0.025, rel=1e-12)
+    assert max(v for k, v in lrs.items() if k >= 9) <= 0.025 * (1 + 1e-12)
+
+
 class _Scheduled(TinyClassifier):
     def __init__(self, kind: str) -> None:
         super().__init__(lr=0.1)

@@ -167,15 +167,17 @@ def test_rollback_keeps_the_history_of_earlier_actions():
     cbs = [ScriptedSource({7: "warning", 11: "critical"}), backoff, rollback]
     t = trainer(max_steps=12, callbacks=cbs)
     t.fit(TinyClassifier(lr=0.1), loader(classification_data(512), shuffle=False))
-    # The cuts at steps 7 and 11 are rolled back with the rest of the state (the snapshot
-    # is from step 3), then the rollback cuts once from there; the log keeps all three.
+    # The snapshot is from step 3, before both cuts. The weights go back to it; the cuts
+    # at steps 7 and 11 are kept, and the critical event already had its cut at step 11,
+    # so the rollback adds none.
     log = [(e.step, e.message) for e in backoff.events]
-    assert [step for step, _ in log] == [7, 11, 11]
+    assert [step for step, _ in log] == [7, 11]
     assert "(WARNING event)" in log[0][1]
     assert "(CRITICAL event)" in log[1][1]
-    assert "(rollback 1)" in log[2][1]
-    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.25)
+    assert backoff.backoffs == 2
     assert rollback.rollbacks == 1
+    assert "learning rate backed off" in rollback.events[0].message
 
 
 def test_a_burst_of_bad_batches_is_skipped_not_rolled_back_again():

@@ -195,9 +195,13 @@ class StabilityAction(Callback):
         self._handled_step = step
         self._handled_until = step if until is None else max(step, until)
 
-    def restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def restored(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
+    ) -> None:
         """Called after a rollback loaded this action's state: re-apply whatever part of
-        it lives outside the module, optimizer and schedulers."""
+        it lives outside the module, optimizer and schedulers. ``before`` is this action's
+        :meth:`state_dict` from just before the rollback, for what it learned on the
+        abandoned trajectory that should outlive it."""
 
     # ------------------------------------------------------------- recording
     def record(

@@ -38,6 +38,14 @@ class LRBackoff(StabilityAction):
     cut again (bounded by ``max_backoffs`` and ``min_lr``); ``cooldown`` spaces the cuts
     when several events arrive close together.
 
+    The ramp back is additive-increase / multiplicative-decrease in spirit (Chiu and Jain,
+    1989): it climbs towards a ceiling, 1.0 at first. When trouble returns after a ramp
+    raised the learning rate, the level it climbed to proved too high, so the ceiling
+    becomes the cut taken then, and later ramps stop there. A rollback
+    (:class:`Rollback`) restores this callback's state with the weights, but keeps the
+    lower of the restored and the pre-rollback scale and ceiling: the weights go back,
+    what the run learned about its learning rate does not.
+
     Args:
         level: lowest event level that triggers a backoff (``"watch"``, ``"warning"``,
             ``"critical"``). Default ``"warning"``.
@@ -50,10 +58,11 @@ class LRBackoff(StabilityAction):
         patience: calm steps (no event at or above ``level``) before ramping back
             towards the original learning rate; ``None`` (default) never ramps back.
         recovery_steps: length in steps of the ramp back, which is geometric and never
-            exceeds the original learning rate. Default 100.
+            exceeds the ceiling (at most the original learning rate). Default 100.
 
     Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
-    no cut) every step and records each backoff in :attr:`events`.
+    no cut) every step and records each backoff in :attr:`events`; :attr:`ceiling` holds
+    the per-group ceilings of the ramp.
     """
 
     source_name = "lr_backoff"
@@ -83,6 +92,8 @@ class LRBackoff(StabilityAction):
         self.patience = patience
         self.recovery_steps = recovery_steps
         self.scales: list[list[float]] = []  # per optimizer, per param group
+        self.ceiling: list[list[float]] = []
+        self._raised = False  # a ramp raised the scales since the last cut
         self.backoffs = 0
         self._last_backoff_step = -(10**12)
         self._calm = 0
@@ -94,6 +105,8 @@ class LRBackoff(StabilityAction):
         shape = [len(o.param_groups) for o in trainer.optimizers]
         if [len(s) for s in self.scales] != shape:
             self.scales = [[1.0] * n for n in shape]
+        if [len(s) for s in self.ceiling] != shape:
+            self.ceiling = [[1.0] * n for n in shape]
 
     def on_step_boundary(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
@@ -112,6 +125,8 @@ class LRBackoff(StabilityAction):
 
     def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
         self._calm = 0
+        if self._last_backoff_step == int(trainer.global_step):
+            return True  # this step's event was already answered with a cut: one per step
         return self._backoff(trainer, Level.CRITICAL, reason)
 
     # ------------------------------------------------------------- mechanics
@@ -137,6 +152,11 @@ class LRBackoff(StabilityAction):
         if new_scales == self.scales:
             return False  # every group already sits at min_lr
         self._apply(trainer, new_scales)
+        if self._raised:
+            self.ceiling = [
+                [min(c, s) for c, s in zip(*rows)] for rows in zip(self.ceiling, new_scales)
+            ]
+            self._raised = False
         self.backoffs += 1
         self._last_backoff_step = int(trainer.global_step)
         self._ramp_from = None
@@ -152,25 +172,56 @@ class LRBackoff(StabilityAction):
         return True
 
     def _recover(self, trainer: pl.Trainer) -> None:
-        if all(s >= 1.0 for row in self.scales for s in row):
+        pairs = [zip(s, c) for s, c in zip(self.scales, self.ceiling)]
+        if all(s >= c for row in pairs for s, c in row):
             self._ramp_from = None
             return
         if self._ramp_from is None:
             self._ramp_from = [list(row) for row in self.scales]
             self._ramp_done = 0
         self._ramp_done = min(self._ramp_done + 1, self.recovery_steps)
-        remaining = 1.0 - self._ramp_done / self.recovery_steps
-        # Geometric: equal multiplicative steps from the cut back to 1.0, never above.
-        new_scales = [[min(1.0, s**remaining) for s in row] for row in self._ramp_from]
+        done = self._ramp_done / self.recovery_steps
+        # Geometric: equal multiplicative steps from the cut up to the ceiling, never above.
+        new_scales = [
+            [max(s, min(c, s ** (1.0 - done) * c**done)) for s, c in zip(row, ceil)]
+            for row, ceil in zip(self._ramp_from, self.ceiling)
+        ]
         self._apply(trainer, new_scales)
+        self._raised = True
         if self._ramp_done == self.recovery_steps:
             self._ramp_from = None
-            self.record(trainer, Level.OK, "learning rate ramped back to its original value")
+            target = self.ceiling[0][0]
+            self.record(
+                trainer,
+                Level.OK,
+                "learning rate ramped back to its original value"
+                if target >= 1.0
+                else f"learning rate ramped back to its ceiling, {target:.4g}x",
+            )
+
+    def restored(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
+    ) -> None:
+        lower = [
+            [min(a, float(b)) for a, b in zip(*rows)] for rows in zip(self.scales, before["scales"])
+        ]
+        ceiling = before.get("ceiling") or self.ceiling
+        self.ceiling = [
+            [min(a, float(b)) for a, b in zip(*rows)] for rows in zip(self.ceiling, ceiling)
+        ]
+        self._apply(trainer, lower)
+        self.backoffs = max(self.backoffs, int(before["backoffs"]))
+        self._last_backoff_step = max(self._last_backoff_step, int(before["last_backoff_step"]))
+        self._ramp_from = None
+        self._ramp_done = 0
+        self._raised = False
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
         return {
             "scales": [list(row) for row in self.scales],
+            "ceiling": [list(row) for row in self.ceiling],
+            "raised": self._raised,
             "backoffs": self.backoffs,
             "last_backoff_step": self._last_backoff_step,
             "calm": self._calm,
@@ -181,6 +232,13 @@ class LRBackoff(StabilityAction):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scales = [[float(s) for s in row] for row in state_dict["scales"]]
+        ceiling = state_dict.get("ceiling")
+        self.ceiling = (
+            [[1.0] * len(r) for r in self.scales]
+            if ceiling is None
+            else [[float(c) for c in row] for row in ceiling]
+        )
+        self._raised = bool(state_dict.get("raised", False))
         self.backoffs = int(state_dict["backoffs"])
         self._last_backoff_step = int(state_dict["last_backoff_step"])
         self._calm = int(state_dict["calm"])

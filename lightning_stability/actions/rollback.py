@@ -229,9 +229,10 @@ class Rollback(StabilityAction):
         if target is None:
             self._stop(trainer, pl_module, "no known-good state to return to")
             return
+        before = {key: action.state_dict() for key, action in others.items()}
         target.restore(trainer, pl_module, others)
-        for action in others.values():
-            action.restored(trainer, pl_module)
+        for key, action in others.items():
+            action.restored(trainer, pl_module, before[key])
         self.current_level = Level.OK
         self._skip_from, self._skip_until = step, step + self.skip_steps
         self._rearm(trainer, step)

@@ -196,7 +196,9 @@ class StagedTraining(StabilityAction):
         self._calm = 0
         return self._move(trainer, pl_module, +1, reason, Level.CRITICAL)
 
-    def restored(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def restored(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
+    ) -> None:
         self._apply_knobs(trainer, pl_module)
 
     # ------------------------------------------------------------- mechanics
