@@ -201,6 +201,39 @@ def test_a_burst_of_bad_batches_is_skipped_not_rolled_back_again():
     assert [e.step for e in extensions] == [7, 8, 9]
 
 
+def _data_with_nan_then_wrong_batches(nan_batch: int, wrong_from: int, batch_size: int = 32):
+    """Batch ``nan_batch`` is NaN; from ``wrong_from`` on, inputs are x1000 (saturating the
+    tanh layer, so predictions are confident) and every label is shifted to another class."""
+    ds = classification_data(2048)
+    x, y = ds.tensors[0].clone(), ds.tensors[1].clone()
+    x[nan_batch * batch_size : (nan_batch + 1) * batch_size] = float("nan")
+    x[wrong_from * batch_size :] *= 1000.0
+    y[wrong_from * batch_size :] = (y[wrong_from * batch_size :] + 1) % 3
+    return TensorDataset(x, y)
+
+
+@pytest.mark.parametrize(("skip_growth", "rollbacks"), [(2.0, 2), (None, 1)])
+def test_a_critical_while_the_skipped_loss_grows_rolls_back_again(skip_growth, rollbacks):
+    """Batch 30 is NaN: rollback at step 31, skipping steps 32-36. Batch 31 is ordinary;
+    from batch 32 on the labels are wrong and confidently mispredicted, so the frozen
+    weights' loss grows past twice the first skipped batch's. The critical event at step
+    34 then rolls back again instead of extending the skip (with ``skip_growth=None`` it
+    extends)."""
+    rollback = Rollback(every=5, skip_steps=5, skip_growth=skip_growth)
+    t = trainer(max_steps=37, callbacks=[ScriptedSource({34: "critical"}), rollback])
+    data = _data_with_nan_then_wrong_batches(30, 32)
+    t.fit(TinyClassifier(lr=0.1), loader(data, shuffle=False))
+    assert rollback.rollbacks == rollbacks
+    extensions = [e.step for e in rollback.events if "while skipping" in e.message]
+    assert extensions == ([] if skip_growth else [34])
+
+
+@pytest.mark.parametrize("value", [1.0, 0.5, True, "2"])
+def test_skip_growth_must_exceed_one(value):
+    with pytest.raises(ValueError, match="skip_growth"):
+        Rollback(skip_growth=value)
+
+
 def test_skipping_can_be_turned_off():
     after = StateRecorder()
     rollback = Rollback(every=2, skip_steps=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -61,8 +62,12 @@ class Rollback(StabilityAction):
     optimizer step, so neither the weights nor the optimizer's moments change), since a
     bad stretch of data often outlasts the batch that raised the alarm (PaLM skipped 200
     to 500 batches after restarting, Chowdhery et al., 2022). A critical event while
-    skipping cannot come from the restored weights, so it extends the skip instead of
-    rolling back again, for at most ``5 * skip_steps`` steps after the rollback. Every
+    skipping cannot come from the restored weights' updates, so it extends the skip
+    instead of rolling back again, for at most ``5 * skip_steps`` steps after the
+    rollback, unless the skipped batches' loss has grown past ``skip_growth`` times its
+    value at the first of them: with the weights frozen, a loss that keeps growing means
+    the data moves with the model (a feedback loop) or away from it, and waiting does not
+    end the trouble, so the run rolls back and is made safer again instead. Every
     callback with a ``rearm`` method (:class:`EarlyWarning`, the probes' rolling
     windows) is re-armed at a rollback, so that renewed trouble is reported at once, and
     the other actions ignore the events of the skipped steps. After
@@ -87,6 +92,10 @@ class Rollback(StabilityAction):
             critical even if no source reports it. Default True.
         skip_steps: batches skipped after a rollback (their updates are not applied).
             Default 10; 0 skips none.
+        skip_growth: a critical event while skipping rolls back again, instead of
+            extending the skip, once the mean training loss (over ranks) of the latest
+            skipped batch exceeds this multiple of the first one's. Must be > 1; ``None``
+            always extends. Default 2.0.
         dirpath: where the stop checkpoint goes. Default ``None`` (the Trainer's root).
 
     The snapshots themselves are not written into checkpoints (only the rollback count
@@ -106,6 +115,7 @@ class Rollback(StabilityAction):
         nonfinite_loss: bool = True,
         dirpath: str | None = None,
         skip_steps: int = 10,
+        skip_growth: float | None = 2.0,
     ) -> None:
         super().__init__(level)
         check_positive_int(every, "every")
@@ -113,6 +123,14 @@ class Rollback(StabilityAction):
         check_nonnegative_int(max_rollbacks, "max_rollbacks")
         check_factor(backoff_factor, "backoff_factor")
         check_nonnegative_int(skip_steps, "skip_steps")
+        if skip_growth is not None and (
+            isinstance(skip_growth, bool)
+            or not isinstance(skip_growth, (int, float))
+            or not skip_growth > 1.0
+        ):
+            raise ValueError(f"skip_growth must be a number > 1 or None, got {skip_growth!r}")
+        self.skip_growth = None if skip_growth is None else float(skip_growth)
+        self._skip_losses: list[float] = []  # first and latest skipped batch's loss
         self.skip_steps = skip_steps
         self.skipped = 0
         self._skip_from = -1
@@ -143,10 +161,15 @@ class Rollback(StabilityAction):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.nonfinite_loss:
-            loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-            if isinstance(loss, torch.Tensor) and not bool(torch.isfinite(loss).all()):
-                self.note_level(Level.CRITICAL)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        if not isinstance(loss, torch.Tensor):
+            loss = None
+        if loss is not None and self.skip_growth is not None and self._skipping(trainer):
+            # every rank skips the same steps, so every rank joins this reduction
+            mean = float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean"))
+            self._skip_losses = [*self._skip_losses[:1], mean]
+        if self.nonfinite_loss and loss is not None and not bool(torch.isfinite(loss).all()):
+            self.note_level(Level.CRITICAL)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_step_boundary(
@@ -160,7 +183,8 @@ class Rollback(StabilityAction):
         if level is not None and level >= self.level:
             # a batch that was skipped left the restored weights as they were
             skipped = step <= self._skip_until
-            if skipped and step + self.skip_steps <= self._skip_from + 5 * self.skip_steps:
+            bounded = step + self.skip_steps <= self._skip_from + 5 * self.skip_steps
+            if skipped and bounded and not self._skipped_loss_grew():
                 self._extend_skip(trainer, level, step)
             else:
                 self._roll_back(trainer, pl_module, level)
@@ -185,6 +209,17 @@ class Rollback(StabilityAction):
                     p.grad = None
                 else:
                     p.grad.zero_()
+
+    def _skipping(self, trainer: pl.Trainer) -> bool:
+        # at batch end the step counter has already moved past the skipped update
+        return self._skip_from < int(trainer.global_step) <= self._skip_until
+
+    def _skipped_loss_grew(self) -> bool:
+        if self.skip_growth is None or len(self._skip_losses) < 2:
+            return False
+        first, latest = self._skip_losses
+        # a non-finite loss is bad data, which skipping is for
+        return math.isfinite(first) and math.isfinite(latest) and latest > self.skip_growth * first
 
     @property
     def snapshot(self) -> TrainingSnapshot | None:
@@ -235,6 +270,7 @@ class Rollback(StabilityAction):
             action.restored(trainer, pl_module, before[key])
         self.current_level = Level.OK
         self._skip_from, self._skip_until = step, step + self.skip_steps
+        self._skip_losses = []
         self._rearm(trainer, step)
         if self.rollbacks >= self.max_rollbacks:
             self._stop(trainer, pl_module, f"max_rollbacks={self.max_rollbacks} reached")
@@ -307,6 +343,7 @@ class Rollback(StabilityAction):
             "skipped": self.skipped,
             "skip_from": self._skip_from,
             "skip_until": self._skip_until,
+            "skip_losses": list(self._skip_losses),
             "events": self._events_state(),
         }
 
@@ -316,4 +353,5 @@ class Rollback(StabilityAction):
         self.skipped = int(state_dict.get("skipped", 0))
         self._skip_from = int(state_dict.get("skip_from", -1))
         self._skip_until = int(state_dict.get("skip_until", -1))
+        self._skip_losses = [float(v) for v in state_dict.get("skip_losses", [])]
         self._load_events(state_dict.get("events", []))
