@@ -41,7 +41,8 @@ def stability_callbacks(
     Args:
         actions: what may change training. ``"none"`` (default) only measures and warns;
             ``"backoff"`` halves the learning rate on each warning and ramps it back
-            over 100 steps after 100 calm ones (:class:`LRBackoff`);
+            over 100 steps after 100 calm ones, never above a level at which trouble
+            returned (:class:`LRBackoff`);
             ``"staged"`` climbs the default ladder of safer stages (:class:`StagedTraining`).
             With either, :class:`Rollback` restores the last good state on a critical
             event unless ``rollback=False``.
