@@ -212,20 +212,36 @@ def _data_with_nan_then_wrong_batches(nan_batch: int, wrong_from: int, batch_siz
     return TensorDataset(x, y)
 
 
-@pytest.mark.parametrize(("skip_growth", "rollbacks"), [(2.0, 2), (None, 1)])
-def test_a_critical_while_the_skipped_loss_grows_rolls_back_again(skip_growth, rollbacks):
-    """Batch 30 is NaN: rollback at step 31, skipping steps 32-36. Batch 31 is ordinary;
-    from batch 32 on the labels are wrong and confidently mispredicted, so the frozen
-    weights' loss grows past twice the first skipped batch's. The critical event at step
-    34 then rolls back again instead of extending the skip (with ``skip_growth=None`` it
-    extends)."""
-    rollback = Rollback(every=5, skip_steps=5, skip_growth=skip_growth)
-    t = trainer(max_steps=37, callbacks=[ScriptedSource({34: "critical"}), rollback])
+def test_a_critical_while_the_skipped_loss_grows_ends_the_skip():
+    """Batch 30 is NaN: rollback at step 31 to step 25, skipping steps 32-36. Batch 31 is
+    ordinary; from batch 32 on the labels are wrong and confidently mispredicted, so the
+    restored weights' loss grows past twice the first skipped batch's. The critical event
+    at step 34 ends the skip and training resumes from the restored weights; the one at
+    step 36 would return to the same state, so it only cuts the learning rate."""
+    rollback = Rollback(every=5, skip_steps=5, skip_growth=2.0)
+    after = StateRecorder()
+    script = {34: "critical", 36: "critical"}
+    t = trainer(max_steps=38, callbacks=[ScriptedSource(script), rollback, after])
     data = _data_with_nan_then_wrong_batches(30, 32)
     t.fit(TinyClassifier(lr=0.1), loader(data, shuffle=False))
-    assert rollback.rollbacks == rollbacks
-    extensions = [e.step for e in rollback.events if "while skipping" in e.message]
-    assert extensions == ([] if skip_growth else [34])
+    assert rollback.rollbacks == 1
+    assert [e.step for e in rollback.events] == [31, 34, 36]
+    assert "no refuge" in rollback.events[1].message
+    assert "not rolled back" in rollback.events[2].message
+    restored = after.states[31][0]
+    assert torch.equal(after.states[34][0], restored)  # steps 32-34 were skipped
+    assert not torch.equal(after.states[35][0], restored)  # then training resumed
+    assert not torch.equal(after.states[37][0], restored)  # and step 36 restored nothing
+    # 0.1 halved by the rollback at 31 and again at 36
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
+
+
+def test_without_skip_growth_a_critical_while_skipping_extends_the_skip():
+    rollback = Rollback(every=5, skip_steps=5, skip_growth=None)
+    t = trainer(max_steps=37, callbacks=[ScriptedSource({34: "critical"}), rollback])
+    t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_then_wrong_batches(30, 32), shuffle=False))
+    assert rollback.rollbacks == 1
+    assert [e.step for e in rollback.events if "while skipping" in e.message] == [34]
 
 
 @pytest.mark.parametrize("value", [1.0, 0.5, True, "2"])

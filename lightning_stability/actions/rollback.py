@@ -65,9 +65,13 @@ class Rollback(StabilityAction):
     skipping cannot come from the restored weights' updates, so it extends the skip
     instead of rolling back again, for at most ``5 * skip_steps`` steps after the
     rollback, unless the skipped batches' loss has grown past ``skip_growth`` times its
-    value at the first of them: with the weights frozen, a loss that keeps growing means
-    the data moves with the model (a feedback loop) or away from it, and waiting does not
-    end the trouble, so the run rolls back and is made safer again instead. Every
+    value at the first of them. With the weights frozen, a loss that keeps growing means
+    the data moves with the model (a feedback loop) or away from it: waiting does not end
+    the trouble, and the restored state is no refuge, since restoring it again would give
+    the same weights. The skip then ends and training resumes from the restored weights
+    at the reduced learning rate; later critical events that would return to that same
+    state make training safer without restoring it (they are not counted as rollbacks),
+    until a newer good state replaces it. Every
     callback with a ``rearm`` method (:class:`EarlyWarning`, the probes' rolling
     windows) is re-armed at a rollback, so that renewed trouble is reported at once, and
     the other actions ignore the events of the skipped steps. After
@@ -92,10 +96,10 @@ class Rollback(StabilityAction):
             critical even if no source reports it. Default True.
         skip_steps: batches skipped after a rollback (their updates are not applied).
             Default 10; 0 skips none.
-        skip_growth: a critical event while skipping rolls back again, instead of
-            extending the skip, once the mean training loss (over ranks) of the latest
-            skipped batch exceeds this multiple of the first one's. Must be > 1; ``None``
-            always extends. Default 2.0.
+        skip_growth: a critical event while skipping ends the skip, instead of
+            extending it, once the mean training loss (over ranks) of the latest skipped
+            batch exceeds this multiple of the first one's; see above. Must be > 1;
+            ``None`` always extends. Default 2.0.
         dirpath: where the stop checkpoint goes. Default ``None`` (the Trainer's root).
 
     The snapshots themselves are not written into checkpoints (only the rollback count
@@ -131,6 +135,7 @@ class Rollback(StabilityAction):
             raise ValueError(f"skip_growth must be a number > 1 or None, got {skip_growth!r}")
         self.skip_growth = None if skip_growth is None else float(skip_growth)
         self._skip_losses: list[float] = []  # first and latest skipped batch's loss
+        self._no_refuge_step = -1  # step of a snapshot whose weights failed on fresh data
         self.skip_steps = skip_steps
         self.skipped = 0
         self._skip_from = -1
@@ -184,8 +189,12 @@ class Rollback(StabilityAction):
             # a batch that was skipped left the restored weights as they were
             skipped = step <= self._skip_until
             bounded = step + self.skip_steps <= self._skip_from + 5 * self.skip_steps
-            if skipped and bounded and not self._skipped_loss_grew():
+            if skipped and self._skipped_loss_grew():
+                self._resume(trainer, level, step)
+            elif skipped and bounded:
                 self._extend_skip(trainer, level, step)
+            elif self.snapshot is not None and self.snapshot.step == self._no_refuge_step:
+                self._make_safer_in_place(trainer, pl_module, level)
             else:
                 self._roll_back(trainer, pl_module, level)
         elif step % self.every == 0:
@@ -276,7 +285,7 @@ class Rollback(StabilityAction):
             self._stop(trainer, pl_module, f"max_rollbacks={self.max_rollbacks} reached")
             return
         self.rollbacks += 1
-        safer = self._make_safer(trainer, pl_module, others)
+        safer = self._make_safer(trainer, pl_module, others, f"rollback {self.rollbacks}")
         self.record(
             trainer,
             level,
@@ -294,6 +303,39 @@ class Rollback(StabilityAction):
         # should respond to them.
         for action in self._others(trainer).values():
             action.mark_handled(step, until=self._skip_until)
+
+    def _resume(self, trainer: pl.Trainer, level: Level, step: int) -> None:
+        """End the skip: the restored weights meet growing trouble on fresh data."""
+        snapshot = self.snapshot
+        self._no_refuge_step = snapshot.step if snapshot is not None else -1
+        first, latest = self._skip_losses
+        self._skip_until = step
+        for action in self._others(trainer).values():
+            action.mark_handled(step)  # the next events are theirs again
+        self.record(
+            trainer,
+            level,
+            f"{level.name} event while skipping, and the skipped batches' loss grew from "
+            f"{first:.4g} to {latest:.4g} on the restored weights: the state of step "
+            f"{self._no_refuge_step} is no refuge from this data; training resumes",
+            signals=(SKIPPED_KEY,),
+            details={"first_loss": first, "latest_loss": latest},
+        )
+
+    def _make_safer_in_place(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level
+    ) -> None:
+        others = self._others(trainer)
+        for action in others.values():
+            action.mark_handled(int(trainer.global_step))
+        safer = self._make_safer(trainer, pl_module, others, f"{level.name} event, no refuge")
+        self.record(
+            trainer,
+            level,
+            f"{level.name} event; not rolled back (the state of step {self._no_refuge_step} "
+            f"is no refuge); {safer}",
+            signals=(ROLLBACKS_KEY,),
+        )
 
     def _extend_skip(self, trainer: pl.Trainer, level: Level, step: int) -> None:
         self._skip_until = step + self.skip_steps
@@ -313,8 +355,8 @@ class Rollback(StabilityAction):
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         others: dict[str, StabilityAction],
+        reason: str,
     ) -> str:
-        reason = f"rollback {self.rollbacks}"
         for kind, name in ((StagedTraining, "next stage"), (LRBackoff, "learning rate backed off")):
             for action in others.values():
                 if isinstance(action, kind):
@@ -344,6 +386,7 @@ class Rollback(StabilityAction):
             "skip_from": self._skip_from,
             "skip_until": self._skip_until,
             "skip_losses": list(self._skip_losses),
+            "no_refuge_step": self._no_refuge_step,
             "events": self._events_state(),
         }
 
@@ -354,4 +397,5 @@ class Rollback(StabilityAction):
         self._skip_from = int(state_dict.get("skip_from", -1))
         self._skip_until = int(state_dict.get("skip_until", -1))
         self._skip_losses = [float(v) for v in state_dict.get("skip_losses", [])]
+        self._no_refuge_step = int(state_dict.get("no_refuge_step", -1))
         self._load_events(state_dict.get("events", []))
