@@ -78,19 +78,40 @@ def test_recovery_ramps_back_geometrically_never_above():
     assert lrs[12] == pytest.approx(0.1, rel=1e-12)
 
 
-def test_trouble_after_a_ramp_caps_later_ramps_at_the_cut():
-    action = LRBackoff(factor=0.25, patience=2, recovery_steps=4)
-    lrs, _ = _fit(action, {2: "warning", 9: "warning", 14: "warning"}, max_steps=24)
-    assert lrs[7] == pytest.approx(0.1, rel=1e-12)  # the first ramp reached 1.0
-    # step 9: the ramped learning rate proved too high: cut, and 0.25 becomes the ceiling
-    assert lrs[9] == pytest.approx(0.025)
-    assert action.ceiling == [[pytest.approx(0.25)]]
-    assert lrs[13] == pytest.approx(0.025)  # calm, but already at the ceiling
-    # step 14 cuts below the ceiling without a ramp in between: the ceiling stays, and the
-    # next ramp climbs back to it (steps 16-19), not to 1.0
-    assert lrs[14] == pytest.approx(0.1 * 0.25**2)
-    assert lrs[19] == pytest.approx(0.025, rel=1e-12)
-    assert max(v for k, v in lrs.items() if k >= 9) <= 0.025 * (1 + 1e-12)
+def test_trouble_after_a_ramp_caps_the_next_ramp_then_probes_higher():
+    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    lrs, _ = _fit(action, {2: "warning", 7: "warning", 8: "warning"}, max_steps=16)
+    assert lrs[2] == pytest.approx(0.05)
+    # calm steps 3-4, ramp at 4-5 back to 1.0 (the ceiling is still 1.0)
+    assert lrs[4] == pytest.approx(0.1 * 0.5**0.5, rel=1e-12)
+    assert lrs[5] == pytest.approx(0.1, rel=1e-12)
+    # step 7: trouble after the ramp: cut, and 0.5 becomes the ceiling; step 8 cuts again
+    assert lrs[7] == pytest.approx(0.05)
+    assert lrs[8] == pytest.approx(0.025)
+    # calm 9-10, ramp at 10-11 up to the ceiling only (without it: 0.05, then 0.1)
+    assert lrs[10] == pytest.approx(0.1 * (0.25 * 0.5) ** 0.5, rel=1e-12)
+    assert lrs[11] == pytest.approx(0.05, rel=1e-12)
+    assert lrs[12] == pytest.approx(0.05, rel=1e-12)
+    # calm 12-13 at the ceiling, then a probe one factor higher: ramp at 13-14 to 1.0
+    assert lrs[13] == pytest.approx(0.1 * 0.5**0.5, rel=1e-12)
+    assert lrs[14] == pytest.approx(0.1, rel=1e-12)
+    assert max(lrs.values()) <= 0.1 * (1 + 1e-12)
+    assert action.ceiling == [[1.0]]
+
+
+def test_a_critical_cut_becomes_the_ceiling_and_probes_climb_back_in_stages():
+    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    lrs, _ = _fit(action, {2: "critical", 3: "warning"}, max_steps=12)
+    # steps 2 and 3 cut to 0.25x; the critical at 2 set the ceiling to 0.5x, and the
+    # warning at 3 (no ramp in between) leaves it
+    assert lrs[3] == pytest.approx(0.025)
+    # calm 4-5, ramp at 5-6 up to the ceiling 0.5x (without it: 0.05, then 0.1)
+    assert lrs[5] == pytest.approx(0.1 * 0.125**0.5, rel=1e-12)
+    assert lrs[6] == pytest.approx(0.05, rel=1e-12)
+    assert lrs[7] == pytest.approx(0.05, rel=1e-12)
+    # calm 7-8 at the ceiling, then the probe: ramp at 8-9 to 1.0
+    assert lrs[8] == pytest.approx(0.1 * 0.5**0.5, rel=1e-12)
+    assert lrs[9] == pytest.approx(0.1, rel=1e-12)
 
 
 class _Scheduled(TinyClassifier):

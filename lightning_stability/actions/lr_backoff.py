@@ -38,10 +38,15 @@ class LRBackoff(StabilityAction):
     cut again (bounded by ``max_backoffs`` and ``min_lr``); ``cooldown`` spaces the cuts
     when several events arrive close together.
 
-    The ramp back is additive-increase / multiplicative-decrease in spirit (Chiu and Jain,
-    1989): it climbs towards a ceiling, 1.0 at first. When trouble returns after a ramp
-    raised the learning rate, the level it climbed to proved too high, so the ceiling
-    becomes the cut taken then, and later ramps stop there. A rollback
+    The ramp back follows TCP congestion control in spirit (multiplicative decrease,
+    cautious increase; Chiu and Jain, 1989; Jacobson, 1988): it climbs towards a ceiling,
+    1.0 at first. A critical event, or trouble that returns after a ramp raised the
+    learning rate, shows that the level reached was too high, so the ceiling becomes the
+    cut taken then and the next ramp stops there. After ``patience`` further calm steps
+    at the ceiling it is raised by ``1 / factor`` (never above 1.0) and the run ramps up
+    to it, so a transient incident costs a slow, staged return rather than the rest of
+    the run's learning rate, and a learning rate that is really too high is found again
+    one step below where it failed. A rollback
     (:class:`Rollback`) restores this callback's state with the weights, but keeps the
     lower of the restored and the pre-rollback scale and ceiling: the weights go back,
     what the run learned about its learning rate does not.
@@ -56,7 +61,8 @@ class LRBackoff(StabilityAction):
             Default 0.
         max_backoffs: most backoffs in the whole run (``None``: unbounded). Default 10.
         patience: calm steps (no event at or above ``level``) before ramping back
-            towards the original learning rate; ``None`` (default) never ramps back.
+            towards the ceiling, and between probes above it; ``None`` (default) never
+            ramps back.
         recovery_steps: length in steps of the ramp back, which is geometric and never
             exceeds the ceiling (at most the original learning rate). Default 100.
 
@@ -152,7 +158,7 @@ class LRBackoff(StabilityAction):
         if new_scales == self.scales:
             return False  # every group already sits at min_lr
         self._apply(trainer, new_scales)
-        if self._raised:
+        if self._raised or level >= Level.CRITICAL:
             self.ceiling = [
                 [min(c, s) for c, s in zip(*rows)] for rows in zip(self.ceiling, new_scales)
             ]
@@ -175,7 +181,10 @@ class LRBackoff(StabilityAction):
         pairs = [zip(s, c) for s, c in zip(self.scales, self.ceiling)]
         if all(s >= c for row in pairs for s, c in row):
             self._ramp_from = None
-            return
+            if all(c >= 1.0 for row in self.ceiling for c in row):
+                return
+            # calm for `patience` steps at the ceiling: probe one step (1/factor) higher
+            self.ceiling = [[min(1.0, c / self.factor) for c in row] for row in self.ceiling]
         if self._ramp_from is None:
             self._ramp_from = [list(row) for row in self.scales]
             self._ramp_done = 0
@@ -190,6 +199,7 @@ class LRBackoff(StabilityAction):
         self._raised = True
         if self._ramp_done == self.recovery_steps:
             self._ramp_from = None
+            self._calm = 0  # the next probe higher waits another `patience` calm steps
             target = self.ceiling[0][0]
             self.record(
                 trainer,
