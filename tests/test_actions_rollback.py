@@ -8,7 +8,16 @@ import os
 
 import pytest
 import torch
-from helpers import TinyClassifier, classification_data, flat_weights, loader, trainer
+from helpers import (
+    DumpOnFitEnd,
+    TinyClassifier,
+    classification_data,
+    ddp_trainer,
+    flat_weights,
+    load_ranks,
+    loader,
+    trainer,
+)
 from lightning.pytorch.callbacks import Callback
 from test_actions_events import NonFiniteLossSource, ScriptedSource
 from torch.utils.data import TensorDataset
@@ -257,3 +266,33 @@ def test_skipping_can_be_turned_off():
     t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((5,)), shuffle=False))
     assert rollback.rollbacks == 1 and rollback.skipped == 0
     assert not torch.equal(after.states[7][0], after.states[6][0])
+
+
+def _rollback_state(trainer, pl_module):
+    rollback = next(cb for cb in trainer.callbacks if isinstance(cb, Rollback))
+    return {
+        "rollbacks": rollback.rollbacks,
+        "skipped": rollback.skipped,
+        "skip_losses": list(rollback._skip_losses),
+        "messages": [e.message for e in rollback.events],
+        "weights": flat_weights(pl_module),
+    }
+
+
+@pytest.mark.ddp
+def test_ddp_ranks_roll_back_skip_and_judge_the_skipped_loss_identically(tmp_path):
+    """A critical event on rank 1 only rolls both ranks back; the skipped batches' loss is
+    averaged over ranks, so a second critical event on rank 0 only is judged the same way
+    on both (here it extends the skip), and the weights stay identical."""
+    source = ScriptedSource({3: "critical"}, ranks=(1,))
+    other = ScriptedSource({5: "critical"}, ranks=(0,))
+    rollback = Rollback(every=2, skip_steps=3)
+    dump = DumpOnFitEnd(tmp_path, _rollback_state)
+    t = ddp_trainer(max_steps=10, callbacks=[source, other, rollback, dump])
+    t.fit(TinyClassifier(lr=0.1), loader(classification_data(), shuffle=False))
+    r0, r1 = load_ranks(tmp_path)
+    assert r0["rollbacks"] == r1["rollbacks"] == 1
+    assert r0["skipped"] == r1["skipped"] == 5  # steps 3-4, then 5-7 after the extension
+    assert r0["skip_losses"] == r1["skip_losses"] and len(r0["skip_losses"]) == 2
+    assert r0["messages"] == r1["messages"] and "while skipping" in r0["messages"][1]
+    assert torch.equal(r0["weights"], r1["weights"])
