@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 
 from lightning_stability.actions.base import StabilityAction
-from lightning_stability.probes.base import StabilityProbe, write_to_loggers
+from lightning_stability.probes.base import STEP_HOOKS, StabilityProbe, write_to_loggers
 from lightning_stability.report import SUMMARY_ROWS, RunSummary, print_summary, render_markdown
 from lightning_stability.tensorboard import tensorboard_writers, write_layout
 from lightning_stability.warning.early_warning import EarlyWarning
@@ -28,12 +28,7 @@ _SUMMARY_TAGS = frozenset(tag for _, tag, _ in SUMMARY_ROWS)
 _PROBE_TAGS = _SUMMARY_TAGS | {"stability/sharpness/lambda_max", "stability/sharpness/directional"}
 
 _TIMED_HOOKS = (
-    "on_train_batch_start",
-    "on_train_batch_end",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
+    *sorted(STEP_HOOKS),
     "on_train_epoch_end",
     "on_validation_epoch_end",
     "on_train_start",

@@ -94,7 +94,7 @@ class StabilityProbe(Callback):
         Dense, every-step readings pass ``log=logs_this_step(trainer)`` to keep Lightning's
         cadence. In epoch-level hooks ``pl_module.log`` is used as usual."""
         step = trainer.global_step
-        direct = log and getattr(pl_module, "_current_fx_name", None) in _STEP_HOOKS
+        direct = log and getattr(pl_module, "_current_fx_name", None) in STEP_HOOKS
         published = {
             (name if name.startswith(PREFIX) else PREFIX + name): float(value)
             for name, value in values.items()
@@ -109,7 +109,7 @@ class StabilityProbe(Callback):
             write_to_loggers(trainer, published)
 
 
-_STEP_HOOKS = frozenset(
+STEP_HOOKS = frozenset(
     {
         "on_train_batch_start",
         "on_train_batch_end",
@@ -119,6 +119,8 @@ _STEP_HOOKS = frozenset(
         "on_before_zero_grad",
     }
 )
+"""The per-step training hooks (between two optimizer steps), where a reading is a step
+metric."""
 
 
 def logs_this_step(trainer: pl.Trainer) -> bool:
