@@ -115,10 +115,24 @@ def load_ranks(directory: str | os.PathLike, world_size: int = 2) -> list[Any]:
     ]
 
 
+class DestroyProcessGroup(Callback):
+    """Destroys the worker's process group at the very end of fit. Neither Lightning's
+    spawn launcher nor torch does, and a gloo group left to the interpreter's exit can
+    abort the worker ("terminate called without an active exception", SIGABRT) after
+    training has finished."""
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank may still be in a collective of this run
+            dist.destroy_process_group()
+
+
 def ddp_trainer(**overrides: Any) -> pl.Trainer:
     """Two CPU processes on gloo (spawned, so it works under pytest)."""
     kwargs: dict[str, Any] = dict(strategy="ddp_spawn", devices=2)
     kwargs.update(overrides)
+    kwargs["callbacks"] = [*kwargs.get("callbacks", []), DestroyProcessGroup()]
     return trainer(**kwargs)
 
 
