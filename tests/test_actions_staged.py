@@ -69,7 +69,7 @@ def test_default_ladder_escalates_and_sets_knobs():
 def test_calm_de_escalation_warms_up_geometrically():
     stages = [{"warmup_steps": 4}, {"lr_scale": 0.1}]
     action, rec = StagedTraining(stages=stages, calm_steps=3), LrRecorder()
-    t = trainer(max_steps=14, callbacks=[ScriptedSource({2: "warning"}), action, rec])
+    t = trainer(max_steps=14, callbacks=[ScriptedSource({2: "warning", 3: "ok"}), action, rec])
     t.fit(TinyClassifier(lr=0.1), loader(classification_data(512), shuffle=False))
     assert rec.lrs[2] == pytest.approx(0.01)
     # three calm boundaries (3, 4, 5): back to stage 0 at step 5, ramped over 4 steps
@@ -78,6 +78,16 @@ def test_calm_de_escalation_warms_up_geometrically():
         assert rec.lrs[step] == pytest.approx(0.1 * 0.1 ** (1 - k / 4), rel=1e-9)
     assert rec.lrs[14] == pytest.approx(0.1)
     assert action.stage == 0
+
+
+def test_no_de_escalation_while_the_level_stays_high_without_new_events():
+    stages = [{}, {"lr_scale": 0.1}]
+    action, rec = StagedTraining(stages=stages, calm_steps=3), LrRecorder()
+    t = trainer(max_steps=14, callbacks=[ScriptedSource({2: "warning", 9: "watch"}), action, rec])
+    t.fit(TinyClassifier(lr=0.1), loader(classification_data(512), shuffle=False))
+    # held at WARNING, silently, through step 8; calm boundaries 9, 10, 11
+    assert all(rec.lrs[s] == pytest.approx(0.01) for s in range(2, 11))
+    assert rec.lrs[11] == pytest.approx(0.1) and action.stage == 0
 
 
 def test_frozen_modules_do_not_move_even_with_momentum():

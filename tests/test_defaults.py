@@ -22,11 +22,11 @@ def test_default_backoff_recovers():
 
 def test_default_backoff_ramps_a_cut_back_after_the_calm_period():
     backoff, lrs = _default_backoff(), LrRecorder()
-    t = trainer(max_steps=205, callbacks=[ScriptedSource({1: "warning"}), backoff, lrs])
+    t = trainer(max_steps=205, callbacks=[ScriptedSource({1: "warning", 2: "ok"}), backoff, lrs])
     t.fit(TinyClassifier(lr=0.1), loader(classification_data(128), shuffle=False))
     got = lrs.lrs
     assert got[1] == pytest.approx(0.05)
-    assert got[100] == pytest.approx(0.05)  # 99 calm steps: still cut
+    assert got[100] == pytest.approx(0.05)  # 99 calm steps (from the OK at 2): still cut
     assert 0.05 < got[101] < got[150] < got[199] < 0.1  # geometric ramp
     assert got[200] == pytest.approx(0.1) and got[205] == pytest.approx(0.1)
     assert max(got.values()) <= 0.1 * (1 + 1e-12)  # never above the original lr

@@ -105,6 +105,9 @@ class StabilityAction(Callback):
         self._boundary_step = -1
         self._handled_step = -1
         self._handled_until = -1
+        # The sources' latest level, handled or not: an event marks a change of level,
+        # so a level that stays high sends nothing until it changes.
+        self.source_level = Level.OK
 
     # ----------------------------------------------------------------- wiring
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -166,6 +169,8 @@ class StabilityAction(Callback):
             return  # inside an accumulation window: no optimizer step since last time
         self._boundary_step = step
         level = self._agree(trainer)
+        if level is not None:
+            self.source_level = level
         if self._handled_step <= step <= self._handled_until:
             level = None  # another action already acted on this step's events for us
         self.on_step_boundary(trainer, pl_module, level)
@@ -194,6 +199,11 @@ class StabilityAction(Callback):
         do not act on them again."""
         self._handled_step = step
         self._handled_until = step if until is None else max(step, until)
+
+    def sources_rearmed(self) -> None:
+        """The event sources were re-armed (their level set back to OK without an
+        event), as a rollback does."""
+        self.source_level = Level.OK
 
     def restored(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]

@@ -60,7 +60,8 @@ class LRBackoff(StabilityAction):
         cooldown: steps after a backoff during which further events are ignored.
             Default 0.
         max_backoffs: most backoffs in the whole run (``None``: unbounded). Default 10.
-        patience: calm steps (no event at or above ``level``) before ramping back
+        patience: calm steps (the sources' level below ``level``: an event marks a
+            change of level, so a level held high is not calm) before ramping back
             towards the ceiling, and between probes above it; ``None`` (default) never
             ramps back.
         recovery_steps: length in steps of the ramp back, which is geometric and never
@@ -122,6 +123,8 @@ class LRBackoff(StabilityAction):
             self._calm = 0
             if step - self._last_backoff_step > self.cooldown:
                 self._backoff(trainer, level, f"{level.name} event")
+        elif self.source_level >= self.level:
+            self._calm = 0  # the level is still high, though no event says so again
         else:
             self._calm += 1
             if self.patience is not None and self._calm >= self.patience:

@@ -302,6 +302,7 @@ class Rollback(StabilityAction):
         # Events while skipping come from data the weights never saw: no other action
         # should respond to them.
         for action in self._others(trainer).values():
+            action.sources_rearmed()
             action.mark_handled(step, until=self._skip_until)
 
     def _resume(self, trainer: pl.Trainer, level: Level, step: int) -> None:

@@ -108,7 +108,9 @@ class StagedTraining(StabilityAction):
     Args:
         stages: the ladder, safest last; ``None`` uses :data:`DEFAULT_STAGES`.
         level: lowest event level that escalates. Default ``"warning"``.
-        calm_steps: steps without such an event before stepping one stage down;
+        calm_steps: steps with the sources' level below ``level`` (an event marks a
+            change of level, so a level held high counts as not calm) before stepping
+            one stage down;
             ``None`` never de-escalates. Default 200.
         cooldown: steps after a stage change during which events do not escalate
             again. Default 0.
@@ -185,6 +187,8 @@ class StagedTraining(StabilityAction):
             self._calm = 0
             if step - self._last_change_step > self.cooldown:
                 self._move(trainer, pl_module, +1, f"{level.name} event", level)
+        elif self.source_level >= self.level:
+            self._calm = 0  # the level is still high, though no event says so again
         else:
             self._calm += 1
             if self.calm_steps is not None and self._calm >= self.calm_steps and self.stage > 0:
