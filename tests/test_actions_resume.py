@@ -8,6 +8,7 @@ from helpers import TinyClassifier, classification_data, loader, trainer
 from test_actions_events import LrRecorder, ScriptedSource
 
 from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
+from lightning_stability.warning.events import Level
 
 STAGES = [{}, {"lr_scale": 0.5, "gradient_clip_val": 0.5, "accumulate_grad_batches": 2}]
 
@@ -44,6 +45,8 @@ def test_resume_mid_run_keeps_lrs_stage_and_knobs(tmp_path):
     resumed, _, cbs = _fit(10, ckpt_path=str(path))
     assert cbs[1].backoffs == 2 and cbs[1].scales == [[0.25]]
     assert cbs[2].stage == 1
+    # the sources' level (WARNING since step 1, no event since) is restored too
+    assert cbs[1].source_level == cbs[2].source_level == Level.WARNING
     assert resumed.gradient_clip_val == 0.5 and resumed.accumulate_grad_batches == 2
     for step in range(5, 11):
         assert cbs[-1].lrs[step] == pytest.approx(full_cbs[-1].lrs[step], rel=1e-12)

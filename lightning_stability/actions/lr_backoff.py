@@ -238,6 +238,7 @@ class LRBackoff(StabilityAction):
             "backoffs": self.backoffs,
             "last_backoff_step": self._last_backoff_step,
             "calm": self._calm,
+            "source_level": int(self.source_level),
             "ramp_from": self._ramp_from,
             "ramp_done": self._ramp_done,
             "events": self._events_state(),
@@ -255,6 +256,7 @@ class LRBackoff(StabilityAction):
         self.backoffs = int(state_dict["backoffs"])
         self._last_backoff_step = int(state_dict["last_backoff_step"])
         self._calm = int(state_dict["calm"])
+        self.source_level = Level(int(state_dict.get("source_level", Level.OK)))
         ramp = state_dict.get("ramp_from")
         self._ramp_from = None if ramp is None else [[float(s) for s in row] for row in ramp]
         self._ramp_done = int(state_dict.get("ramp_done", 0))

@@ -300,6 +300,7 @@ class StagedTraining(StabilityAction):
             "started": self._started,
             "last_change_step": self._last_change_step,
             "calm": self._calm,
+            "source_level": int(self.source_level),
             "ramp": None if self._ramp is None else dict(self._ramp),
             "events": self._events_state(),
         }
@@ -316,6 +317,7 @@ class StagedTraining(StabilityAction):
         self._started = bool(state_dict["started"])
         self._last_change_step = int(state_dict["last_change_step"])
         self._calm = int(state_dict["calm"])
+        self.source_level = Level(int(state_dict.get("source_level", Level.OK)))
         ramp = state_dict.get("ramp")
         self._ramp = None if ramp is None else {k: float(v) for k, v in ramp.items()}
         self._load_events(state_dict.get("events", []))
