@@ -147,7 +147,6 @@ class Rollback(StabilityAction):
         self.nonfinite_loss = bool(nonfinite_loss)
         self.dirpath = dirpath
         self.rollbacks = 0
-        self.current_level = Level.OK
         self.good: TrainingSnapshot | None = None
         self.pending: TrainingSnapshot | None = None
         self._calm_since_pending = False
@@ -180,9 +179,7 @@ class Rollback(StabilityAction):
     def on_step_boundary(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
     ) -> None:
-        if level is not None:
-            self.current_level = level
-        if self.current_level >= self.calm_below:
+        if self.source_level >= self.calm_below:
             self._calm_since_pending = False
         step = int(trainer.global_step)
         if level is not None and level >= self.level:
@@ -250,7 +247,7 @@ class Rollback(StabilityAction):
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot time: promote ``pending`` if the interval since it was calm, then take
         a new ``pending`` if the run is calm now."""
-        fresh = self._take(trainer, pl_module) if self.current_level < self.calm_below else None
+        fresh = self._take(trainer, pl_module) if self.source_level < self.calm_below else None
         finite_now = fresh is not None or all(
             bool(torch.isfinite(p).all()) for p in pl_module.parameters()
         )
@@ -277,7 +274,7 @@ class Rollback(StabilityAction):
         target.restore(trainer, pl_module, others)
         for key, action in others.items():
             action.restored(trainer, pl_module, before[key])
-        self.current_level = Level.OK
+        self.sources_rearmed()
         self._skip_from, self._skip_until = step, step + self.skip_steps
         self._skip_losses = []
         self._rearm(trainer, step)
@@ -340,7 +337,7 @@ class Rollback(StabilityAction):
 
     def _extend_skip(self, trainer: pl.Trainer, level: Level, step: int) -> None:
         self._skip_until = step + self.skip_steps
-        self.current_level = Level.OK
+        self.sources_rearmed()
         self._rearm(trainer, step)
         self.record(
             trainer,
@@ -382,7 +379,7 @@ class Rollback(StabilityAction):
     def state_dict(self) -> dict[str, Any]:
         return {
             "rollbacks": self.rollbacks,
-            "current_level": int(self.current_level),
+            "current_level": int(self.source_level),
             "skipped": self.skipped,
             "skip_from": self._skip_from,
             "skip_until": self._skip_until,
@@ -393,7 +390,7 @@ class Rollback(StabilityAction):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = int(state_dict["rollbacks"])
-        self.current_level = Level(int(state_dict["current_level"]))
+        self.source_level = Level(int(state_dict["current_level"]))
         self.skipped = int(state_dict.get("skipped", 0))
         self._skip_from = int(state_dict.get("skip_from", -1))
         self._skip_until = int(state_dict.get("skip_until", -1))
