@@ -347,3 +347,43 @@ def test_amp_norms_are_of_unscaled_gradients():
     for r, pre in zip(rec.readings, rec.pre):
         assert r["stability/grad/norm"] == pytest.approx(pre, rel=1e-6)
         assert r["stability/grad/clip_event"] == 0.0
+
+
+class TwoGroupAdam(TinyClassifier):
+    """Adam with one group per layer, the second with the given ``betas``."""
+
+    def __init__(self, betas: tuple[float, float]) -> None:
+        super().__init__(opt="adam", lr=1e-3)
+        self.betas = betas
+
+    def configure_optimizers(self):
+        first, *_, last = [m for m in self.net if isinstance(m, torch.nn.Linear)]
+        return torch.optim.Adam(
+            [{"params": first.parameters()}, {"params": last.parameters(), "betas": self.betas}],
+            lr=self.lr,
+        )
+
+
+def test_unbounded_adam_groups_is_the_beta2_below_beta1_squared_rule():
+    from lightning_stability.probes.gradients import unbounded_adam_groups
+
+    w = [torch.nn.Parameter(torch.zeros(2))]
+    cases = {(0.9, 0.999): [], (0.9, 0.82): [], (0.9, 0.8): ["optimizer 0, group 0"]}
+    for (b1, b2), expected in cases.items():
+        found = unbounded_adam_groups([torch.optim.Adam(w, betas=(b1, b2))])
+        assert [f.split(" (")[0] for f in found] == expected, (b1, b2)
+    # no betas at all (SGD) is never flagged
+    assert unbounded_adam_groups([torch.optim.SGD(w, lr=0.1)]) == []
+
+
+@pytest.mark.parametrize("betas, warns", [((0.9, 0.5), True), ((0.9, 0.95), False)])
+def test_fit_start_warns_about_the_group_with_unbounded_adam_steps(betas, warns, recwarn):
+    t = trainer(max_steps=2, callbacks=[GradientMonitor()])
+    t.fit(TwoGroupAdam(betas), loader(classification_data(64)))
+    messages = [str(w.message) for w in recwarn if "beta2 < beta1**2" in str(w.message)]
+    if warns:
+        assert len(messages) == 1
+        assert "optimizer 0, group 1 (betas=0.9, 0.5)" in messages[0]
+        assert "group 0" not in messages[0]
+    else:
+        assert messages == []

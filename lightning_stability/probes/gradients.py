@@ -8,12 +8,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe, logs_this_step
 
-__all__ = ["GradientMonitor"]
+__all__ = ["GradientMonitor", "unbounded_adam_groups"]
 
 _UPDATE_MODES = ("sample", "full", "off")
 
@@ -24,6 +25,29 @@ def _positive_int(value: Any, argument: str, *, allow_zero: bool = False) -> int
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{argument} must be {kind} integer, got {value!r}")
     return value
+
+
+def unbounded_adam_groups(optimizers: list[Any]) -> list[str]:
+    """The param groups (``"optimizer i, group j"``) whose ``betas`` have
+    ``beta2 < beta1**2``.
+
+    Adam's first moment is ``(1 - b1) sum_k b1^k g_{t-k}`` and its second moment is at
+    least ``(1 - b2) b2^k g_{t-k}^2`` for every ``k``, so the per-coordinate update
+    ``|m| / sqrt(v)`` is bounded by ``(1 - b1) / sqrt(1 - b2) / (1 - b1 / sqrt(b2))``
+    only when ``b1 < sqrt(b2)`` (the condition of Zhang et al., 2022, "Adam Can Converge
+    Without Any Modification On Update Rules"). Below it, a run of small gradients
+    followed by a large one gives an arbitrarily large step: late loss spikes that a
+    lower learning rate only makes rarer.
+    """
+    found = []
+    for i, optimizer in enumerate(optimizers):
+        for j, group in enumerate(getattr(optimizer, "param_groups", [])):
+            betas = group.get("betas")
+            if isinstance(betas, (tuple, list)) and len(betas) == 2:
+                beta1, beta2 = (float(b) for b in betas)
+                if beta2 < beta1**2:
+                    found.append(f"optimizer {i}, group {j} (betas={beta1:g}, {beta2:g})")
+    return found
 
 
 def _overrides_clipping(pl_module: pl.LightningModule) -> bool:
@@ -62,6 +86,9 @@ class GradientMonitor(StabilityProbe):
       measured in ``on_train_batch_end`` (before the next ``zero_grad``) and the step counts
       as clipped when it is below the pre-clip norm; this costs one more norm pass and one
       more synchronisation per step, only in that case.
+
+    At fit start it warns (rank zero, once) about any param group whose ``betas`` have
+    ``beta2 < beta1**2``, where Adam's step has no bound (:func:`unbounded_adam_groups`).
 
     Readings are updated every step; they are passed to ``pl_module.log`` only on the
     steps where Lightning writes to the loggers
@@ -151,6 +178,14 @@ class GradientMonitor(StabilityProbe):
         self._measure_post_clip = _overrides_clipping(pl_module) or any(
             getattr(cb, "clips_gradients", False) for cb in trainer.callbacks
         )
+        unbounded = unbounded_adam_groups(trainer.optimizers)
+        if unbounded:
+            rank_zero_warn(
+                "GradientMonitor: beta2 < beta1**2 in " + "; ".join(unbounded) + ". Adam's "
+                "update m/sqrt(v) then has no bound, so a lower learning rate makes loss "
+                "spikes rarer but does not rule them out; set beta2 above beta1**2 "
+                "(PyTorch's default, 0.999, is)."
+            )
 
     def _build_sample(self) -> None:
         self._sample_idx = []
