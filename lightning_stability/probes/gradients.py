@@ -35,9 +35,10 @@ def unbounded_adam_groups(optimizers: list[Any]) -> list[str]:
     least ``(1 - b2) b2^k g_{t-k}^2`` for every ``k``, so the per-coordinate update
     ``|m| / sqrt(v)`` is bounded by ``(1 - b1) / sqrt(1 - b2) / (1 - b1 / sqrt(b2))``
     only when ``b1 < sqrt(b2)`` (the condition of Zhang et al., 2022, "Adam Can Converge
-    Without Any Modification On Update Rules"). Below it, a run of small gradients
-    followed by a large one gives an arbitrarily large step: late loss spikes that a
-    lower learning rate only makes rarer.
+    Without Any Modification On Update Rules"). Below it, the first moment forgets a
+    large gradient more slowly than ``sqrt(v)`` does, so a large gradient followed by a
+    run of small ones gives an arbitrarily large step: loss spikes that a lower learning
+    rate only makes rarer.
     """
     found = []
     for i, optimizer in enumerate(optimizers):
