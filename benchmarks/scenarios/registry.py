@@ -50,6 +50,13 @@ class Scenario:
             from the start); a detector firing before it raised a false alarm, not a warning.
         val_every: optimizer steps between validation runs.
         rule: the divergence rule.
+        gradual: the instability builds up over many steps (a slow ramp, progressive
+            sharpening, logit growth), so an early warning is possible; shock scenarios
+            (an LR jump, a corrupted batch) leave only the steps after the shock.
+        split: for healthy configurations, ``"calibration"`` (defaults may be chosen on
+            it) or ``"validation"`` (reported, never tuned on).
+        trainer_kwargs: extra ``Trainer`` arguments (precision, gradient clipping,
+            accumulation, ...).
     """
 
     name: str
@@ -61,6 +68,9 @@ class Scenario:
     onset: int = 0
     val_every: int = 10
     rule: DivergenceRule = field(default_factory=DivergenceRule)
+    gradual: bool = False
+    split: str = ""
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def make(self, seed: int, lr_scale: float = 1.0) -> Built:
         """A fresh run for ``seed``; call ``lightning.seed_everything(seed)`` first so that

@@ -5,6 +5,7 @@ Modes (what :func:`stability_set` attaches):
     ``"probes"``: every measuring callback that is available.
     ``"warning"``: the probes plus ``EarlyWarning`` (actions off).
     ``"actions"``: the above plus the actions (LR backoff and rollback).
+    ``"staged"``: the default set with ``actions="staged"`` (staged training and rollback).
 
 Imports are lazy: a callback that does not exist (yet) or cannot be built for a task is
 left out and named in :attr:`RunRecord.missing`, so that its columns read "n/a" instead of
@@ -20,6 +21,7 @@ neither changes weights nor data cannot change that trajectory.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import math
@@ -47,7 +49,7 @@ __all__ = [
     "stability_set",
 ]
 
-MODES = ("bare", "probes", "warning", "actions")
+MODES = ("bare", "probes", "warning", "actions", "staged")
 PROBES = {
     "SharpnessMonitor": "lightning_stability.probes.sharpness",
     "GradientMonitor": "lightning_stability.probes.gradients",
@@ -98,10 +100,12 @@ class RunRecord:
     wall_s: float = 0.0
     callbacks: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    steps_done: int = 0
+    weights_digest: str = ""
 
     @property
     def warning_available(self) -> bool:
-        return self.mode in ("warning", "actions") and "EarlyWarning" in self.callbacks
+        return self.mode in ("warning", "actions", "staged") and "EarlyWarning" in self.callbacks
 
     def to_json(self, history: bool = False) -> dict[str, Any]:
         """A JSON-ready dict; per-step histories only when ``history``."""
@@ -242,15 +246,16 @@ def _build(cls: type, scenario: Scenario) -> Callback:
 
 def _default_set(mode: str, scenario: Scenario) -> list[Callback] | None:
     """``stability_callbacks()`` (the one-line default set) for ``"warning"`` (actions
-    ``"none"``) or ``"actions"`` (``"backoff"`` with rollback), with drift on for the
-    scenario's layers and the short-run check intervals; ``None`` when it does not exist."""
+    ``"none"``), ``"actions"`` (``"backoff"`` with rollback) or ``"staged"``, with drift on
+    for the scenario's layers and the scenario's check intervals; ``None`` when it does not
+    exist."""
     try:
         from lightning_stability.defaults import stability_callbacks
     except ImportError:
         return None
     params = inspect.signature(stability_callbacks).parameters
     options: dict[str, Any] = {
-        "actions": "backoff" if mode == "actions" else "none",
+        "actions": {"actions": "backoff", "staged": "staged"}.get(mode, "none"),
         "sharpness": dict(OVERRIDES["SharpnessMonitor"]),
         "drift": {**OVERRIDES["RepresentationDriftMonitor"], "layers": list(scenario.layers)},
         "dashboard": False,  # a view; the runs have no logger
@@ -270,7 +275,7 @@ def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[s
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     missing: list[str] = []
-    if mode in ("warning", "actions"):
+    if mode in ("warning", "actions", "staged"):
         try:
             default = _default_set(mode, scenario)
         except Exception as err:  # a default set that cannot be built for this task
@@ -281,7 +286,7 @@ def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[s
     wanted: list[tuple[str, str, str | None]] = []
     if mode != "bare":
         wanted += [(n, "lightning_stability.probes", m) for n, m in PROBES.items()]
-    if mode in ("warning", "actions"):
+    if mode in ("warning", "actions", "staged"):
         wanted += [(n, "lightning_stability.warning", m) for n, m in WARNING.items()]
     if mode == "actions":
         wanted += [(n, "lightning_stability.actions", None) for n in ACTIONS]
@@ -296,6 +301,16 @@ def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[s
         except Exception as err:  # a callback that cannot be built for this task
             missing.append(f"{name} ({type(err).__name__}: {err})")
     return callbacks, missing
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's and buffer's bytes, in ``state_dict`` order: equal
+    digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _summarise(history: dict[str, list[tuple[int, float]]], until: int | None):
@@ -374,10 +389,13 @@ def run_scenario(
         callbacks=[*extra, *ours, spike, stopper, recorder],
         deterministic=True,
         default_root_dir=tempfile.mkdtemp(prefix="scenario-"),  # a rollback's stop checkpoint
+        **scenario.trainer_kwargs,
     )
     start = time.perf_counter()
     trainer.fit(module, train_loader, val_loader)
     record.wall_s = time.perf_counter() - start
+    record.steps_done = int(trainer.global_step)
+    record.weights_digest = weights_digest(module)
     record.losses, record.lrs, record.val_losses = (
         recorder.losses,
         recorder.lrs,
