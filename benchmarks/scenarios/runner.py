@@ -309,7 +309,10 @@ def weights_digest(module: torch.nn.Module) -> str:
     h = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # flattened first: a 0-d buffer (BatchNorm's num_batches_tracked) cannot be viewed
+        # as bytes; the bytes of every other tensor are the same either way
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
