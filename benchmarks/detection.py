@@ -11,12 +11,18 @@ Reported per scenario: how many seeds diverged (rule in
 lead time (divergence - first warning; a warning counts as a detection when it comes at or
 before the divergence step); recall and median lead over the diverging runs; false alarms
 (runs with a warning) on the stable scenarios; the same for the two Lightning baselines;
-with actions on, the rescue rate (diverging runs that no longer diverge) and the final
+separately for the gradual scenarios (``Scenario.gradual``: an early warning is possible),
+recall and median lead, with "median lead >= 20 steps" as the target, and for the shock
+scenarios (an LR jump or corrupted batches), the share of runs warned no later than the
+step at which the loss first leaves its band
+(:func:`benchmarks.scenarios.divergence.band_exit_step`, computed from the run's own
+losses); with actions on, the rescue rate (diverging runs that no longer diverge) and the final
 validation loss against the best fixed learning rate (full mode: a bare sweep of the base
 learning rate x {1, 1/3, 1/10, 1/30}). A column whose callback is not available reads
-"n/a".
+"n/a". A section of ``RESULTS.md`` between ``<!-- healthy:begin -->`` and
+``<!-- healthy:end -->`` (written by another benchmark) is kept, at the end.
 
-    python -m benchmarks.detection --quick      # < 2 minutes on 2 cores
+    python -m benchmarks.detection --quick      # < 3 minutes on 2 cores
     python -m benchmarks.detection              # full: 5 seeds and the learning-rate sweep
 
 Writes ``benchmarks/detection.json``, ``benchmarks/RESULTS.md`` and loss plots with the
@@ -38,7 +44,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.scenarios.divergence import DivergenceRule
+from benchmarks.scenarios.divergence import DivergenceRule, band_exit_step
+from benchmarks.scenarios.perturbations import CorruptedLoader, LRJump
 from benchmarks.scenarios.registry import SCENARIOS, Scenario
 from benchmarks.scenarios.runner import RunRecord, run_scenario, stability_set
 
@@ -64,6 +71,8 @@ TABLE_KEYS = (
     "stability/meta/deviation",
 )
 NA = "n/a"
+HEALTHY_BEGIN, HEALTHY_END = "<!-- healthy:begin -->", "<!-- healthy:end -->"
+GRADUAL_LEAD_TARGET = 20
 
 
 def _first_from(steps: list[int], onset: int) -> int | None:
@@ -81,6 +90,49 @@ DETECTORS = {
     "SpikeDetection (Lightning)": lambda r: r.spike_detection_steps,
     "EarlyStopping(divergence_threshold) (Lightning)": lambda r: r.early_stopping_steps,
 }
+
+
+_TYPES: dict[str, str] = {}
+
+
+def scenario_type(scenario: Scenario) -> str:
+    """``"gradual"`` (``scenario.gradual``), ``"shock"`` (a diverging scenario whose run
+    contains an :class:`LRJump` or a :class:`CorruptedLoader`: the instability starts at a
+    step, with nothing to see before it) or ``"-"`` (stable runs, and diverging ones that are
+    neither). Found by building the scenario once for seed 0."""
+    if scenario.name not in _TYPES:
+        kind = "-"
+        if scenario.gradual:
+            kind = "gradual"
+        elif scenario.kind == "diverging":
+            _, train, _, extra, _ = scenario.make(0)
+            if isinstance(train, CorruptedLoader) or any(isinstance(c, LRJump) for c in extra):
+                kind = "shock"
+        _TYPES[scenario.name] = kind
+    return _TYPES[scenario.name]
+
+
+def _type(run: RunRecord) -> str:
+    return scenario_type(SCENARIOS[run.scenario]) if run.scenario in SCENARIOS else "-"
+
+
+def shock_stats(runs: list[RunRecord], steps_of) -> dict[str, Any]:
+    """On the shock runs whose loss leaves its band at or after the onset: the share in
+    which the detector fired between the onset and that band exit (inclusive)."""
+    eligible = []
+    for r in runs:
+        if r.kind == "diverging" and _type(r) == "shock":
+            exit_step = band_exit_step(r.losses, _onset(r))
+            if exit_step is not None:
+                eligible.append((r, exit_step))
+    hits = [
+        (fired := _first_from(steps_of(r), _onset(r))) is not None and fired <= exit_step
+        for r, exit_step in eligible
+    ]
+    return {
+        "runs": len(eligible),
+        "warned_by_band_exit": sum(hits) / len(hits) if hits else math.nan,
+    }
 
 
 def _lead(detect: int | None, diverge: int | None) -> int | None:
@@ -249,13 +301,16 @@ def _markdown(payload: dict[str, Any]) -> str:
         )
     lines += [
         "",
+        *_type_lines(payload.get("by_type", {})),
         "## Runs",
         "",
-        "Detector columns: first firing at or after the perturbation's onset.",
+        "Detector columns: first firing at or after the perturbation's onset. Type: gradual, "
+        "shock or -; band exit: the step at which a shock run's loss first leaves its band.",
         "",
-        "| scenario | seed | diverged at | EarlyWarning | lead | SpikeDetection | "
-        "EarlyStopping | rescued | final val (off) | final val (on) | best fixed lr val |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | type | seed | diverged at | band exit | EarlyWarning | lead | "
+        "SpikeDetection | EarlyStopping | rescued | final val (off) | final val (on) | "
+        "best fixed lr val |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in payload["rows"]:
         lines.append(
@@ -264,8 +319,10 @@ def _markdown(payload: dict[str, Any]) -> str:
                 _fmt(row[k])
                 for k in (
                     "scenario",
+                    "type",
                     "seed",
                     "divergence_step",
+                    "band_exit_step",
                     "first_warning_step",
                     "lead",
                     "spike_detection_step",
@@ -304,8 +361,47 @@ def _markdown(payload: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "## Scenarios", ""]
     for s in SCENARIOS.values():
-        lines.append(f"- `{s.name}` ({s.kind}): {s.description}")
+        kind = s.kind if scenario_type(s) == "-" else f"{s.kind}, {scenario_type(s)}"
+        lines.append(f"- `{s.name}` ({kind}): {s.description}")
     return "\n".join(lines) + "\n"
+
+
+def _healthy_section(path: Path) -> str:
+    """The ``<!-- healthy:begin -->`` ... ``<!-- healthy:end -->`` block of ``path`` (markers
+    included, preceded by a blank line), or ``""`` when there is none."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return ""
+    start = text.find(HEALTHY_BEGIN)
+    end = text.find(HEALTHY_END, start + 1) if start >= 0 else -1
+    if start < 0 or end < 0:
+        return ""
+    return "\n" + text[start : end + len(HEALTHY_END)] + "\n"
+
+
+def _type_lines(by_type: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Gradual and shock scenarios",
+        "",
+        "Gradual scenarios (the instability builds up over many steps): recall and median "
+        f"lead over their diverging runs (target: median lead >= {GRADUAL_LEAD_TARGET} steps). "
+        "Shock scenarios (an LR jump or corrupted batches): the share of runs in which the "
+        "detector fired between the onset and the step at which the loss first leaves its "
+        "band (median + max(5 MAD-sigma, 5%) of the 100 losses before the step; "
+        "`band_exit_step` in `benchmarks/scenarios/divergence.py`).",
+        "",
+        "| detector | gradual: recall | gradual: median lead (steps) | shock: warned by band "
+        "exit |",
+        "|---|---|---|---|",
+    ]
+    for name in DETECTORS:
+        g, k = by_type.get("gradual", {}).get(name), by_type.get("shock", {}).get(name)
+        recall = NA if g is None else f"{_fmt(g['recall'])} ({g['diverging_runs']} runs)"
+        lead = NA if g is None else _fmt(g["median_lead"])
+        shock = NA if k is None else f"{_fmt(k['warned_by_band_exit'])} ({k['runs']} runs)"
+        lines.append(f"| {name} | {recall} | {lead} | {shock} |")
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -368,12 +464,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 best = min(finite) if finite else math.nan
             diverged = warn.divergence_step is not None
             onset = scenario.onset
+            kind = scenario_type(scenario)
+            exit_step = band_exit_step(warn.losses, onset) if kind == "shock" else None
             rows.append(
                 {
                     "scenario": name,
                     "kind": scenario.kind,
+                    "type": kind,
                     "seed": seed,
                     "divergence_step": warn.divergence_step,
+                    "band_exit_step": exit_step,
                     "first_warning_step": _first_from(warn.warning_steps, onset)
                     if warn.warning_available
                     else NA,
@@ -411,6 +511,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         name: detector_stats(off, steps_of) if has_warning or name != "EarlyWarning" else None
         for name, steps_of in DETECTORS.items()
     }
+    by_type = {
+        "gradual": {
+            name: detector_stats([r for r in off if _type(r) == "gradual"], steps_of)
+            if has_warning or name != "EarlyWarning"
+            else None
+            for name, steps_of in DETECTORS.items()
+        },
+        "shock": {
+            name: shock_stats(off, steps_of) if has_warning or name != "EarlyWarning" else None
+            for name, steps_of in DETECTORS.items()
+        },
+    }
     rescuable = [r for r in rows if r["kind"] == "diverging" and r["divergence_step"] is not None]
     rescue_rate = (
         sum(r["rescued"] is True for r in rescuable) / len(rescuable)
@@ -433,13 +545,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "missing": missing,
         "errors": errors,
         "detectors": detectors,
+        "by_type": by_type,
         "rescue_rate": rescue_rate,
         "rows": rows,
         "readings": readings,
         "runs": [r.to_json() for r in runs],
     }
     OUT_JSON.write_text(json.dumps(payload, indent=1, default=str))
-    OUT_MD.write_text(_markdown(payload))
+    OUT_MD.write_text(_markdown(payload) + _healthy_section(OUT_MD))
     print(_markdown(payload).split("## Runs")[0])
     print(f"wrote {OUT_JSON}, {OUT_MD} ({payload['wall_s']:.0f} s)")
     return payload

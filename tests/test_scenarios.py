@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import lightning.pytorch as pl
 import pytest
@@ -13,8 +14,8 @@ from lightning.fabric.utilities.spike import TrainingSpikeException
 from lightning.pytorch.callbacks import SpikeDetection
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks.scenarios.divergence import DivergenceRule, divergence_step
-from benchmarks.scenarios.perturbations import CorruptedLoader, RoutingFeedback
+from benchmarks.scenarios.divergence import DivergenceRule, band_exit_step, divergence_step
+from benchmarks.scenarios.perturbations import CorruptedLoader, LRRamp, RoutingFeedback
 from benchmarks.scenarios.registry import SCENARIOS
 from benchmarks.scenarios.runner import run_scenario, stability_set
 from benchmarks.scenarios.tasks import MLP
@@ -168,3 +169,75 @@ def test_recording_spike_detection_fires_where_lightnings_raises(tmp_path):
     with pytest.raises(TrainingSpikeException):
         trainer.fit(module, train)
     assert trainer.global_step - 1 == record.spike_detection_steps[0]
+
+
+def test_band_exit_step_on_synthetic_losses():
+    flat = [1.0 + 0.01 * (t % 3) for t in range(150)]
+    assert band_exit_step(flat, onset=100) is None  # noise inside its own band
+    assert band_exit_step([*flat, 1.5, 1.0], onset=100) == 150  # a jump above the band
+    assert band_exit_step([*flat, 1.0, math.nan], onset=100) == 151  # non-finite
+    # the relative floor: a perfectly flat loss tolerates 5% (median + 0.05 * median)
+    assert band_exit_step([1.0] * 50 + [1.04, 1.06], onset=0) == 51
+    # nothing before the onset counts, and steps with too little history are skipped
+    assert band_exit_step([1.0] * 20 + [9.0] + [1.0] * 20, onset=21) is None
+    assert band_exit_step([9.0, 1.0, 1.0], onset=0, min_history=5) is None
+    # a slow drift stays inside a band that follows it; a fast rise leaves it
+    drift = [1.0 + 0.001 * t for t in range(300)]
+    assert band_exit_step(drift, onset=0) is None
+    assert band_exit_step([*drift[:200], *[1.5 * 1.05**t for t in range(50)]], 150) == 200
+    with pytest.raises(ValueError):
+        band_exit_step(flat, window=0)
+
+
+GRADUAL = ("lr_ramp", "progressive_sharpening", "attention_logit_growth", "output_logit_divergence")
+
+
+@pytest.mark.parametrize("name", GRADUAL)
+def test_gradual_scenarios_build_and_train_a_few_steps(name):
+    scenario = SCENARIOS[name]
+    assert scenario.kind == "diverging" and scenario.gradual
+    assert scenario.description and len(scenario.layers) == 2
+    pl.seed_everything(0, verbose=False)
+    module, train, val, extra, max_steps = scenario.make(0)
+    names = dict(module.named_modules())
+    assert all(layer in names for layer in scenario.layers)
+    assert scenario.onset < max_steps <= 500
+    trainer = make_trainer(max_steps=3, callbacks=extra, limit_val_batches=1)
+    trainer.fit(module, train, val)
+    assert trainer.global_step == 3
+
+
+def test_lr_ramp_multiplies_per_step_and_composes():
+    ramp = LRRamp(start=2, factor=2.0, max_factor=8.0)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+
+    trainer = SimpleNamespace(optimizers=[opt], global_step=0)
+    lrs = []
+    for step in range(7):
+        trainer.global_step = step
+        ramp.on_train_batch_start(trainer, None, None, 0)
+        ramp.on_train_batch_start(trainer, None, None, 1)  # a second micro-batch: no-op
+        lrs.append(opt.param_groups[0]["lr"])
+        if step == 3:
+            opt.param_groups[0]["lr"] *= 0.5  # an action halving the lr composes with the ramp
+    assert lrs == [1.0, 1.0, 2.0, 4.0, 4.0, 4.0, 4.0]
+    resumed = LRRamp(start=2, factor=2.0, max_factor=8.0)
+    resumed.load_state_dict(ramp.state_dict())
+    assert resumed.total == 8.0 and resumed.last_step == 6
+    with pytest.raises(ValueError):
+        LRRamp(start=0, factor=0.5)
+
+
+def test_small_gpt_qk_norm_bounds_attention_logits():
+    from benchmarks.scenarios.transformer import SmallGPT
+
+    x = torch.randint(0, 128, (2, 32))
+    for qk_norm in (False, True):
+        torch.manual_seed(0)
+        model = SmallGPT(qk_norm=qk_norm)
+        with torch.no_grad():  # inflate the query/key weights, as a high lr does
+            for block in model.blocks:
+                block.attn.qkv.weight.mul_(30.0)
+        assert model(x).shape == (2, 32, 128)
+        big = model.attention_logit_max
+        assert (big < 20.0) if qk_norm else (big > 100.0)

@@ -1,4 +1,5 @@
-"""The rule that decides whether, and at which step, a training run diverged.
+"""The rule that decides whether, and at which step, a training run diverged, and the step at
+which a loss first leaves its band (:func:`band_exit_step`).
 
 A run diverges at step ``t`` when its loss is non-finite at ``t``, or when from ``t`` on the
 trailing median of the loss stays above ``factor`` times the best (lowest) trailing median
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from statistics import median
 
-__all__ = ["DivergenceRule", "divergence_step"]
+__all__ = ["DivergenceRule", "band_exit_step", "divergence_step"]
 
 
 @dataclass(frozen=True)
@@ -83,4 +84,40 @@ def divergence_step(losses: Sequence[float], rule: DivergenceRule | None = None)
         # only medians whose whole window lies past the warm-up form the baseline
         if t >= rule.warmup + rule.smooth - 1 and run_start is None:
             best = min(best, current)
+    return None
+
+
+def band_exit_step(
+    losses: Sequence[float],
+    onset: int = 0,
+    window: int = 100,
+    k: float = 5.0,
+    rel_floor: float = 0.05,
+    min_history: int = 10,
+) -> int | None:
+    """The first step ``t >= onset`` at which the loss leaves the band of its own recent
+    past, or ``None``: the moment a shock becomes visible in the loss itself, independent
+    of any detector.
+
+    The band at ``t`` is built from the (finite) losses of the ``window`` steps before
+    ``t``: with ``m`` their median and ``MAD`` their median absolute deviation,
+    ``upper = m + max(k * 1.4826 * MAD, rel_floor * |m|)`` (``1.4826 * MAD`` estimates a
+    normal standard deviation; the relative floor keeps a flat loss's ordinary noise out).
+    The loss leaves its band when ``losses[t] > upper`` or is non-finite. Steps with fewer
+    than ``min_history`` earlier losses are skipped. Defaults: a 100-step window, 5 MAD
+    sigmas, a 5% floor.
+    """
+    if window < 1 or min_history < 1 or k < 0 or rel_floor < 0:
+        raise ValueError("need window >= 1, min_history >= 1, k >= 0 and rel_floor >= 0")
+    for t in range(max(0, onset), len(losses)):
+        loss = float(losses[t])
+        if not math.isfinite(loss):
+            return t
+        past = [float(v) for v in losses[max(0, t - window) : t] if math.isfinite(float(v))]
+        if len(past) < min_history:
+            continue
+        m = median(past)
+        mad = median(abs(v - m) for v in past)
+        if loss > m + max(k * 1.4826 * mad, rel_floor * abs(m)):
+            return t
     return None

@@ -1,5 +1,5 @@
-"""Reusable ways to make a training run go wrong: a learning-rate jump, a burst of corrupted
-batches, a stretch of random labels, and a data source that feeds on the model's own
+"""Reusable ways to make a training run go wrong: a learning-rate jump, a slow learning-rate
+ramp, a burst of corrupted batches, a stretch of random labels, and a data source that feeds on the model's own
 predictions.
 
 Every piece draws its randomness from its own seeded ``torch.Generator``, never from the
@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["CorruptedLoader", "LRJump", "RoutingFeedback"]
+__all__ = ["CorruptedLoader", "LRJump", "LRRamp", "RoutingFeedback"]
 
 
 class LRJump(Callback):
@@ -51,6 +51,60 @@ class LRJump(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied = bool(state_dict["applied"])
+
+
+class LRRamp(Callback):
+    """Multiplies every parameter group's learning rate by ``factor`` before each optimizer
+    step from ``start`` on, until the ramp's own accumulated factor reaches ``max_factor``
+    (a warm-up that ramps past its target, or a schedule with a sign error).
+
+    Each step's change is multiplicative, so anything else that scales the learning rate
+    (a backoff action) composes with the ramp instead of being overwritten. The state
+    (the last step ramped and the accumulated factor) is checkpointed, so a resumed run
+    neither repeats nor skips a step of the ramp.
+
+    Args:
+        start: first optimizer step whose learning rate is ramped (>= 0).
+        factor: per-step multiplier (>= 1; e.g. 1.015: x4.4 per 100 steps).
+        max_factor: the ramp holds once its accumulated factor reaches this (>= 1;
+            default: never).
+    """
+
+    def __init__(self, start: int, factor: float = 1.015, max_factor: float = float("inf")) -> None:
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start!r}")
+        if factor < 1.0 or max_factor < 1.0:
+            raise ValueError(
+                f"need factor >= 1 and max_factor >= 1, got {factor!r}, {max_factor!r}"
+            )
+        self.start = start
+        self.factor = factor
+        self.max_factor = max_factor
+        self.total = 1.0
+        self.last_step = -1
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        # once per optimizer step (gradient accumulation calls this for every micro-batch)
+        if step < self.start or step <= self.last_step:
+            return
+        self.last_step = step
+        change = min(self.factor, self.max_factor / self.total)
+        if change <= 1.0:
+            return
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["lr"] * change
+        self.total *= change
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "last_step": self.last_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.total = float(state_dict["total"])
+        self.last_step = int(state_dict["last_step"])
 
 
 class CorruptedLoader:

@@ -16,17 +16,20 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from torch.utils.data import TensorDataset
 
 from benchmarks.scenarios.divergence import DivergenceRule
-from benchmarks.scenarios.perturbations import CorruptedLoader, LRJump, RoutingFeedback
+from benchmarks.scenarios.perturbations import CorruptedLoader, LRJump, LRRamp, RoutingFeedback
 from benchmarks.scenarios.tasks import (
     MLP,
     charlm_data,
     charlm_module,
     digits_data,
+    digits_onehot_data,
     seeded_loader,
     synthetic_regression_data,
 )
+from benchmarks.scenarios.transformer import SmallGPT
 
 __all__ = ["SCENARIOS", "Built", "Scenario"]
 
@@ -91,6 +94,7 @@ def _digits(
     *,
     corrupt: dict[str, Any] | None = None,
     jump: tuple[int, float] | None = None,
+    ramp: tuple[int, float, float] | None = None,
     batch_size: int = 64,
 ) -> Built:
     train, val = digits_data(seed)
@@ -101,7 +105,22 @@ def _digits(
     if corrupt:
         loader = CorruptedLoader(loader, seed=seed, num_classes=10, **corrupt)
     extra: list[Callback] = [LRJump(*jump)] if jump else []
+    if ramp:
+        extra.append(LRRamp(*ramp))
     return module, loader, seeded_loader(val, 512, seed, shuffle=False), extra, steps
+
+
+def _sharpening(seed: int, lr: float, steps: int, n_train: int = 500) -> Built:
+    """Full-batch heavy-ball GD on a wide tanh MLP fitting the one-hot targets of
+    ``n_train`` digits by mean squared error: the setting of Cohen et al. (2021), where
+    the top Hessian eigenvalue rises during training until it reaches 2(1 + momentum)/lr."""
+    train, val = digits_onehot_data(seed)
+    train = TensorDataset(*(t[:n_train] for t in train.tensors))
+    module = MLP(
+        64, 10, hidden=512, depth=4, task="regression", lr=lr, optimizer="sgd", momentum=0.9
+    )
+    loader = seeded_loader(train, len(train), seed)  # one full batch per step
+    return module, loader, seeded_loader(val, 512, seed, shuffle=False), [], steps
 
 
 def _synthetic(seed: int, lr: float, steps: int) -> Built:
@@ -121,6 +140,15 @@ def _routing(seed: int, lr_scale: float) -> Built:
     env = RoutingFeedback(module, deploy_step=100, seed=seed)
     return module, env, env.val_loader(), [], 400
 
+
+def _gpt(seed: int, steps: int, **kwargs: Any) -> Built:
+    """:class:`SmallGPT` (d_model 64, 2 layers, 4 heads) on the char-LM text, batch 16."""
+    train, val = charlm_data()
+    module = SmallGPT(**kwargs)
+    return module, seeded_loader(train, 16, seed), seeded_loader(val, 256, seed, False), [], steps
+
+
+GPT_LAYERS = ("blocks.0", "blocks.1")
 
 _LIST = [
     Scenario(
@@ -203,6 +231,52 @@ _LIST = [
         CHARLM_CHANCE,
         CHARLM_LAYERS,
         val_every=25,
+    ),
+]
+
+_LIST += [
+    Scenario(
+        "lr_ramp",
+        "diverging",
+        "digits MLP, SGD+momentum lr 0.05, x1.015 per step from step 150 (a warm-up ramping "
+        "to 10x its target)",
+        lambda s, k: _digits(s, 0.05 * k, 400, ramp=(150, 1.015, 10.0)),
+        DIGITS_CHANCE,
+        MLP_LAYERS,
+        onset=150,
+        gradual=True,
+    ),
+    Scenario(
+        "progressive_sharpening",
+        "diverging",
+        "one-hot MSE on 500 digits, 4x512 tanh MLP, full-batch GD+momentum 0.9 at constant "
+        "lr 0.85: sharpening carries the top Hessian eigenvalue past 2(1+momentum)/lr",
+        lambda s, k: _sharpening(s, 0.85 * k, 200),
+        0.1,  # mean squared error of predicting all zeros for one-hot targets
+        MLP_LAYERS,
+        gradual=True,
+    ),
+    Scenario(
+        "attention_logit_growth",
+        "diverging",
+        "small GPT without qk-layernorm, AdamW lr 1 (weight decay 0.1) after a 300-step "
+        "linear warm-up: attention logits grow by orders of magnitude as the lr rises",
+        lambda s, k: _gpt(s, 350, lr=1.0 * k, warmup=300, weight_decay=0.1),
+        CHARLM_CHANCE,
+        GPT_LAYERS,
+        val_every=25,
+        gradual=True,
+    ),
+    Scenario(
+        "output_logit_divergence",
+        "diverging",
+        "small GPT with qk-layernorm but no final LayerNorm, AdamW lr 0.1 without weight "
+        "decay after a 300-step warm-up: the output logits drift large",
+        lambda s, k: _gpt(s, 400, lr=0.1 * k, warmup=300, qk_norm=True, final_norm=False),
+        CHARLM_CHANCE,
+        GPT_LAYERS,
+        val_every=25,
+        gradual=True,
     ),
 ]
 

@@ -20,6 +20,7 @@ __all__ = [
     "charlm_data",
     "charlm_module",
     "digits_data",
+    "digits_onehot_data",
     "seeded_loader",
     "synthetic_regression_data",
 ]
@@ -121,6 +122,15 @@ def digits_data(seed: int = 0, n_val: int = 297) -> tuple[TensorDataset, TensorD
     mean, std = xt.mean(0), xt.std(0)
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return TensorDataset((xt - mean) / std, yt), TensorDataset((xv - mean) / std, yv)
+
+
+def digits_onehot_data(seed: int = 0, n_val: int = 297) -> tuple[TensorDataset, TensorDataset]:
+    """:func:`digits_data` with one-hot float targets, for a mean-squared-error fit of the
+    10 class indicators (the square loss under which Cohen et al. (2021) observe
+    progressive sharpening most clearly)."""
+    (xt, yt), (xv, yv) = (d.tensors for d in digits_data(seed, n_val))
+    one_hot = nn.functional.one_hot
+    return TensorDataset(xt, one_hot(yt, 10).float()), TensorDataset(xv, one_hot(yv, 10).float())
 
 
 def synthetic_regression_data(
