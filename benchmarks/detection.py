@@ -24,6 +24,11 @@ learning rate x {1, 1/3, 1/10, 1/30}). A column whose callback is not available 
 
     python -m benchmarks.detection --quick      # < 3 minutes on 2 cores
     python -m benchmarks.detection              # full: 5 seeds and the learning-rate sweep
+    python -m benchmarks.detection --workers 1  # in this process, one run after another
+
+The runs (scenario x seed x mode x learning-rate scale) are independent and seeded; with
+``--workers N`` (default 2) they are trained in a pool of N processes, one torch thread
+each, and the results are the same as with ``--workers 1``.
 
 Writes ``benchmarks/detection.json``, ``benchmarks/RESULTS.md`` and loss plots with the
 warning markers in ``benchmarks/plots/``.
@@ -35,6 +40,7 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import statistics
 import sys
 import time
@@ -73,6 +79,74 @@ TABLE_KEYS = (
 NA = "n/a"
 HEALTHY_BEGIN, HEALTHY_END = "<!-- healthy:begin -->", "<!-- healthy:end -->"
 GRADUAL_LEAD_TARGET = 20
+
+Task = tuple[str, int, str, float, bool]
+"""``(scenario, seed, mode, lr_scale, keep_history)``: one training run."""
+
+
+def _quiet() -> None:
+    """Lightning's console noise off (in the main process and in every worker)."""
+    import lightning.pytorch  # noqa: F401  (importing it resets its loggers' levels)
+
+    warnings.filterwarnings("ignore", module="lightning")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _init_worker() -> None:
+    # the models are tiny: a second thread buys nothing and, on a busy machine, its
+    # spin-waiting multiplies every step's time
+    torch.set_num_threads(1)
+    _quiet()
+
+
+def run_task(task: Task) -> tuple[Task, RunRecord | str]:
+    """Train one run; returns ``(task, record)``, or ``(task, "TypeName: message")`` when the
+    run raised. The record keeps its per-step histories (``record.history``, for the
+    plots) when ``keep_history`` is set."""
+    name, seed, mode, lr_scale, keep_history = task
+    try:
+        record = run_scenario(
+            SCENARIOS[name], seed, mode, lr_scale=lr_scale, keep_history=keep_history
+        )
+    except Exception as err:  # one broken run must not hide the others' results
+        return task, f"{type(err).__name__}: {err}"
+    return task, record
+
+
+def _tasks(names: list[str], seeds: list[int], has_actions: bool, quick: bool) -> list[Task]:
+    """Every run the report needs, in the order the sequential path trains them."""
+    tasks: list[Task] = []
+    for name in names:
+        for seed in seeds:
+            tasks.append((name, seed, "warning", 1.0, seed == 0))
+            if has_actions:
+                tasks.append((name, seed, "actions", 1.0, False))
+            if not quick:
+                tasks += [(name, seed, "bare", k, False) for k in LR_SWEEP[1:]]
+    return tasks
+
+
+def _run_pool(tasks: list[Task], workers: int) -> dict[Task, RunRecord | str]:
+    """Train ``tasks`` in a pool of ``workers`` spawned processes, the longest first (by
+    steps, a run with probes counting double a bare one) so that no worker is left with a
+    long run at the end."""
+    steps = {name: int(SCENARIOS[name].make(0)[4]) for name in {t[0] for t in tasks}}
+    order = sorted(tasks, key=lambda t: -steps[t[0]] * (1 if t[2] == "bare" else 2))
+    results: dict[Task, RunRecord | str] = {}
+    print(f"{len(tasks)} runs on {workers} workers", flush=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker) as pool:
+        for task, result in pool.imap_unordered(run_task, order, chunksize=1):
+            results[task] = result
+            name, seed, mode, lr_scale, _ = task
+            done = result if isinstance(result, str) else f"{result.wall_s:.1f} s"
+            print(
+                f"[{len(results):>3}/{len(tasks)}] {name:<24} seed {seed} {mode:<8} "
+                f"lr x{lr_scale:.3g}  ({done})",
+                flush=True,
+            )
+    return results
 
 
 def _first_from(steps: list[int], onset: int) -> int | None:
@@ -410,17 +484,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per scenario")
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="processes training runs in parallel (1: none)"
+    )
     args = parser.parse_args(argv)
     names = [n for n in args.only.split(",") if n] or list(SCENARIOS)
     unknown = sorted(set(names) - set(SCENARIOS))
     if unknown:
         parser.error(f"--only: unknown scenarios {unknown}; choose from {sorted(SCENARIOS)}")
     seeds = list(range(args.seeds or (1 if args.quick else 5)))
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    # the models are tiny: a second thread buys nothing and, on a busy machine, its
-    # spin-waiting multiplies every step's time
-    torch.set_num_threads(1)
+    if args.workers < 1:
+        parser.error("--workers: at least 1")
+    _init_worker()  # the same settings as the workers' (the sequential path trains here)
 
     start = time.perf_counter()
     first = SCENARIOS[names[0]]
@@ -434,32 +509,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     readings: dict[str, Any] = {}
     errors: list[str] = []
+    tasks = _tasks(names, seeds, has_actions, args.quick)
+    results = _run_pool(tasks, args.workers) if args.workers > 1 else {}
+
+    def get(task: Task) -> RunRecord | None:
+        """The task's record (trained now on the sequential path); ``None``, with the
+        error recorded, when the run raised."""
+        if task not in results:
+            results[task] = run_task(task)[1]
+        result = results[task]
+        if isinstance(result, str):
+            name, seed, mode, lr_scale, _ = task
+            sweep = f" lr x{lr_scale:.3g}" if lr_scale != 1.0 else ""
+            errors.append(f"{name} seed {seed} {mode}{sweep}: {result}")
+            print(errors[-1], flush=True)
+            return None
+        return result
+
     for name in names:
         scenario = SCENARIOS[name]
         for seed in seeds:
-            try:
-                warn = run_scenario(scenario, seed, "warning", keep_history=seed == 0)
-            except Exception as err:  # one broken run must not hide the others' results
-                errors.append(f"{name} seed {seed} warning: {type(err).__name__}: {err}")
-                print(errors[-1], flush=True)
+            warn = get((name, seed, "warning", 1.0, seed == 0))
+            if warn is None:
                 continue
             runs.append(warn)
-            act = None
-            if has_actions:
-                try:
-                    act = run_scenario(scenario, seed, "actions")
-                except Exception as err:
-                    errors.append(f"{name} seed {seed} actions: {type(err).__name__}: {err}")
-                    print(errors[-1], flush=True)
+            act = get((name, seed, "actions", 1.0, False)) if has_actions else None
             if act is not None:
                 runs.append(act)
             best = math.nan
             if not args.quick:
                 vals = [warn.final_val_loss]
-                vals += [
-                    run_scenario(scenario, seed, "bare", lr_scale=k).final_val_loss
-                    for k in LR_SWEEP[1:]
-                ]
+                for k in LR_SWEEP[1:]:
+                    swept = get((name, seed, "bare", k, False))
+                    if swept is not None:
+                        vals.append(swept.final_val_loss)
                 finite = [v for v in vals if math.isfinite(v)]
                 best = min(finite) if finite else math.nan
             diverged = warn.divergence_step is not None
