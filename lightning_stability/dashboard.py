@@ -63,7 +63,7 @@ class StabilityDashboard(Callback):
 
     * writes the "Stability" custom-scalars layout to every TensorBoard logger at fit
       start, and reference lines (``stability/ref/edge`` = 1, ``stability/ref/two_over_lr``,
-      ``stability/ref/warning_threshold``) next to the readings they frame;
+      ``stability/ref/watch_threshold``) next to the readings they frame;
     * writes warnings and actions as markdown text (``stability/actions``);
     * adds the current level (``stab``: ok/watch/warning/critical) and edge-of-stability
       ratio (``eos``) to Lightning's progress bar;
@@ -207,7 +207,7 @@ class StabilityDashboard(Callback):
             if lr > 0:
                 refs["stability/ref/two_over_lr"] = 2.0 / lr
         if self._warning is not None and step % max(trainer.log_every_n_steps, 1) == 0:
-            refs["stability/ref/warning_threshold"] = self._warning.monitor.thresholds[1]
+            refs["stability/ref/watch_threshold"] = self._warning.monitor.watch_threshold
         if refs:
             self._ref_step = step
             write_to_loggers(trainer, refs)

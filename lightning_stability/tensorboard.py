@@ -47,9 +47,9 @@ STABILITY_LAYOUT: dict[str, dict[str, list[Any]]] = {
         ],
         "CKA per layer (to previous check)": ["Multiline", [r"stability/cka/.*"]],
         "CKA per layer (to first check)": ["Multiline", [r"stability/cka_initial/.*"]],
-        "meta-state deviation and warning threshold": [
+        "meta-state deviation and watch threshold": [
             "Multiline",
-            [r"stability/meta/deviation$", r"stability/ref/warning_threshold$"],
+            [r"stability/meta/deviation$", r"stability/ref/watch_threshold$"],
         ],
         "level (0 ok, 1 watch, 2 warning, 3 critical)": ["Multiline", [r"stability/meta/level$"]],
         "learning-rate scale and stage": [

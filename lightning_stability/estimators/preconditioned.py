@@ -85,7 +85,8 @@ def adam_state_scale(
 
     ``lambda_max(s^1/2 H s^1/2)`` is then directly the edge-of-stability ratio, even when
     groups use different learning rates or betas. Returns ``None`` while any parameter
-    has no second-moment state yet (before the first step).
+    has no second-moment state yet (before the first step), and while a group's learning
+    rate is 0 (the start of a warm-up: no step is taken, so there is no edge).
     """
     group_of: dict[int, dict[str, Any]] = {}
     for group in optimizer.param_groups:
@@ -96,7 +97,7 @@ def adam_state_scale(
     for p in params:
         group = group_of.get(id(p))
         state = optimizer.state.get(p, {})
-        if group is None or "exp_avg_sq" not in state:
+        if group is None or "exp_avg_sq" not in state or not float(group["lr"]) > 0:
             return None
         v = state.get("max_exp_avg_sq") if group.get("amsgrad") else state["exp_avg_sq"]
         d = adam_preconditioner(v, state["step"], group["betas"][1], group["eps"])

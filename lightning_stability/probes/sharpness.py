@@ -36,8 +36,10 @@ from lightning_stability.probes.base import (
     Reading,
     StabilityProbe,
     detach_batch,
+    logs_this_step,
     module_loss,
 )
+from lightning_stability.probes.edge import EdgePrediction, step_lr
 
 __all__ = ["SharpnessMonitor"]
 
@@ -93,6 +95,14 @@ class SharpnessMonitor(StabilityProbe):
       (positive when the landscape flattens);
     * ``trace`` (Hutch++, when ``trace=True``) and ``hvps``: Hessian-vector products the
       check used.
+
+    Every optimizer step, once a ratio has been measured, it publishes ``predicted_ratio``
+    (the latest ``eos_ratio`` or ``directional_ratio`` rescaled to the learning rate the
+    optimizer is about to use, :mod:`~lightning_stability.probes.edge`) and ``lr_change``
+    (that learning rate over the previous step's). A one-step jump of the learning rate by
+    1.5x or more, or growth by 10% since the last reading that takes the predicted ratio
+    above 1, moves the next directional reading to this step (at most one such extra
+    reading every 10 steps): the edge moves with the learning rate.
 
     Every ``directional_every_n_steps`` steps (cheaper; no Lanczos) it publishes
     ``directional`` = ``g^T H g / g^T g`` (one product; "batch sharpness", Andreyev &
@@ -269,6 +279,10 @@ class SharpnessMonitor(StabilityProbe):
         self._world_size = 1
         self.last_products: int = 0
         """Hessian-vector products of the last Lanczos check (all eigenproblems)."""
+        self.edge = EdgePrediction()
+        self.recheck_jump = 1.5
+        self.recheck_gap = 10
+        self._recheck_after = -1
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -299,6 +313,8 @@ class SharpnessMonitor(StabilityProbe):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if trainer.optimizers and optimizer is trainer.optimizers[0]:
+            self._predict(trainer, pl_module, optimizer)
         if self.directional and self.critical and trainer.global_step + 1 >= self._next_directional:
             self._weights_before = [p.detach().clone() for p in _trainable(pl_module)]
 
@@ -329,6 +345,39 @@ class SharpnessMonitor(StabilityProbe):
         self._weights_before = None
         self.publish(trainer, pl_module, values)
         self._schedule(trainer, step, check, directional, values.get("sharpness/eos_ratio"))
+        ratios = [
+            values[k]
+            for k in ("sharpness/eos_ratio", "sharpness/directional_ratio")
+            if k in values and math.isfinite(values[k])
+        ]
+        if ratios and trainer.optimizers:
+            self.edge.measured(max(ratios), step_lr(trainer.optimizers[0]))
+
+    def _predict(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """Publish the ratio predicted for the learning rate this step will use, and ask for
+        a reading on this step when the edge has moved: a one-step jump of the learning
+        rate, or growth that takes the predicted ratio above 1."""
+        lr = step_lr(optimizer)
+        predicted, change = self.edge.predict(lr)
+        values = {}
+        if math.isfinite(predicted):
+            values["sharpness/predicted_ratio"] = predicted
+        if math.isfinite(change):
+            values["sharpness/lr_change"] = change
+        if not values:
+            return
+        self.publish(trainer, pl_module, values, log=logs_this_step(trainer))
+        step = trainer.global_step
+        jumped = math.isfinite(change) and change >= self.recheck_jump
+        drifted = step >= self._recheck_after and self.edge.stale(lr, predicted)
+        if self._batches and (jumped or drifted):
+            self._recheck_after = step + self.recheck_gap
+            if self.directional:
+                self._next_directional = min(self._next_directional, step + 1)
+            else:
+                self._next_check = min(self._next_check, step + 1)
 
     # ------------------------------------------------------------ measurement
     def measure(
@@ -591,6 +640,8 @@ class SharpnessMonitor(StabilityProbe):
             "prev_lambda": self._prev_lambda,
             "eta_c": self._eta_c,
             "readings": {k: [r.value, r.step] for k, r in self.readings.items()},
+            "edge": self.edge.state_dict(),
+            "recheck_after": self._recheck_after,
         }
         if self._eigvecs is not None:
             state["eigvecs"] = self._eigvecs.detach().cpu()
@@ -613,6 +664,9 @@ class SharpnessMonitor(StabilityProbe):
         self.readings = {
             k: Reading(float(v), int(s)) for k, (v, s) in state_dict["readings"].items()
         }
+        if "edge" in state_dict:
+            self.edge.load_state_dict(state_dict["edge"])
+        self._recheck_after = int(state_dict.get("recheck_after", -1))
         self._eigvecs = state_dict.get("eigvecs")
         self._pre_eigvecs = state_dict.get("pre_eigvecs")
         if "probe_batches" in state_dict and not (self._fixed_batches and self._batches):

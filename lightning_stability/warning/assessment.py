@@ -12,8 +12,9 @@ from lightning_stability.warning.baseline import RobustBaseline
 from lightning_stability.warning.cusum import Cusum
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.indicators import TrendIndicator
+from lightning_stability.warning.loss_band import BandEvidence, LossBand
 from lightning_stability.warning.metastate import DIMENSIONS, MetaState, SignalSpec
-from lightning_stability.warning.rules import HardRules, RuleHit
+from lightning_stability.warning.rules import LOSS_KEY, HardRules, RuleHit
 
 __all__ = ["Assessment", "MetaStateMonitor"]
 
@@ -29,6 +30,7 @@ class Assessment:
         proposed: level by the enter thresholds, trend indicators and rules.
         hold: level by the exit thresholds (lower), indicators and rules.
         hard: a hard rule demands CRITICAL now.
+        ruled: the highest level a rule demands now (rules are evidence: no patience).
         deviation: combined deviation score (dimensionless, robust z units).
         dimensions: per-dimension score (largest upward z among its signals).
         drivers: ``(key, strength, reason)`` of what drove the level, strongest first.
@@ -37,6 +39,7 @@ class Assessment:
     proposed: Level = Level.OK
     hold: Level = Level.OK
     hard: bool = False
+    ruled: Level = Level.OK
     deviation: float = 0.0
     dimensions: dict[str, float] = field(default_factory=dict)
     drivers: list[tuple[str, float, str]] = field(default_factory=list)
@@ -69,9 +72,7 @@ class MetaStateMonitor:
     def __init__(
         self,
         signals: Iterable[SignalSpec] | None = None,
-        watch_threshold: float = 5.0,
-        warning_threshold: float = 8.0,
-        critical_threshold: float = 30.0,
+        watch_threshold: float = 8.0,
         exit_ratio: float = 0.6,
         window: int = 64,
         warmup: int = 20,
@@ -84,22 +85,21 @@ class MetaStateMonitor:
         trend_ac1_rise: float = 0.2,
         trend_sustain: int = 10,
         eos_margin: float = 0.25,
-        eos_sustain: int = 2,
-        cusum_drift: float = 4.0,
-        cusum_threshold: float | None = 8.0,
+        eos_sustain: int = 3,
+        cusum_drift: float = 5.0,
+        cusum_threshold: float | None = 12.0,
+        eos_critical: float = 2.0,
+        lr_jump: float = 1.5,
+        loss_band: LossBand | None = None,
     ) -> None:
-        if not 0 < watch_threshold <= warning_threshold <= critical_threshold:
-            raise ValueError(
-                "thresholds must satisfy 0 < watch_threshold <= warning_threshold <= "
-                f"critical_threshold, got {watch_threshold!r}, {warning_threshold!r}, "
-                f"{critical_threshold!r}"
-            )
+        if not watch_threshold > 0:
+            raise ValueError(f"watch_threshold must be > 0, got {watch_threshold!r}")
         if not 0 < exit_ratio <= 1:
             raise ValueError(f"exit_ratio must be in (0, 1], got {exit_ratio!r}")
         if freeze_limit < 0:
             raise ValueError(f"freeze_limit must be >= 0, got {freeze_limit!r}")
         self.meta = MetaState(signals, max_age=max_age)
-        self.thresholds = (watch_threshold, warning_threshold, critical_threshold)
+        self.watch_threshold = watch_threshold
         self.exit_ratio = exit_ratio
         self.window = window
         self.warmup = warmup
@@ -114,12 +114,15 @@ class MetaStateMonitor:
             trend_sustain,
         )
         TrendIndicator(*self.trend_args)
-        self.rules = HardRules(eos_margin, eos_sustain)
+        self.rules = HardRules(eos_margin, eos_sustain, eos_critical, lr_jump)
+        self.band = LossBand() if loss_band is None else loss_band
         self.cusum = None if cusum_threshold is None else Cusum(cusum_drift, cusum_threshold)
         self.baselines: dict[str, RobustBaseline] = {}
         self.trends: dict[str, TrendIndicator] = {}
         self.frozen_since: int | None = None
         self.paused_until = -1
+        self._band_step = -1
+        self._band_last = BandEvidence()
 
     def _baseline(self, key: str, spec: SignalSpec) -> RobustBaseline:
         if key not in self.baselines:
@@ -127,14 +130,8 @@ class MetaStateMonitor:
         return self.baselines[key]
 
     def _level_of(self, deviation: float, scale: float) -> Level:
-        watch, warning, critical = (t * scale for t in self.thresholds)
-        if deviation >= critical:
-            return Level.CRITICAL
-        if deviation >= warning:
-            return Level.WARNING
-        if deviation >= watch:
-            return Level.WATCH
-        return Level.OK
+        # soft evidence asks for closer measurement, never more
+        return Level.WATCH if deviation >= self.watch_threshold * scale else Level.OK
 
     def assess(self, readings: Mapping[str, Any], step: int, level: Level = Level.OK) -> Assessment:
         """Assess ``readings`` (key -> object with ``value`` and ``step``) at ``step``,
@@ -173,8 +170,10 @@ class MetaStateMonitor:
             if obs.spec.trend:
                 trend = self.trends.setdefault(obs.key, TrendIndicator(*self.trend_args))
                 reading = trend.update(obs.value) if obs.fresh and learn else trend.last
-                if reading is not None and reading.level > Level.OK:
-                    trend_level = max(trend_level, reading.level)
+                # critical slowing down is rising variance AND rising autocorrelation
+                # (Scheffer et al. 2009); a variance that grows alone is not evidence
+                if reading is not None and reading.level >= Level.WARNING:
+                    trend_level = Level.WATCH
                     what = (
                         "variance and lag-1 autocorrelation"
                         if reading.level >= Level.WARNING
@@ -202,11 +201,11 @@ class MetaStateMonitor:
             # readings of skipped updates describe data the weights never saw
             s = self.cusum.update(out.deviation if step >= self.paused_until else 0.0)
             if s >= self.exit_ratio * self.cusum.threshold:
-                out.hold = max(out.hold, Level.WARNING)
+                out.hold = max(out.hold, Level.WATCH)
             if self.cusum.alarm:
                 # named first only when it, not this step's deviation, is the reason
-                reason = out.proposed < Level.WARNING
-                out.proposed = max(out.proposed, Level.WARNING)
+                reason = out.proposed < Level.WATCH
+                out.proposed = max(out.proposed, Level.WATCH)
                 out.drivers.append(
                     (
                         "stability/meta/deviation",
@@ -216,17 +215,32 @@ class MetaStateMonitor:
                     )
                 )
 
-        hits: list[RuleHit] = self.rules.check(observations, readings)
+        band = self._band(readings, step, learn)
+        hits: list[RuleHit] = self.rules.check(observations, readings, band)
         rule_drivers = []
         for hit in hits:
             if hit.level >= Level.CRITICAL:
                 out.hard = True
+            out.ruled = max(out.ruled, hit.level)
             out.proposed = max(out.proposed, hit.level)
             out.hold = max(out.hold, hit.level)
             rule_drivers.append((hit.signal, math.inf, hit.message))
+        if band.outside:
+            # a WARNING is held while the loss is still above its band, and a CRITICAL
+            # while it is still far above its floor
+            out.hold = max(out.hold, Level.CRITICAL if band.far else Level.WARNING)
         out.drivers.sort(key=lambda d: -d[1])
         out.drivers = rule_drivers + out.drivers
         return out
+
+    def _band(self, readings: Mapping[str, Any], step: int, learn: bool) -> BandEvidence:
+        """The loss band's evidence for this step's loss (once per fresh loss reading)."""
+        reading = readings.get(LOSS_KEY)
+        if reading is None or int(reading.step) == self._band_step:
+            return self._band_last
+        self._band_step = int(reading.step)
+        self._band_last = self.band.update(float(reading.value), learn=learn)
+        return self._band_last
 
     def restart(self, step: int, pause: int = 0) -> None:
         """The run went back to an earlier state at ``step``: forget the trend windows and
@@ -236,6 +250,8 @@ class MetaStateMonitor:
         self.trends = {}
         if self.cusum is not None:
             self.cusum.reset()
+        self.band.restart()
+        self._band_last = BandEvidence()
         self.frozen_since = None
         self.paused_until = step + pause
 
@@ -248,6 +264,8 @@ class MetaStateMonitor:
             "frozen_since": -1 if self.frozen_since is None else self.frozen_since,
             "cusum": None if self.cusum is None else self.cusum.state_dict(),
             "paused_until": self.paused_until,
+            "band": self.band.state_dict(),
+            "band_step": self._band_step,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -265,5 +283,8 @@ class MetaStateMonitor:
         if self.cusum is not None and state.get("cusum") is not None:
             self.cusum.load_state_dict(state["cusum"])
         self.paused_until = int(state.get("paused_until", -1))
+        if state.get("band") is not None:
+            self.band.load_state_dict(state["band"])
+        self._band_step = int(state.get("band_step", -1))
         frozen = int(state["frozen_since"])
         self.frozen_since = None if frozen < 0 else frozen

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 
 from lightning_stability.probes.base import (
     Reading,
@@ -21,6 +21,7 @@ from lightning_stability.probes.base import (
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
 from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
 from lightning_stability.warning.levels import LevelTracker
+from lightning_stability.warning.loss_band import LossBand
 from lightning_stability.warning.metastate import DIMENSIONS, SignalSpec
 
 __all__ = ["EarlyWarning", "InstabilityWarning"]
@@ -37,108 +38,102 @@ class EarlyWarning(Callback):
 
     At every optimizer step (in ``on_train_batch_end``) the latest readings of every
     :class:`~lightning_stability.probes.base.StabilityProbe` in ``trainer.callbacks``
-    form a meta-state along four dimensions (optimisation, learning signal, parametric,
-    data). The deviation of each reading from its robust baseline (rolling median/MAD,
-    log scale for positive quantities), critical-slowing-down trends (rising variance
-    and lag-1 autocorrelation, Kendall's tau; Dakos et al. 2012), a CUSUM of the
-    deviation that accumulates a moderate shift while it persists (Page 1954) and hard rules
-    (non-finite loss or gradients; edge-of-stability ratio sustained above
-    ``1 + eos_margin``) give a level, smoothed by hysteresis.
+    are assessed, and the run is given a level. Levels mean evidence, not surprise:
 
-    Each change of level is an :class:`InstabilityEvent` (CRITICAL from a hard rule is
-    repeated, at most every ``cooldown`` steps; a WARNING that the evidence still holds
+    * WATCH (spend more measurement): the meta-state deviates. Each reading's deviation
+      from its robust baseline (rolling median/MAD, log scale for positive quantities)
+      is grouped along four dimensions (optimisation, learning signal, parametric,
+      data); critical-slowing-down trends (rising variance and lag-1 autocorrelation,
+      Kendall's tau; Dakos et al. 2012) and a CUSUM of the deviation (Page 1954) add to
+      it. Quantities that move on healthy runs enter as rates or ratios (the update
+      ratio rather than the weight norm; the edge ratio rather than the sharpness).
+      A trend counts only when variance and autocorrelation rise together.
+    * WARNING (the next steps are unsafe): an edge-of-stability ratio sustained above
+      ``1 + eos_margin``, a learning-rate jump that takes the predicted ratio above it,
+      or the training loss leaving its band
+      (:class:`~lightning_stability.warning.loss_band.LossBand`).
+    * CRITICAL (the run is being damaged): non-finite loss or gradients, a loss far
+      above its recent floor for several steps without recovering, an edge ratio above
+      ``eos_critical`` while the loss is above its band.
+
+    The rules are in :mod:`lightning_stability.warning.rules`; soft statistics never
+    raise the level above WATCH, and time spent at a level never raises it.
+
+    Each change of level is an :class:`InstabilityEvent` (CRITICAL from a rule is
+    repeated at most every ``cooldown`` steps; a WARNING that the evidence still holds
     is repeated every ``repeat_every`` steps, so that an action such as
     :class:`~lightning_stability.actions.LRBackoff` cuts again while the run stays
-    unstable): logged as ``stability/meta/level``,
-    written as TensorBoard text when a :class:`TensorBoardLogger` is attached, warned
-    once as an :class:`InstabilityWarning` (levels >= ``warn_level``), and delivered to
-    every listener (:meth:`subscribe`) and to ``on_event``, on every rank. Every step
-    also logs ``stability/meta/deviation`` and ``stability/meta/<dimension>``.
+    unsafe): logged as ``stability/meta/level``, written as TensorBoard text when a
+    :class:`TensorBoardLogger` is attached, warned as an :class:`InstabilityWarning`
+    (levels >= ``warn_level``), and delivered to every listener (:meth:`subscribe`) and
+    to ``on_event``, on every rank. ``stability/meta/deviation`` and
+    ``stability/meta/<dimension>`` are logged at Lightning's log cadence.
 
     Under DDP the per-rank levels and scores are reduced with the maximum, so one
     rank's warning is every rank's warning and all ranks see the same event.
 
     Place probes before this callback in ``callbacks`` so that their
-    ``on_train_batch_end`` readings are seen in the same step.
-
-    Calibration: on the scenario suite, ``python -m benchmarks.detection`` (5 seeds of 3
-    stable and 6 diverging configurations, short-run probe cadences from its
-    ``OVERRIDES``, every threshold at these defaults; results in ``benchmarks/RESULTS.md``).
-    The largest ``stability/meta/deviation`` on the 15 stable runs was 6.7 (5.9 digits/SGD,
-    6.2 regression/Adam, 6.7 char-LM/Adam): ``warning_threshold=8`` leaves a margin of
-    about 20% above it, and ``watch_threshold=5`` lies below it (stable runs do reach
-    WATCH, which only tightens probe cadences). The CUSUM settings come from replaying
-    the recorded readings (``python -m benchmarks.calibration``, ``calibration.json``):
-    its largest value on the stable runs was 3.7 with ``cusum_drift=4``, so
-    ``cusum_threshold=8`` leaves a factor of 2; drifts of 2-3.5 warned on 1-13 of the 15
-    stable runs, and a drift of 5 lowered recall to 0.87. Lowering ``warning_threshold``
-    to 6 instead reached the same recall but sits below the stable runs' largest
-    single-step deviation. Shorter trend
-    windows (24/48 instead of 48/96) changed no detection on the feedback-loop scenario,
-    so the longer ones, less noisy on long runs, were kept. ``eos_margin=0.25``: the
-    stable runs' ``eos_ratio`` and ``directional_ratio`` stayed below 0.12. Measured with
-    these defaults and no action: a warning between the perturbation and the divergence
-    in 27 of 30 diverging runs (0.9), median lead 5 steps (target 20: three of the six
-    scenarios diverge 2-13 steps after an external shock, so even a warning at the shock
-    itself would give a median of at most 21), no warning on any stable run; Lightning's
-    ``SpikeDetection`` on the same runs: recall 0.93, median lead 6.5, but firing on 5 of
-    15 stable runs and before the perturbation in 15 of 30. Every threshold is an
-    argument.
+    ``on_train_batch_end`` readings are seen in the same step. How the defaults were
+    chosen, and what they measure on the healthy corpus and the scenario suite, is in
+    ``benchmarks/RESULTS.md``.
 
     Args:
-        watch_threshold: deviation (robust sd) that proposes WATCH (default 5).
-        warning_threshold: deviation that proposes WARNING (default 8).
-        critical_threshold: deviation that proposes CRITICAL (default 30).
-        exit_ratio: a level is held while the deviation stays above ``exit_ratio`` times
+        watch_threshold: deviation (robust sd) that proposes WATCH (default 8).
+        exit_ratio: a level is held while its evidence stays above ``exit_ratio`` times
             its enter threshold (default 0.6).
         patience: consecutive steps of evidence before the level rises (default 2).
         min_dwell: minimum steps at a level before it falls (default 10).
         cooldown: steps before a level that was left can be re-entered, and between
             repeated CRITICAL events (default 50).
         repeat_every: steps between repeats of a persisting WARNING whose evidence
-            still holds at the exit thresholds (default 25; ``None``: only
-            changes of level are issued).
-        escalate_after: a WARNING whose evidence still holds this many steps after it was
-            entered (the actions' responses did not end it) becomes CRITICAL, which is
-            what a :class:`~lightning_stability.actions.Rollback` acts on (default 50;
-            ``None``: never).
+            still holds (default 25; ``None``: only changes of level are issued).
         window: readings in each rolling baseline (default 64).
         warmup: readings a baseline needs before it scores (default 20).
         max_age: optimizer steps after which a reading is stale and left out (default 250).
-        freeze_limit: at most this many steps of baseline freezing while at WARNING or
-            above (default 200).
+        freeze_limit: at most this many steps of baseline and band freezing while at
+            WARNING or above (default 200).
         trend_window: values per rolling variance / autocorrelation window (default 48).
         trend_history: rolling statistics in the Kendall-tau trend test (default 96).
         trend_tau: Kendall tau of a rising trend (default 0.6).
         trend_var_factor: growth of the rolling variance over the history (default 3).
         trend_ac1_rise: growth of the lag-1 autocorrelation over the history (default 0.2).
-        trend_sustain: consecutive readings of slowing down before WARNING (default 10).
-        eos_margin: the edge-of-stability rule fires when ``eos_ratio`` or
-            ``directional_ratio`` is above ``1 + eos_margin`` (default 0.25).
-        eos_sustain: consecutive readings of one of them above it (default 2).
-        cusum_drift: per-step allowance of the CUSUM on the deviation (default 4).
+        trend_sustain: consecutive readings of slowing down (default 10).
+        eos_margin: the edge rule fires above ``1 + eos_margin`` (default 0.25).
+        eos_sustain: consecutive fresh readings above it (default 3).
+        eos_critical: a measured edge ratio above this while the loss is above its band
+            is CRITICAL (default 2.0).
+        lr_jump: one-step learning-rate growth that counts as a jump for the predicted
+            ratio (default 1.5).
+        cusum_drift: per-step allowance of the CUSUM on the deviation (default 5).
         cusum_threshold: the CUSUM's sum of excesses over ``cusum_drift`` that proposes
-            WARNING (default 8; ``None``: no CUSUM). It catches a moderate deviation that
-            persists, which the rolling baselines would otherwise learn as normal.
+            WATCH (default 12; ``None``: no CUSUM).
+        loss_band: the training loss's band (default ``LossBand()``).
         use_step_loss: when no probe publishes ``stability/loss/value``, use the training
             step's own loss (averaged over ranks) instead (default True).
         signals: which readings feed which dimension and how (default
             :data:`~lightning_stability.warning.metastate.DEFAULT_SIGNALS`).
         warn_level: lowest level issued as a Python warning (default ``"warning"``).
         on_event: called with every event, on every rank.
+        warning_threshold, critical_threshold, escalate_after: no longer used (soft
+            deviation never raises the level above WATCH, and a WARNING that persists is
+            not escalated); accepted with a ``DeprecationWarning``.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_stability import EarlyWarning, GradientMonitor, LossMonitor
+
+        trainer = Trainer(callbacks=[GradientMonitor(), LossMonitor(), EarlyWarning()])
     """
 
     def __init__(
         self,
-        watch_threshold: float = 5.0,
-        warning_threshold: float = 8.0,
-        critical_threshold: float = 30.0,
+        watch_threshold: float = 8.0,
         exit_ratio: float = 0.6,
         patience: int = 2,
         min_dwell: int = 10,
         cooldown: int = 50,
         repeat_every: int | None = 25,
-        escalate_after: int | None = 50,
         window: int = 64,
         warmup: int = 20,
         max_age: int = 250,
@@ -150,20 +145,35 @@ class EarlyWarning(Callback):
         trend_ac1_rise: float = 0.2,
         trend_sustain: int = 10,
         eos_margin: float = 0.25,
-        eos_sustain: int = 2,
-        cusum_drift: float = 4.0,
-        cusum_threshold: float | None = 8.0,
+        eos_sustain: int = 3,
+        eos_critical: float = 2.0,
+        lr_jump: float = 1.5,
+        cusum_drift: float = 5.0,
+        cusum_threshold: float | None = 12.0,
+        loss_band: LossBand | None = None,
         use_step_loss: bool = True,
         signals: list[SignalSpec] | None = None,
         warn_level: str = "warning",
         on_event: EventListener | None = None,
+        warning_threshold: float | None = None,
+        critical_threshold: float | None = None,
+        escalate_after: int | None = None,
     ) -> None:
         super().__init__()
+        for name, value in (
+            ("warning_threshold", warning_threshold),
+            ("critical_threshold", critical_threshold),
+            ("escalate_after", escalate_after),
+        ):
+            if value is not None:
+                rank_zero_deprecation(
+                    f"EarlyWarning({name}=...) has no effect: soft deviation raises the level "
+                    "to WATCH at most, and WARNING and CRITICAL come from the rules in "
+                    "lightning_stability.warning.rules."
+                )
         self.monitor = MetaStateMonitor(
             signals=signals,
             watch_threshold=watch_threshold,
-            warning_threshold=warning_threshold,
-            critical_threshold=critical_threshold,
             exit_ratio=exit_ratio,
             window=window,
             warmup=warmup,
@@ -177,15 +187,17 @@ class EarlyWarning(Callback):
             trend_sustain=trend_sustain,
             eos_margin=eos_margin,
             eos_sustain=eos_sustain,
+            eos_critical=eos_critical,
+            lr_jump=lr_jump,
             cusum_drift=cusum_drift,
             cusum_threshold=cusum_threshold,
+            loss_band=loss_band,
         )
         self.tracker = LevelTracker(
             patience=patience,
             min_dwell=min_dwell,
             cooldown=cooldown,
             repeat_every=repeat_every,
-            escalate_after=escalate_after,
         )
         self.use_step_loss = use_step_loss
         self.warn_level = Level.parse(warn_level, "warn_level")
@@ -237,6 +249,9 @@ class EarlyWarning(Callback):
         self._loss_sum, self._loss_count = 0.0, 0
         return readings
 
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.monitor.band.new_epoch()
+
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -255,9 +270,9 @@ class EarlyWarning(Callback):
             return
         self._last_step = step
         local = self.monitor.assess(self._readings(trainer), step, self.tracker.level)
-        proposed, hold, hard, deviation, dims, src = self._reduce(trainer, local)
+        proposed, hold, hard, ruled, deviation, dims, src = self._reduce(trainer, local)
         self.deviation = deviation
-        new = self.tracker.update(step, proposed, hold, hard)
+        new = self.tracker.update(step, proposed, hold, hard, ruled)
         meta = {
             "stability/meta/deviation": deviation,
             "stability/meta/level": float(self.tracker.level),
@@ -283,7 +298,7 @@ class EarlyWarning(Callback):
 
     def _reduce(
         self, trainer: pl.Trainer, local: Assessment
-    ) -> tuple[Level, Level, bool, float, dict[str, float], int]:
+    ) -> tuple[Level, Level, bool, Level, float, dict[str, float], int]:
         """Maximum over ranks of the levels and scores, and the rank whose evidence is
         strongest (it describes the event)."""
         world = trainer.world_size
@@ -296,6 +311,7 @@ class EarlyWarning(Callback):
                 float(local.proposed),
                 float(local.hold),
                 float(local.hard),
+                float(local.ruled),
                 local.deviation,
                 source_key,
                 *dims,
@@ -306,9 +322,10 @@ class EarlyWarning(Callback):
             vec = trainer.strategy.reduce(vec.to(trainer.strategy.root_device), reduce_op="max")
             vec = vec.cpu()
         v = vec.tolist()
-        src = world - 1 - int(v[4]) % world
-        reduced_dims = {d: s for d, s in zip(DIMENSIONS, v[5:]) if s >= 0}
-        return Level(int(v[0])), Level(int(v[1])), bool(v[2]), v[3], reduced_dims, src
+        src = world - 1 - int(v[5]) % world
+        reduced_dims = {d: s for d, s in zip(DIMENSIONS, v[6:]) if s >= 0}
+        levels = Level(int(v[0])), Level(int(v[1])), bool(v[2]), Level(int(v[3]))
+        return *levels, v[4], reduced_dims, src
 
     def _emit(
         self,

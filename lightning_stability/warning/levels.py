@@ -20,8 +20,8 @@ class LevelTracker:
     and whether a hard rule demands CRITICAL.
 
     - Up: the level rises once ``proposed`` has exceeded it on ``patience`` consecutive
-      steps, to the lowest level proposed during that streak. A hard rule raises
-      CRITICAL at once.
+      steps, to the lowest level proposed during that streak. A rule (evidence rather
+      than a statistic) raises its level at once; a hard rule raises CRITICAL at once.
     - Down: the level falls to ``hold`` once it has been held ``min_dwell`` steps.
     - Cooldown: a level that was left is not re-entered by score for ``cooldown`` steps,
       and CRITICAL from a hard rule that keeps firing is repeated at most every
@@ -32,9 +32,8 @@ class LevelTracker:
       is still unstable after their first response. CRITICAL is not repeated this way:
       it triggers rollbacks, which return to the same snapshot each time; a hard rule
       that keeps firing repeats it after ``cooldown``.
-    - Escalate: a WARNING whose evidence still holds ``escalate_after`` steps after it was
-      entered (repeats included: the actions' responses have not ended it) becomes
-      CRITICAL.
+    Time spent at a level never raises it: CRITICAL comes only from evidence of damage
+    (a hard rule), never from a WARNING that persists.
 
     Args:
         patience: consecutive steps of evidence before rising (default 2).
@@ -42,9 +41,6 @@ class LevelTracker:
         cooldown: steps (default 50), see above.
         repeat_every: steps between repeats of a persisting WARNING (default 25; ``None``:
             never repeat).
-        escalate_after: a WARNING whose evidence has held this many steps since it was
-            entered, through the actions' responses, becomes CRITICAL (default 50;
-            ``None``: never).
     """
 
     def __init__(
@@ -53,7 +49,6 @@ class LevelTracker:
         min_dwell: int = 10,
         cooldown: int = 50,
         repeat_every: int | None = 25,
-        escalate_after: int | None = 50,
     ) -> None:
         if patience < 1:
             raise ValueError(f"patience must be >= 1, got {patience!r}")
@@ -64,9 +59,6 @@ class LevelTracker:
         if repeat_every is not None and repeat_every < 1:
             raise ValueError(f"repeat_every must be >= 1 or None, got {repeat_every!r}")
         self.repeat_every = repeat_every
-        if escalate_after is not None and escalate_after < 1:
-            raise ValueError(f"escalate_after must be >= 1 or None, got {escalate_after!r}")
-        self.escalate_after = escalate_after
         self.patience = patience
         self.min_dwell = min_dwell
         self.cooldown = cooldown
@@ -78,8 +70,20 @@ class LevelTracker:
         self.last_hard = _NEVER
         self.last_issued = _NEVER
 
-    def update(self, step: int, proposed: Level, hold: Level, hard: bool = False) -> Level | None:
-        """Advance to ``step``; the new level when an event is due, else None."""
+    def update(
+        self,
+        step: int,
+        proposed: Level,
+        hold: Level,
+        hard: bool = False,
+        ruled: Level = Level.OK,
+    ) -> Level | None:
+        """Advance to ``step``; the new level when an event is due, else None. ``ruled`` is
+        a level that a rule demands now: it is entered at once, without ``patience``."""
+        if ruled > self.level and not hard:
+            self._move(ruled, step)
+            self.last_issued = step
+            return self.level
         if hard:
             self.streak = 0
             if self.level < Level.CRITICAL or step - self.last_hard >= self.cooldown:
@@ -119,15 +123,6 @@ class LevelTracker:
         self.last_hard = _NEVER
 
     def _repeat(self, step: int, hold: Level) -> Level | None:
-        if (
-            self.escalate_after is not None
-            and self.level == Level.WARNING
-            and hold >= Level.WARNING
-            and step - self.since >= self.escalate_after
-        ):
-            self._move(Level.CRITICAL, step)
-            self.last_issued = step
-            return Level.CRITICAL
         if (
             self.repeat_every is not None
             and self.level == Level.WARNING

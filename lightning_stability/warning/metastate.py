@@ -92,9 +92,9 @@ DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     # which a spike to many times the typical loss would hide
     SignalSpec("stability/loss/value", "learning_signal", "identity", min_scale=1e-4, trend=True),
     SignalSpec("stability/grad/clip_rate", "learning_signal", "identity", min_scale=0.05),
-    # parametric: representations drifting away, weights growing, units dying
+    # parametric: representations drifting away, units dying. The weight norm is left out:
+    # it grows on healthy runs, and its rate of change is the update ratio above
     SignalSpec("stability/cka/min", "parametric", "log1m", min_scale=0.1),
-    SignalSpec("stability/grad/weight_norm", "parametric", "log", min_scale=0.05),
     SignalSpec("stability/act/*/dead_fraction", "parametric", "identity", min_scale=0.02),
     # data / environment: the tail of the batch losses
     SignalSpec("stability/loss/tail_q", "data", "log", min_scale=0.05),

@@ -1,0 +1,293 @@
+"""The band a training loss moves in, and the evidence that it is leaving it.
+
+A healthy loss is not stationary: it falls, then sits at a noise floor where its relative
+spread is large (tiny batches, heavy-tailed per-batch losses). A z-score of the raw loss
+against a rolling baseline mistakes that noise, or a slow drift of the floor, for trouble.
+The band instead describes where the loss has been: its floor (the rolling median) and the
+top of its ordinary noise (a high rolling quantile). A loss *leaves* the band when its
+short trailing median is well above the top, by a multiple of the band's own width, and
+by a factor of the floor; both conditions are needed, because near zero a width alone is
+tiny and far from zero a factor alone is noise.
+
+Three pieces of evidence come out of it, in increasing severity:
+
+* ``shock``: one batch's loss far outside the band (a corrupted batch, a learning-rate
+  jump that already hit);
+* ``leaving``: the trailing median above the band for ``confirm`` consecutive steps;
+* ``single``: one loss above the band, which is evidence only where something already
+  explains it (the rules use it in the steps after a learning-rate jump);
+* ``damage``: the trailing median ``damage_factor`` times the floor and ``damage_width``
+  widths above the top for ``sustain`` consecutive steps, without recovering (the rule by
+  which a run is said to diverge: far above its recent floor for several steps).
+
+A change of data is not a change of the run: when the first batch of an epoch jumps above
+a band that was calm until then (a curriculum that moves to harder data, a new shard), the
+band starts again from the new level. A shift that begins anywhere else is judged as usual.
+
+The band learns only while the caller says so (not while the run is being warned about,
+so that it does not learn the instability) and never from non-finite losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from lightning_stability.warning.baseline import median
+
+__all__ = ["BandEvidence", "LossBand"]
+
+
+@dataclass(frozen=True)
+class BandEvidence:
+    """What the band says about the latest loss.
+
+    Attributes:
+        excess: how many band widths the trailing median lies above the band's top
+            (negative inside the band; NaN until the band is ready).
+        ratio: trailing median over the floor (NaN until ready).
+        shock: one loss far outside the band.
+        leaving: the trailing median has stayed above the band for ``confirm`` steps.
+        outside: the trailing median is above the band now (the hold condition).
+        single: this one loss is above the band (by ``width`` widths and ``factor``
+            times the floor).
+        far: the trailing median is far above the floor now (the hold condition of
+            ``damage``).
+        damage: far above the floor for ``sustain`` steps without recovering.
+    """
+
+    excess: float = math.nan
+    ratio: float = math.nan
+    shock: bool = False
+    leaving: bool = False
+    outside: bool = False
+    single: bool = False
+    far: bool = False
+    damage: bool = False
+
+
+class LossBand:
+    """Rolling band of a loss stream (see the module docstring).
+
+    Args:
+        window: recent losses the band is computed from (default 64: short enough that the
+            fast fall of early training has left it when the loss settles).
+        warmup: losses needed before the band answers (default 20).
+        quantile: the band's top, a quantile of the window (default 0.95).
+        smooth: length of the trailing median compared with the band (default 5).
+        width: band widths above the top for ``leaving`` (default 3).
+        factor: times the floor for ``leaving`` (default 2).
+        confirm: consecutive steps outside for ``leaving`` (default 2).
+        shock_width: widths above the top for a single-batch ``shock`` (default 50).
+        shock_factor: times the floor for a ``shock`` (default 10).
+        damage_width: widths above the top for ``damage`` (default 10).
+        damage_factor: times the floor for ``damage`` (default 3).
+        sustain: consecutive steps for ``damage`` (default 10).
+        rel_width: the band is never narrower than this fraction of the floor, so that a
+            loss that has become constant does not turn rounding into trouble
+            (default 0.05).
+        scale_frac: the factors above are taken of the floor, or of this fraction of the
+            loss the run started from (the median of its first ``warmup`` losses), whichever
+            is larger (default 0.01): near zero, a loss that doubles from a ten-thousandth
+            of where it started has not left anything that matters.
+        memory: a loss is judged against the lowest band (lowest top) of the last
+            ``memory`` steps (default 200), so that a loss creeping upwards is compared
+            with where it was, not with a band it has already lifted; for stationary noise
+            the lowest of those bands is close to the current one.
+    """
+
+    def __init__(
+        self,
+        window: int = 64,
+        warmup: int = 20,
+        quantile: float = 0.95,
+        smooth: int = 5,
+        width: float = 3.0,
+        factor: float = 2.0,
+        confirm: int = 2,
+        shock_width: float = 50.0,
+        shock_factor: float = 10.0,
+        damage_width: float = 10.0,
+        damage_factor: float = 3.0,
+        sustain: int = 10,
+        rel_width: float = 0.05,
+        memory: int = 200,
+        scale_frac: float = 0.01,
+    ) -> None:
+        for name, value in (("window", window), ("smooth", smooth), ("confirm", confirm)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"band {name} must be an integer >= 1, got {value!r}")
+        if isinstance(sustain, bool) or not isinstance(sustain, int) or sustain < 1:
+            raise ValueError(f"band sustain must be an integer >= 1, got {sustain!r}")
+        if not 1 <= warmup <= window:
+            raise ValueError(f"band warmup must be in [1, window={window}], got {warmup!r}")
+        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
+            raise ValueError(f"band memory must be an integer >= 1, got {memory!r}")
+        if not 0 <= scale_frac < 1:
+            raise ValueError(f"band scale_frac must be in [0, 1), got {scale_frac!r}")
+        if not 0.5 < quantile < 1:
+            raise ValueError(f"band quantile must be in (0.5, 1), got {quantile!r}")
+        for name, value in (
+            ("width", width),
+            ("shock_width", shock_width),
+            ("damage_width", damage_width),
+            ("rel_width", rel_width),
+        ):
+            if not value > 0:
+                raise ValueError(f"band {name} must be > 0, got {value!r}")
+        for name, value in (
+            ("factor", factor),
+            ("shock_factor", shock_factor),
+            ("damage_factor", damage_factor),
+        ):
+            if not value >= 1:
+                raise ValueError(f"band {name} must be >= 1, got {value!r}")
+        self.window = window
+        self.warmup = warmup
+        self.quantile = quantile
+        self.smooth = smooth
+        self.width = width
+        self.factor = factor
+        self.confirm = confirm
+        self.shock_width = shock_width
+        self.shock_factor = shock_factor
+        self.damage_width = damage_width
+        self.damage_factor = damage_factor
+        self.sustain = sustain
+        self.rel_width = rel_width
+        self.memory = memory
+        self.scale_frac = scale_frac
+        self.scale = 0.0
+        self.bands: deque[tuple[float, float, float]] = deque(maxlen=memory)
+        self.values: deque[float] = deque(maxlen=window)
+        self.recent: deque[float] = deque(maxlen=smooth)
+        self.trail: deque[float] = deque(maxlen=max(confirm, sustain))
+        self.outside_streak = 0
+        self.damage_streak = 0
+        self.floor = math.nan
+        self.top = math.nan
+        self.spread = math.nan
+        self.ref_floor = self.ref_top = self.ref_spread = math.nan
+        self.data_changes = 0
+        self._boundary = False
+        self._first: list[float] = []
+
+    @property
+    def ready(self) -> bool:
+        return len(self.values) >= self.warmup
+
+    def _refresh(self) -> None:
+        ordered = sorted(self.values)
+        n = len(ordered)
+        self.floor = median(ordered)
+        pos = self.quantile * (n - 1)
+        lo = int(pos)
+        hi = min(lo + 1, n - 1)
+        self.top = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
+        self.spread = max(self.top - self.floor, self.rel_width * abs(self.floor), 1e-12)
+        self.bands.append((self.top, self.floor, self.spread))
+        self.ref_top, self.ref_floor, self.ref_spread = min(self.bands)
+
+    def _above(self, value: float, width: float, factor: float) -> bool:
+        floor = max(self.ref_floor, self.scale_frac * self.scale)
+        return value >= self.ref_top + width * self.ref_spread and value >= factor * floor
+
+    def new_epoch(self) -> None:
+        """The next loss is the first of a new epoch (the data may change there)."""
+        self._boundary = True
+
+    def update(self, loss: float, learn: bool = True) -> BandEvidence:
+        """Add one step's loss; ``learn=False`` keeps it out of the band itself."""
+        if not math.isfinite(loss):
+            return BandEvidence()
+        boundary, self._boundary = self._boundary, False
+        # calm: until this batch the trailing loss sat inside the band's ordinary noise
+        calm = bool(self.trail) and self.trail[-1] <= self.ref_top
+        if boundary and calm and self.ready and self._above(loss, self.width, self.factor):
+            # The first batch of an epoch jumps above a calm band: the data changed
+            # (a curriculum, a new shard), not the run. The band starts again from the
+            # new level instead of judging it against the old one.
+            self.values.clear()
+            self.bands.clear()
+            self.recent.clear()
+            self.trail.clear()
+            self.outside_streak = self.damage_streak = 0
+            self.data_changes += 1
+        self.recent.append(loss)
+        trailing = median(list(self.recent))
+        self.trail.append(trailing)
+        out = BandEvidence()
+        if self.ready:
+            shock = self._above(loss, self.shock_width, self.shock_factor)
+            outside = self._above(trailing, self.width, self.factor)
+            single = self._above(loss, self.width, self.factor)
+            self.outside_streak = self.outside_streak + 1 if outside else 0
+            leaving = self.outside_streak >= self.confirm
+            far = self._above(trailing, self.damage_width, self.damage_factor)
+            self.damage_streak = self.damage_streak + 1 if far else 0
+            first = list(self.trail)[-min(self.damage_streak, len(self.trail))]
+            damage = self.damage_streak >= self.sustain and trailing >= first
+            ratio = trailing / self.ref_floor if self.ref_floor > 0 else math.nan
+            out = BandEvidence(
+                excess=(max(trailing, loss if shock else trailing) - self.ref_top)
+                / self.ref_spread,
+                ratio=ratio,
+                shock=shock,
+                leaving=leaving,
+                outside=outside,
+                single=single,
+                far=far,
+                damage=damage,
+            )
+        if learn:
+            if len(self._first) < self.warmup:
+                self._first.append(loss)
+                self.scale = median(self._first)
+            self.values.append(loss)
+            if self.ready:
+                self._refresh()
+        return out
+
+    def restart(self) -> None:
+        """Forget the streaks and the trailing losses (the run went back to an earlier
+        state); the band itself, learned before the trouble, is kept."""
+        self.recent.clear()
+        self.trail.clear()
+        self.outside_streak = 0
+        self.damage_streak = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "values": list(self.values),
+            "recent": list(self.recent),
+            "trail": list(self.trail),
+            "outside_streak": self.outside_streak,
+            "damage_streak": self.damage_streak,
+            "data_changes": self.data_changes,
+            "bands": [list(b) for b in self.bands],
+            "first": list(self._first),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.values.clear()
+        self.values.extend(float(v) for v in state["values"])
+        self.recent.clear()
+        self.recent.extend(float(v) for v in state["recent"])
+        self.trail.clear()
+        self.trail.extend(float(v) for v in state["trail"])
+        self.outside_streak = int(state["outside_streak"])
+        self.damage_streak = int(state["damage_streak"])
+        self.data_changes = int(state.get("data_changes", 0))
+        self._first = [float(v) for v in state.get("first", [])]
+        self.scale = median(self._first) if self._first else 0.0
+        saved = [tuple(float(x) for x in b) for b in state.get("bands", [])]
+        if self.ready:
+            self._refresh()
+        # the history as it was saved (the refresh above appended its band once more)
+        self.bands.clear()
+        self.bands.extend(saved)
+        if self.bands:
+            self.ref_top, self.ref_floor, self.ref_spread = min(self.bands)
