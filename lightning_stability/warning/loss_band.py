@@ -16,7 +16,8 @@ Three pieces of evidence come out of it, in increasing severity:
 * ``leaving``: the trailing median above the band for ``confirm`` consecutive steps;
 * ``single``: one loss above the band, which is evidence only where something already
   explains it (the rules use it in the steps after a learning-rate jump);
-* ``damage``: the trailing median ``damage_factor`` times the floor and ``damage_width``
+* ``damage``: the trailing median back near the loss the run started from, after it had
+  learned, or the trailing median ``damage_factor`` times the floor and ``damage_width``
   widths above the top for ``sustain`` consecutive steps, without recovering (the rule by
   which a run is said to diverge: far above its recent floor for several steps).
 
@@ -57,6 +58,8 @@ class BandEvidence:
         far: the trailing median is far above the floor now (the hold condition of
             ``damage``).
         damage: far above the floor for ``sustain`` steps without recovering.
+        forgotten: the trailing median is back near the loss the run started from, after
+            it had fallen well below it (counts as far).
     """
 
     excess: float = math.nan
@@ -67,6 +70,7 @@ class BandEvidence:
     single: bool = False
     far: bool = False
     damage: bool = False
+    forgotten: bool = False
 
 
 class LossBand:
@@ -93,6 +97,11 @@ class LossBand:
             loss the run started from (the median of its first ``warmup`` losses), whichever
             is larger (default 0.01): near zero, a loss that doubles from a ten-thousandth
             of where it started has not left anything that matters.
+        forget_low, forget_high: a trailing median back above ``forget_high`` times the
+            loss the run started from (the median of its first three losses), after it had
+            fallen to ``forget_low`` times it, is far above the floor whatever the band
+            (defaults 0.5 and 0.8): a run that has lost what it learned is damaged, even
+            when its loss was noisy enough that the band never tightened.
         memory: a loss is judged against the lowest band (lowest top) of the last
             ``memory`` steps (default 200), so that a loss creeping upwards is compared
             with where it was, not with a band it has already lifted; for stationary noise
@@ -116,6 +125,8 @@ class LossBand:
         rel_width: float = 0.05,
         memory: int = 200,
         scale_frac: float = 0.01,
+        forget_low: float = 0.5,
+        forget_high: float = 0.8,
     ) -> None:
         for name, value in (("window", window), ("smooth", smooth), ("confirm", confirm)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -126,6 +137,11 @@ class LossBand:
             raise ValueError(f"band warmup must be in [1, window={window}], got {warmup!r}")
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
             raise ValueError(f"band memory must be an integer >= 1, got {memory!r}")
+        if not 0 < forget_low < forget_high:
+            raise ValueError(
+                "band forget_low and forget_high must satisfy 0 < forget_low < forget_high, "
+                f"got {forget_low!r}, {forget_high!r}"
+            )
         if not 0 <= scale_frac < 1:
             raise ValueError(f"band scale_frac must be in [0, 1), got {scale_frac!r}")
         if not 0.5 < quantile < 1:
@@ -160,6 +176,8 @@ class LossBand:
         self.rel_width = rel_width
         self.memory = memory
         self.scale_frac = scale_frac
+        self.forget_low = forget_low
+        self.forget_high = forget_high
         self.scale = 0.0
         self.bands: deque[tuple[float, float, float]] = deque(maxlen=memory)
         self.values: deque[float] = deque(maxlen=window)
@@ -174,6 +192,7 @@ class LossBand:
         self.data_changes = 0
         self._boundary = False
         self._first: list[float] = []
+        self.best = math.inf
 
     @property
     def ready(self) -> bool:
@@ -226,7 +245,14 @@ class LossBand:
             single = self._above(loss, self.width, self.factor)
             self.outside_streak = self.outside_streak + 1 if outside else 0
             leaving = self.outside_streak >= self.confirm
-            far = self._above(trailing, self.damage_width, self.damage_factor)
+            # back where it started after it had learned: what training built is gone
+            start = median(self._first[:3]) if self._first else math.nan
+            forgotten = (
+                start > 0
+                and self.best <= self.forget_low * start
+                and trailing >= self.forget_high * start
+            )
+            far = forgotten or self._above(trailing, self.damage_width, self.damage_factor)
             self.damage_streak = self.damage_streak + 1 if far else 0
             first = list(self.trail)[-min(self.damage_streak, len(self.trail))]
             damage = self.damage_streak >= self.sustain and trailing >= first
@@ -241,7 +267,10 @@ class LossBand:
                 single=single,
                 far=far,
                 damage=damage,
+                forgotten=forgotten,
             )
+        if len(self.recent) == self.smooth:
+            self.best = min(self.best, trailing)
         if learn:
             if len(self._first) < self.warmup:
                 self._first.append(loss)
@@ -269,6 +298,7 @@ class LossBand:
             "data_changes": self.data_changes,
             "bands": [list(b) for b in self.bands],
             "first": list(self._first),
+            "best": self.best,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -283,6 +313,7 @@ class LossBand:
         self.data_changes = int(state.get("data_changes", 0))
         self._first = [float(v) for v in state.get("first", [])]
         self.scale = median(self._first) if self._first else 0.0
+        self.best = float(state.get("best", math.inf))
         saved = [tuple(float(x) for x in b) for b in state.get("bands", [])]
         if self.ready:
             self._refresh()

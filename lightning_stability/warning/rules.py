@@ -23,7 +23,8 @@ WARNING means the physics says the next steps are unsafe, or the loss is leaving
   ``jump_window`` steps of a learning-rate jump, one batch above it (the jump explains it).
 
 CRITICAL means the run is being damaged: non-finite loss or gradients; a loss far above its
-recent floor for several steps without recovering; an edge ratio above ``eos_critical``
+recent floor, or back at the level the run started from after it had learned, for several
+steps without recovering; an edge ratio above ``eos_critical``
 while the loss is above its band.
 
 Soft statistics (robust z-scores, trends, the CUSUM) never reach these levels, and time
@@ -132,14 +133,13 @@ class HardRules:
                 above = obs.raw > 1 + self.eos_margin
                 self.eos_streaks[obs.key] = self.eos_streaks.get(obs.key, 0) + 1 if above else 0
         if band.damage:
-            hits.append(
-                RuleHit(
-                    Level.CRITICAL,
-                    LOSS_KEY,
-                    f"loss {band.ratio:.1f}x its recent floor and {band.excess:.0f} band widths "
-                    "above its band, not recovering",
-                )
+            what = (
+                "back at the level the run started from, after it had learned"
+                if band.forgotten
+                else f"{band.ratio:.1f}x its recent floor and {band.excess:.0f} band widths "
+                "above its band"
             )
+            hits.append(RuleHit(Level.CRITICAL, LOSS_KEY, f"loss {what}, not recovering"))
         for obs in observations:
             if obs.key in EOS_KEYS and band.outside and obs.raw > self.eos_critical:
                 hits.append(
