@@ -2,9 +2,10 @@
 
 A digits MLP is trained with SGD (momentum 0.9) at a learning rate beyond the edge of
 stability. Without the callbacks the run collapses to chance accuracy; with
-``stability_callbacks(actions="backoff")`` the early warning fires as the meta-state
-deviates, the learning rate is backed off (and the last good weights restored if the loss
-goes non-finite), and the run finishes healthy. Both runs log to TensorBoard.
+``stability_callbacks(actions="backoff")`` the edge-of-stability ratio warns and the
+learning rate is backed off, and when the loss falls back to where the run started (the
+evidence of damage) the last known-good weights are restored, and the run finishes
+healthy. Both runs log to TensorBoard.
 
     python examples/quickstart.py
     tensorboard --logdir runs/quickstart      # the "Stability" tab under CUSTOM SCALARS

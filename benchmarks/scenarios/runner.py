@@ -73,7 +73,8 @@ class RunRecord:
 
     ``losses[i]`` is the training loss of optimizer step ``i``; steps are optimizer steps.
     ``first_warning_step`` is the first step at which ``EarlyWarning`` reached WARNING or
-    above (``None``: never, or no ``EarlyWarning`` attached, see ``missing``);
+    above, as the loss index of the batch at whose end it was raised (``None``: never, or
+    no ``EarlyWarning`` attached, see ``missing``);
     ``warning_steps``, ``spike_detection_steps`` and ``early_stopping_steps`` list every
     step at which each detector fired.
     """
@@ -369,9 +370,13 @@ def run_scenario(
             }
         )
         if level is not None and int(level) >= 2:
-            record.warning_steps.append(int(event.step))
+            # An event is raised at the end of a batch, when trainer.global_step has already
+            # counted that batch's optimizer step: it belongs to loss index step - 1, the
+            # index divergence and band-exit steps use.
+            index = int(event.step) - 1
+            record.warning_steps.append(index)
             if record.first_warning_step is None:
-                record.first_warning_step = int(event.step)
+                record.first_warning_step = index
 
     if warning is not None and hasattr(warning, "subscribe"):
         warning.subscribe(on_event)

@@ -140,12 +140,11 @@ class SharpnessMonitor(StabilityProbe):
     its math kernel during a measurement.
 
     Args:
-        every_n_steps: optimizer steps between Lanczos checks. Default 2500. On the
-            reference task (AdamW, ~64 ms a step on one CPU thread) a check costs about
-            28 steps and a directional reading about 6 (``python -m benchmarks.sharpness``),
-            so these defaults keep the probe near 2% of wall time and the default set
-            under 5% (``python -m benchmarks.overhead``); the adaptive cadence makes
-            checks denser near the edge or when the early warning asks.
+        every_n_steps: optimizer steps between Lanczos checks. Default 2500, chosen from
+            the measured cost of a check in training steps (``python -m
+            benchmarks.sharpness`` and ``benchmarks.overhead``; figures in
+            ``benchmarks/RESULTS.md`` and the README); the adaptive cadence makes checks
+            denser near the edge or when the early warning asks.
         k: number of top eigenvalues. Default 1.
         directional_every_n_steps: optimizer steps between directional/critical readings
             (at most ``every_n_steps``; ``None`` = ``every_n_steps``). Default 1000.

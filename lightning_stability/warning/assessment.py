@@ -31,6 +31,8 @@ class Assessment:
         hold: level by the exit thresholds (lower), indicators and rules.
         hard: a hard rule demands CRITICAL now.
         ruled: the highest level a rule demands now (rules are evidence: no patience).
+        worse: the evidence is stronger than when the level was last issued (an edge rule
+            fires, or the trailing loss is higher), so a repeat of it is warranted.
         deviation: combined deviation score (dimensionless, robust z units).
         dimensions: per-dimension score (largest upward z among its signals).
         drivers: ``(key, strength, reason)`` of what drove the level, strongest first.
@@ -40,6 +42,7 @@ class Assessment:
     hold: Level = Level.OK
     hard: bool = False
     ruled: Level = Level.OK
+    worse: bool = False
     deviation: float = 0.0
     dimensions: dict[str, float] = field(default_factory=dict)
     drivers: list[tuple[str, float, str]] = field(default_factory=list)
@@ -123,6 +126,7 @@ class MetaStateMonitor:
         self.paused_until = -1
         self._band_step = -1
         self._band_last = BandEvidence()
+        self._issued_trailing = -math.inf
 
     def _baseline(self, key: str, spec: SignalSpec) -> RobustBaseline:
         if key not in self.baselines:
@@ -225,6 +229,9 @@ class MetaStateMonitor:
             out.proposed = max(out.proposed, hit.level)
             out.hold = max(out.hold, hit.level)
             rule_drivers.append((hit.signal, math.inf, hit.message))
+        edge = any(h.level >= Level.WARNING and h.signal != LOSS_KEY for h in hits)
+        trailing = self.band.trail[-1] if self.band.trail else math.nan
+        out.worse = edge or trailing > self._issued_trailing
         if band.outside:
             # a WARNING is held while the loss is still above its band, and a CRITICAL
             # while it is still far above its floor
@@ -241,6 +248,10 @@ class MetaStateMonitor:
         self._band_step = int(reading.step)
         self._band_last = self.band.update(float(reading.value), learn=learn)
         return self._band_last
+
+    def issued(self) -> None:
+        """A level was just issued: later repeats need stronger evidence than this step's."""
+        self._issued_trailing = self.band.trail[-1] if self.band.trail else -math.inf
 
     def restart(self, step: int, pause: int = 0) -> None:
         """The run went back to an earlier state at ``step``: forget the trend windows and
@@ -266,6 +277,7 @@ class MetaStateMonitor:
             "paused_until": self.paused_until,
             "band": self.band.state_dict(),
             "band_step": self._band_step,
+            "issued_trailing": self._issued_trailing,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -286,5 +298,6 @@ class MetaStateMonitor:
         if state.get("band") is not None:
             self.band.load_state_dict(state["band"])
         self._band_step = int(state.get("band_step", -1))
+        self._issued_trailing = float(state.get("issued_trailing", -math.inf))
         frozen = int(state["frozen_since"])
         self.frozen_since = None if frozen < 0 else frozen

@@ -53,7 +53,8 @@ class EarlyWarning(Callback):
       or the training loss leaving its band
       (:class:`~lightning_stability.warning.loss_band.LossBand`).
     * CRITICAL (the run is being damaged): non-finite loss or gradients, a loss far
-      above its recent floor for several steps without recovering, an edge ratio above
+      above its recent floor (or back at the level the run started from, after it had
+      learned) for several steps without recovering, an edge ratio above
       ``eos_critical`` while the loss is above its band.
 
     The rules are in :mod:`lightning_stability.warning.rules`; soft statistics never
@@ -61,9 +62,9 @@ class EarlyWarning(Callback):
 
     Each change of level is an :class:`InstabilityEvent` (CRITICAL from a rule is
     repeated at most every ``cooldown`` steps; a WARNING that the evidence still holds
-    is repeated every ``repeat_every`` steps, so that an action such as
-    :class:`~lightning_stability.actions.LRBackoff` cuts again while the run stays
-    unsafe): logged as ``stability/meta/level``, written as TensorBoard text when a
+    is repeated every ``repeat_every`` steps while the evidence grows, so that an action
+    such as :class:`~lightning_stability.actions.LRBackoff` cuts again while the run keeps
+    getting worse, and not while it recovers): logged as ``stability/meta/level``, written as TensorBoard text when a
     :class:`TensorBoardLogger` is attached, warned as an :class:`InstabilityWarning`
     (levels >= ``warn_level``), and delivered to every listener (:meth:`subscribe`) and
     to ``on_event``, on every rank. ``stability/meta/deviation`` and
@@ -270,9 +271,11 @@ class EarlyWarning(Callback):
             return
         self._last_step = step
         local = self.monitor.assess(self._readings(trainer), step, self.tracker.level)
-        proposed, hold, hard, ruled, deviation, dims, src = self._reduce(trainer, local)
+        proposed, hold, hard, ruled, worse, deviation, dims, src = self._reduce(trainer, local)
         self.deviation = deviation
-        new = self.tracker.update(step, proposed, hold, hard, ruled)
+        new = self.tracker.update(step, proposed, hold, hard, ruled, worse)
+        if new is not None:
+            self.monitor.issued()
         meta = {
             "stability/meta/deviation": deviation,
             "stability/meta/level": float(self.tracker.level),
@@ -298,7 +301,7 @@ class EarlyWarning(Callback):
 
     def _reduce(
         self, trainer: pl.Trainer, local: Assessment
-    ) -> tuple[Level, Level, bool, Level, float, dict[str, float], int]:
+    ) -> tuple[Level, Level, bool, Level, bool, float, dict[str, float], int]:
         """Maximum over ranks of the levels and scores, and the rank whose evidence is
         strongest (it describes the event)."""
         world = trainer.world_size
@@ -312,6 +315,7 @@ class EarlyWarning(Callback):
                 float(local.hold),
                 float(local.hard),
                 float(local.ruled),
+                float(local.worse),
                 local.deviation,
                 source_key,
                 *dims,
@@ -322,10 +326,10 @@ class EarlyWarning(Callback):
             vec = trainer.strategy.reduce(vec.to(trainer.strategy.root_device), reduce_op="max")
             vec = vec.cpu()
         v = vec.tolist()
-        src = world - 1 - int(v[5]) % world
-        reduced_dims = {d: s for d, s in zip(DIMENSIONS, v[6:]) if s >= 0}
-        levels = Level(int(v[0])), Level(int(v[1])), bool(v[2]), Level(int(v[3]))
-        return *levels, v[4], reduced_dims, src
+        src = world - 1 - int(v[6]) % world
+        reduced_dims = {d: s for d, s in zip(DIMENSIONS, v[7:]) if s >= 0}
+        levels = Level(int(v[0])), Level(int(v[1])), bool(v[2]), Level(int(v[3])), bool(v[4])
+        return *levels, v[5], reduced_dims, src
 
     def _emit(
         self,

@@ -26,10 +26,11 @@ class LevelTracker:
     - Cooldown: a level that was left is not re-entered by score for ``cooldown`` steps,
       and CRITICAL from a hard rule that keeps firing is repeated at most every
       ``cooldown`` steps.
-    - Repeat: while the level is WARNING and the evidence still holds it (``hold`` at
-      WARNING or above), WARNING is issued again every ``repeat_every`` steps, so that
-      actions which respond to events (a learning-rate backoff) act again on a run that
-      is still unstable after their first response. CRITICAL is not repeated this way:
+    - Repeat: while the level is WARNING, the evidence still holds it (``hold`` at
+      WARNING or above) and it is stronger than when WARNING was last issued (``worse``),
+      WARNING is issued again every ``repeat_every`` steps, so that actions which respond
+      to events (a learning-rate backoff) act again on a run that is still getting worse
+      after their first response, and not on one that is recovering from it. CRITICAL is not repeated this way:
       it triggers rollbacks, which return to the same snapshot each time; a hard rule
       that keeps firing repeats it after ``cooldown``.
     Time spent at a level never raises it: CRITICAL comes only from evidence of damage
@@ -77,9 +78,12 @@ class LevelTracker:
         hold: Level,
         hard: bool = False,
         ruled: Level = Level.OK,
+        worse: bool = True,
     ) -> Level | None:
         """Advance to ``step``; the new level when an event is due, else None. ``ruled`` is
-        a level that a rule demands now: it is entered at once, without ``patience``."""
+        a level that a rule demands now: it is entered at once, without ``patience``.
+        ``worse`` says whether the evidence is stronger than when the level was last issued;
+        a WARNING is repeated only then."""
         if ruled > self.level and not hard:
             self._move(ruled, step)
             self.last_issued = step
@@ -105,13 +109,13 @@ class LevelTracker:
                     self._move(target, step)
                     self.last_issued = step
                     return target
-            return self._repeat(step, hold)
+            return self._repeat(step, hold, worse)
         self.streak = 0
         if hold < self.level and step - self.since >= self.min_dwell:
             self._move(hold, step)
             self.last_issued = step
             return hold
-        return self._repeat(step, hold)
+        return self._repeat(step, hold, worse)
 
     def reset(self, step: int) -> None:
         """Back to OK at ``step`` with every level free to be entered again at once (the
@@ -122,9 +126,10 @@ class LevelTracker:
         self.left_at = {}
         self.last_hard = _NEVER
 
-    def _repeat(self, step: int, hold: Level) -> Level | None:
+    def _repeat(self, step: int, hold: Level, worse: bool = True) -> Level | None:
         if (
-            self.repeat_every is not None
+            worse
+            and self.repeat_every is not None
             and self.level == Level.WARNING
             and hold >= self.level
             and step - self.last_issued >= self.repeat_every

@@ -97,6 +97,9 @@ class LossBand:
             loss the run started from (the median of its first ``warmup`` losses), whichever
             is larger (default 0.01): near zero, a loss that doubles from a ten-thousandth
             of where it started has not left anything that matters.
+        recovered: damage needs the trailing median at the end of its ``sustain`` steps to
+            be at least this fraction of its value at their start (default 0.5): a loss that
+            halved has started to recover, one that wobbles on a high plateau has not.
         forget_low, forget_high: a trailing median back above ``forget_high`` times the
             loss the run started from (the median of its first three losses), after it had
             fallen to ``forget_low`` times it, is far above the floor whatever the band
@@ -125,6 +128,7 @@ class LossBand:
         rel_width: float = 0.05,
         memory: int = 200,
         scale_frac: float = 0.01,
+        recovered: float = 0.5,
         forget_low: float = 0.5,
         forget_high: float = 0.8,
     ) -> None:
@@ -137,6 +141,8 @@ class LossBand:
             raise ValueError(f"band warmup must be in [1, window={window}], got {warmup!r}")
         if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
             raise ValueError(f"band memory must be an integer >= 1, got {memory!r}")
+        if not 0 < recovered <= 1:
+            raise ValueError(f"band recovered must be in (0, 1], got {recovered!r}")
         if not 0 < forget_low < forget_high:
             raise ValueError(
                 "band forget_low and forget_high must satisfy 0 < forget_low < forget_high, "
@@ -177,6 +183,7 @@ class LossBand:
         self.memory = memory
         self.scale_frac = scale_frac
         self.forget_low = forget_low
+        self.recovered = recovered
         self.forget_high = forget_high
         self.scale = 0.0
         self.bands: deque[tuple[float, float, float]] = deque(maxlen=memory)
@@ -255,7 +262,7 @@ class LossBand:
             far = forgotten or self._above(trailing, self.damage_width, self.damage_factor)
             self.damage_streak = self.damage_streak + 1 if far else 0
             first = list(self.trail)[-min(self.damage_streak, len(self.trail))]
-            damage = self.damage_streak >= self.sustain and trailing >= first
+            damage = self.damage_streak >= self.sustain and trailing >= self.recovered * first
             ratio = trailing / self.ref_floor if self.ref_floor > 0 else math.nan
             out = BandEvidence(
                 excess=(max(trailing, loss if shock else trailing) - self.ref_top)
