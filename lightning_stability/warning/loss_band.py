@@ -101,10 +101,11 @@ class LossBand:
             be at least this fraction of its value at their start (default 0.5): a loss that
             halved has started to recover, one that wobbles on a high plateau has not.
         forget_low, forget_high: a trailing median back above ``forget_high`` times the
-            loss the run started from (the median of its first three losses), after it had
-            fallen to ``forget_low`` times it, is far above the floor whatever the band
-            (defaults 0.5 and 0.8): a run that has lost what it learned is damaged, even
-            when its loss was noisy enough that the band never tightened.
+            loss the run started from (the median of its first three losses), after the
+            band's floor had fallen to ``forget_low`` times it with the start above the
+            band's top, is far above the floor whatever the band (defaults 0.5 and 0.8): a
+            run that has lost what it learned is damaged, even when its loss was noisy
+            enough that the band never tightened.
         memory: a loss is judged against the lowest band (lowest top) of the last
             ``memory`` steps (default 200), so that a loss creeping upwards is compared
             with where it was, not with a band it has already lifted; for stationary noise
@@ -199,7 +200,7 @@ class LossBand:
         self.data_changes = 0
         self._boundary = False
         self._first: list[float] = []
-        self.best = math.inf
+        self.learned = False
 
     @property
     def ready(self) -> bool:
@@ -254,11 +255,12 @@ class LossBand:
             leaving = self.outside_streak >= self.confirm
             # back where it started after it had learned: what training built is gone
             start = median(self._first[:3]) if self._first else math.nan
-            forgotten = (
-                start > 0
-                and self.best <= self.forget_low * start
-                and trailing >= self.forget_high * start
-            )
+            if start > 0 and self.floor <= self.forget_low * start and self.top <= start:
+                # the run learned: its floor fell to a fraction of where it started, and the
+                # start lies above the noise it then settled into (a stream that starts at
+                # its noise floor, as a fine-tuning run may, never qualifies by chance)
+                self.learned = True
+            forgotten = self.learned and trailing >= self.forget_high * start
             far = forgotten or self._above(trailing, self.damage_width, self.damage_factor)
             self.damage_streak = self.damage_streak + 1 if far else 0
             first = list(self.trail)[-min(self.damage_streak, len(self.trail))]
@@ -276,8 +278,6 @@ class LossBand:
                 damage=damage,
                 forgotten=forgotten,
             )
-        if len(self.recent) == self.smooth:
-            self.best = min(self.best, trailing)
         if learn:
             if len(self._first) < self.warmup:
                 self._first.append(loss)
@@ -305,7 +305,7 @@ class LossBand:
             "data_changes": self.data_changes,
             "bands": [list(b) for b in self.bands],
             "first": list(self._first),
-            "best": self.best,
+            "learned": self.learned,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -320,7 +320,7 @@ class LossBand:
         self.data_changes = int(state.get("data_changes", 0))
         self._first = [float(v) for v in state.get("first", [])]
         self.scale = median(self._first) if self._first else 0.0
-        self.best = float(state.get("best", math.inf))
+        self.learned = bool(state.get("learned", False))
         saved = [tuple(float(x) for x in b) for b in state.get("bands", [])]
         if self.ready:
             self._refresh()
