@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import lightning.pytorch as pl
 import pytest
+from helpers import trainer
 
 from benchmarks.healthy import summarise, write_section
 from benchmarks.scenarios.healthy import HEALTHY, CurriculumSampler
@@ -34,19 +35,10 @@ def test_config_builds_and_fits(name):
     pl.seed_everything(0, verbose=False)
     module, train, val, extra, max_steps = HEALTHY[name].build(0, 1.0)
     assert max_steps >= 600
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=5,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=1,
-        callbacks=extra,
-    )
-    trainer.fit(module, train, val)
-    assert trainer.global_step == 5
-    assert "train_loss" in trainer.callback_metrics
+    t = trainer(max_steps=5, limit_val_batches=1, callbacks=extra, deterministic=False)
+    t.fit(module, train, val)
+    assert t.global_step == 5
+    assert "train_loss" in t.callback_metrics
 
 
 def test_curriculum_sampler_is_easy_first_and_independent_of_iteration_count():

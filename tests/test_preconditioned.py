@@ -103,6 +103,18 @@ def test_adam_state_scale_is_none_before_the_first_step():
     assert adam_state_scale(torch.optim.Adam([w]), [w]) is None
 
 
+def test_adam_state_scale_is_none_at_a_zero_learning_rate():
+    """A warm-up that starts at lr = 0 takes no step, so there is no edge: no ratio, and no
+    error that would end the run."""
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    (w.square().sum()).backward()
+    opt.step()
+    assert adam_state_scale(opt, [w]) is not None
+    opt.param_groups[0]["lr"] = 0.0
+    assert adam_state_scale(opt, [w]) is None
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="lr"):
         sgd_edge(0.0)

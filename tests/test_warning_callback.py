@@ -1,9 +1,12 @@
 """EarlyWarning in real Trainer runs: a planted loss spike and a NaN raise events that
-reach listeners, the user hook, the logs, TensorBoard and Python warnings; the callback
-does not change training; its state goes through a weights-only checkpoint."""
+reach listeners, the user hook, the logs, TensorBoard and Python warnings; levels mean
+evidence (a deviation alone is WATCH; the loss leaving its band, an edge rule: WARNING;
+a non-finite loss: CRITICAL); a healthy run never warns; the callback does not change
+training; its state goes through a weights-only checkpoint."""
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import TinyClassifier, classification_data, flat_weights, loader, trainer
@@ -41,14 +44,21 @@ def test_planted_spike_reaches_listeners_hook_logs_and_warning():
     ew = EarlyWarning(on_event=hook)
     ew.subscribe(listener)
     t = trainer(max_steps=86, callbacks=[ew])
-    with pytest.warns(InstabilityWarning, match="stability/loss/value"):
+    with pytest.warns(InstabilityWarning, match="loss leaving its band"):
         t.fit(TinyClassifier(), loader(spiked_data(80), batch_size=BATCH, shuffle=False))
-    # batch 80 is optimizer step 81 (global_step after the step)
+    # batches 80-82 are optimizer steps 81-83 (global_step after the step)
     assert ew.events, "no event"
     first = ew.events[0]
-    assert first.level >= Level.WARNING and first.step in (81, 82)
+    # the deviation (a soft statistic) is huge, but proposes WATCH only, after patience=2
+    assert (first.level, first.step) == (Level.WATCH, 82)
     assert first.signals[0] == "stability/loss/value"
     assert first.deviation >= 8.0
+    # the evidence: the trailing median of 5 losses is above the band from step 83 (three
+    # spiked losses out of five), and leaving once it stayed there confirm=2 steps
+    warnings_ = [e for e in ew.events if e.level >= Level.WARNING]
+    assert [(e.level, e.step) for e in warnings_] == [(Level.WARNING, 84)]
+    assert warnings_[0].signals[0] == "stability/loss/value"
+    assert "loss leaving its band" in warnings_[0].message
     assert [e for e, _ in listener.events] == ew.events == [e for e, _ in hook.events]
     assert all(e.step == step for e, step in listener.events)  # delivered at its own step
     assert ew.request_closer_watch == (ew.level >= Level.WATCH)
@@ -100,21 +110,23 @@ class ScriptedProbe(StabilityProbe):
             self.publish(trainer, pl_module, {"sharpness/eos_ratio": ratio})
 
 
-def test_edge_of_stability_rule_from_a_probe_and_tensorboard_text(tmp_path):
+@pytest.mark.parametrize(("kwargs", "expected"), [({}, 20), ({"eos_sustain": 2}, 16)])
+def test_edge_of_stability_rule_from_a_probe_and_tensorboard_text(tmp_path, kwargs, expected):
     texts = []
     logger = TensorBoardLogger(tmp_path)
     logger.experiment.add_text = lambda tag, text, global_step=None: texts.append(
         (tag, text, global_step)
     )
-    ew = EarlyWarning(use_step_loss=False)
+    ew = EarlyWarning(use_step_loss=False, **kwargs)
     t = trainer(max_steps=20, callbacks=[ScriptedProbe(), ew], logger=logger)
     with pytest.warns(InstabilityWarning, match="edge-of-stability"):
         t.fit(TinyClassifier(), loader(classification_data(), batch_size=BATCH))
     assert ew.events[0].level == Level.WARNING
-    # second consecutive reading above 1.25 at step 16, held for patience=2 steps
-    assert ew.events[0].step == 17
+    # readings above 1.25 at steps 12, 16, 20: WARNING at the eos_sustain-th of them (the
+    # default 3: step 20; 2: step 16), a rule is evidence, entered at once (no patience)
+    assert ew.events[0].step == expected
     assert ew.events[0].signals[0] == "stability/sharpness/eos_ratio"
-    assert texts and texts[0][0] == "stability/events" and texts[0][2] == 17
+    assert texts and texts[0][0] == "stability/events" and texts[0][2] == expected
 
 
 class BeyondEdgeProbe(StabilityProbe):
@@ -139,14 +151,16 @@ def test_persisting_edge_warning_is_repeated_and_backoff_cuts_each_time():
     t = trainer(max_steps=20, callbacks=[BeyondEdgeProbe(), ew, backoff, rec])
     with pytest.warns(InstabilityWarning, match="directional ratio"):
         t.fit(TinyClassifier(lr=0.1), loader(classification_data(), batch_size=BATCH))
-    # second reading above 1.25 at step 6, held for patience=2 steps -> WARNING at 7,
-    # repeated every 5 steps while the readings stay beyond the edge
-    assert [(e.level, e.step) for e in ew.events] == [(Level.WARNING, s) for s in (7, 12, 17)]
+    # third reading above 1.25 (eos_sustain=3: steps 4, 6, 8) -> WARNING at 8 (a rule: no
+    # patience), repeated every 5 steps while the readings stay beyond the edge, never
+    # escalated
+    assert [(e.level, e.step) for e in ew.events] == [(Level.WARNING, s) for s in (8, 13, 18)]
     assert ew.events[0].signals[0] == "stability/sharpness/directional_ratio"
-    assert [e.step for e in backoff.events] == [7, 12, 17]
-    assert rec.lrs[6] == pytest.approx(0.1)
-    assert rec.lrs[7] == pytest.approx(0.05)
-    assert rec.lrs[12] == pytest.approx(0.025)
+    assert [e.step for e in backoff.events] == [8, 13, 18]
+    assert rec.lrs[7] == pytest.approx(0.1)
+    assert rec.lrs[8] == pytest.approx(0.05)
+    assert rec.lrs[13] == pytest.approx(0.025)
+    assert rec.lrs[18] == pytest.approx(0.0125)
     assert rec.lrs[20] == pytest.approx(0.0125)
 
 
@@ -169,3 +183,56 @@ def test_checkpoint_holds_state_that_loads_weights_only_and_resumes(tmp_path):
     )
     after = resumed.monitor.baselines["stability/loss/value"].values
     assert list(after)[:-1] == values  # continued, one more step learned
+
+
+# ------------------------------------------------- evidence on a healthy and a planted run
+PLANT = 150
+
+
+def digits() -> TensorDataset:
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    return TensorDataset(torch.tensor(x / 16.0, dtype=torch.float32), torch.tensor(y))
+
+
+class LabelsWrongFrom(TinyClassifier):
+    """A digits MLP whose training labels are all shifted to another class from optimizer
+    step ``wrong_from`` on (``None``: never), which the optimizer step that uses them
+    reports as global_step ``wrong_from + 1``."""
+
+    def __init__(self, wrong_from: int | None) -> None:
+        super().__init__(d=64, hidden=32, classes=10, lr=0.05)
+        self.wrong_from = wrong_from
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.wrong_from is not None and self.global_step >= self.wrong_from:
+            y = (y + 1) % 10
+        return super().training_step((x, y), batch_idx)
+
+
+def _digits_run(steps: int, wrong_from: int | None) -> EarlyWarning:
+    from lightning_stability import GradientMonitor, LossMonitor
+
+    pl.seed_everything(0, verbose=False)
+    ew = EarlyWarning()
+    t = trainer(max_steps=steps, callbacks=[GradientMonitor(), LossMonitor(), ew])
+    t.fit(LabelsWrongFrom(wrong_from), loader(digits(), batch_size=32))
+    return ew
+
+
+def test_a_healthy_run_never_warns_and_wrong_labels_warn_within_a_few_steps():
+    healthy = _digits_run(300, None)
+    # it watched the loss (from LossMonitor) all along, with a full band
+    assert len(healthy.monitor.band.values) == healthy.monitor.band.window
+    assert "stability/loss/value" in healthy.monitor.baselines
+    assert [e for e in healthy.events if e.level >= Level.WARNING] == []
+    planted = _digits_run(PLANT + 10, PLANT)
+    warnings_ = [e for e in planted.events if e.level >= Level.WARNING]
+    assert warnings_, planted.events
+    # the first wrong labels are seen at step PLANT + 1; a loss far above the band warns
+    # at once, one that only leaves it after three of five trailing losses and confirm=2
+    assert PLANT + 1 <= warnings_[0].step <= PLANT + 1 + 3
+    assert warnings_[0].signals[0] == "stability/loss/value"
+    assert warnings_[0].level == Level.WARNING

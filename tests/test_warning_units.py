@@ -3,6 +3,7 @@ statistics, robust baseline, meta-state mapping, hard rules and hysteresis."""
 
 import math
 import random
+import warnings
 
 import pytest
 import scipy.stats
@@ -178,7 +179,10 @@ def test_trend_indicator_state_round_trip():
     ("kwargs", "name"),
     [
         (dict(watch_threshold=0.0), "threshold"),
-        (dict(watch_threshold=9.0, warning_threshold=8.0), "threshold"),
+        (dict(watch_threshold=-1.0), "watch_threshold"),
+        (dict(eos_margin=0.25, eos_critical=1.2), "eos_critical"),
+        (dict(lr_jump=1.0), "lr_jump"),
+        (dict(eos_sustain=0), "eos_sustain"),
         (dict(exit_ratio=1.5), "exit_ratio"),
         (dict(patience=0), "patience"),
         (dict(window=2), "window"),
@@ -207,45 +211,112 @@ def test_configurable_from_yaml_like_lightning_cli():
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(EarlyWarning, "ew")
     cfg = parser.parse_string(
-        "ew:\n  warning_threshold: 7.0\n  warn_level: critical\n  signals:\n"
+        "ew:\n  watch_threshold: 7.0\n  eos_margin: 0.4\n  warn_level: critical\n  signals:\n"
         "    - pattern: stability/loss/value\n      dimension: learning_signal\n"
         "      transform: identity\n      trend: true\n"
     )
     ew = parser.instantiate(cfg).ew
-    assert ew.monitor.thresholds[1] == 7.0
+    assert ew.monitor.watch_threshold == 7.0
+    assert ew.monitor.rules.eos_margin == 0.4
     assert ew.warn_level == Level.CRITICAL
     assert ew.monitor.meta.signals == (
         SignalSpec("stability/loss/value", "learning_signal", "identity", trend=True),
     )
 
 
-@pytest.mark.parametrize("escalate_after", [50, 20, None])
-def test_a_warning_that_persists_escalates_to_critical(escalate_after):
-    from lightning_stability.warning.levels import LevelTracker
-
-    tracker = LevelTracker(escalate_after=escalate_after)
-    issued = {}
-    for step in range(200):
-        new = tracker.update(step, Level.WARNING, Level.WARNING)
-        if new is not None:
-            issued.setdefault(int(new), step)
-    entered = issued[int(Level.WARNING)]
-    assert entered == 1  # patience 2
-    if escalate_after is None:
-        assert int(Level.CRITICAL) not in issued
-    else:
-        assert issued[int(Level.CRITICAL)] == entered + escalate_after
-    # evidence that falls to WATCH before the escalation step lets the level fall instead
-    calm = LevelTracker(escalate_after=50)
+def test_a_warning_that_persists_never_escalates():
+    """Time at a level never raises it: WARNING evidence held for 500 steps gives the
+    WARNING and its repeats, never CRITICAL; a hard rule still raises CRITICAL at once."""
+    tracker = LevelTracker(repeat_every=25)
+    issued = [(s, tracker.update(s, Level.WARNING, Level.WARNING)) for s in range(500)]
+    issued = [(s, lv) for s, lv in issued if lv is not None]
+    assert issued[0] == (1, Level.WARNING)  # patience 2
+    assert issued == [(s, Level.WARNING) for s in range(1, 500, 25)]
+    assert tracker.level == Level.WARNING
+    # the same when a rule demands it on every step (entered at once, no patience)
+    ruled = LevelTracker(repeat_every=None)
     levels = [
-        calm.update(
-            s, Level.WARNING if s < 30 else Level.WATCH, Level.WARNING if s < 30 else Level.WATCH
-        )
-        for s in range(120)
+        ruled.update(s, Level.WARNING, Level.WARNING, ruled=Level.WARNING) for s in range(500)
     ]
-    assert Level.CRITICAL not in levels
+    assert levels[0] == Level.WARNING and levels[1:] == [None] * 499
+    assert ruled.level == Level.WARNING
+    assert ruled.update(500, Level.WARNING, Level.WARNING, hard=True) == Level.CRITICAL
 
 
-def test_escalate_after_must_be_positive():
-    with pytest.raises(ValueError, match="escalate_after"):
-        EarlyWarning(escalate_after=0)
+def test_a_ruled_level_is_entered_at_once_and_held_like_any_other():
+    t = LevelTracker(patience=3, min_dwell=5, cooldown=10, repeat_every=None)
+    assert t.update(0, Level.OK, Level.OK, ruled=Level.WATCH) == Level.WATCH
+    assert t.update(1, Level.WARNING, Level.WARNING, ruled=Level.WARNING) == Level.WARNING
+    assert t.update(2, Level.WARNING, Level.WARNING, ruled=Level.WARNING) is None
+    # without the rule the level is held for min_dwell, then falls to hold
+    assert [t.update(s, Level.OK, Level.OK) for s in range(3, 6)] == [None] * 3
+    assert t.update(6, Level.OK, Level.OK) == Level.OK
+    # a rule is not held back by the cooldown of a level left by score
+    assert t.update(7, Level.OK, Level.OK, ruled=Level.WARNING) == Level.WARNING
+    # the same proposal without the rule would need patience
+    u = LevelTracker(patience=3)
+    assert [u.update(s, Level.WARNING, Level.WARNING) for s in range(3)] == [
+        None,
+        None,
+        Level.WARNING,
+    ]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(escalate_after=5), dict(warning_threshold=1.0), dict(critical_threshold=2.0)],
+)
+def test_removed_arguments_warn_as_deprecated_and_change_nothing(kwargs):
+    (name,) = kwargs
+    with pytest.deprecated_call(match=name):
+        old = EarlyWarning(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new = EarlyWarning()  # no deprecation warning without them
+    assert not hasattr(old.tracker, "escalate_after")
+    assert not hasattr(old.monitor, "thresholds")
+    # the same readings give the same events: a shift of the gradient norm (about 10
+    # robust sd: above watch_threshold=8, far above the thresholds passed),
+    # an edge ratio above the margin on every reading from step 150 (a WARNING that
+    # persists far longer than escalate_after), and a non-finite reading at 280
+    rng = random.Random(0)
+    norms = [math.exp(0.05 * rng.gauss(0, 1) + (0.5 if t >= 100 else 0.0)) for t in range(300)]
+    norms[280] = float("nan")
+    streams = []
+    for ew in (old, new):
+        events = []
+        for step, v in enumerate(norms):
+            readings = {"stability/grad/norm": Reading(v, step)}
+            ratio = 1.5 if step >= 150 else 0.5
+            readings["stability/sharpness/eos_ratio"] = Reading(ratio, step - step % 5)
+            a = ew.monitor.assess(readings, step, ew.level)
+            level = ew.tracker.update(step, a.proposed, a.hold, a.hard, a.ruled)
+            if level is not None:
+                events.append((step, level))
+        streams.append(events)
+    assert streams[0] == streams[1]
+    levels = dict(streams[0])
+    assert levels[101] == Level.WATCH  # the shift, after patience=2
+    assert max(lv for s, lv in streams[0] if s < 160) == Level.WATCH
+    assert levels[160] == Level.WARNING  # the third reading above 1.25 (eos_sustain=3)
+    assert max(lv for s, lv in streams[0] if s < 280) == Level.WARNING
+    assert levels[280] == Level.CRITICAL
+
+
+def test_a_warning_is_repeated_only_while_its_evidence_grows():
+    """LRBackoff cuts on every WARNING event: a run that recovers after the first cut gets
+    no second one, a run that keeps getting worse does."""
+    warn, watch = Level.WARNING, Level.WATCH
+
+    def issued(worse: bool) -> list[int]:
+        tracker = LevelTracker(repeat_every=25)
+        out = []
+        for step in range(200):
+            ruled = warn if step == 10 else Level.OK
+            new = tracker.update(step, watch, warn, ruled=ruled, worse=worse)
+            if new == warn:
+                out.append(step)
+        return out
+
+    assert issued(worse=False) == [10]
+    assert issued(worse=True) == [10, 35, 60, 85, 110, 135, 160, 185]
