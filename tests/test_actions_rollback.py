@@ -296,3 +296,19 @@ def test_ddp_ranks_roll_back_skip_and_judge_the_skipped_loss_identically(tmp_pat
     assert r0["skip_losses"] == r1["skip_losses"] and len(r0["skip_losses"]) == 2
     assert r0["messages"] == r1["messages"] and "while skipping" in r0["messages"][1]
     assert torch.equal(r0["weights"], r1["weights"])
+
+
+def test_a_rollback_never_loosens_the_stage():
+    """WARNINGs climb the ladder to stage 3 after the step-0 snapshot; the CRITICAL that rolls
+    back must not return to that snapshot's stage 0 (+1): it keeps stage 3 and its lower
+    learning rate."""
+    staged = StagedTraining(cooldown=0)
+    rollback = Rollback(every=100)  # only the initial snapshot exists
+    script = {10: "warning", 12: "warning", 14: "warning", 30: "critical"}
+    t = trainer(max_steps=32, callbacks=[ScriptedSource(script), staged, rollback])
+    model = TinyClassifier(lr=0.1)
+    t.fit(model, loader(classification_data(), shuffle=False))
+    assert rollback.rollbacks == 1
+    assert staged.stage == 3  # the top of the default ladder: the rollback's escalation is a no-op
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.1)
+    assert t.gradient_clip_val == 0.25 and t.accumulate_grad_batches == 4

@@ -203,6 +203,16 @@ class StagedTraining(StabilityAction):
     def restored(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
     ) -> None:
+        """The weights go back to the snapshot; the stage does not. A rollback never loosens
+        the ladder: it keeps the stricter of the snapshot's stage and the one the run had
+        climbed to, and the lower learning-rate scale (the rollback's own escalation then
+        climbs one stage from there)."""
+        kept = int(before.get("stage", self.stage))
+        if kept > self.stage:
+            self.stage = kept
+            self._ramp = None
+            scale = min(self.stages[kept]["lr_scale"], float(before["applied_scale"]))
+            self._set_scale(trainer, scale)
         self._apply_knobs(trainer, pl_module)
 
     # ------------------------------------------------------------- mechanics
