@@ -205,9 +205,13 @@ class StagedTraining(StabilityAction):
     ) -> None:
         """The weights go back to the snapshot; the stage does not. A rollback never loosens
         the ladder: it keeps the stricter of the snapshot's stage and the one the run had
-        climbed to, and the lower learning-rate scale (the rollback's own escalation then
-        climbs one stage from there)."""
+        climbed to before this step, and the lower learning-rate scale (the rollback's own
+        escalation then climbs one stage from there)."""
         kept = int(before.get("stage", self.stage))
+        if int(before.get("last_change_step", -1)) == int(trainer.global_step):
+            # that climb answered the event being rolled back for; the rollback's own
+            # escalation answers it now, once
+            kept -= 1
         if kept > self.stage:
             self.stage = kept
             self._ramp = None
