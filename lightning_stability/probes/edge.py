@@ -17,7 +17,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["EdgePrediction", "step_lr"]
+__all__ = ["LR_JUMP", "EdgePrediction", "step_lr"]
+
+LR_JUMP = 1.5
+"""One-step growth of the learning rate that counts as a jump: a warm-up or a schedule moves
+it by a few percent a step, a broken warm-up or a manual change by much more."""
 
 
 def step_lr(optimizer: torch.optim.Optimizer) -> float:

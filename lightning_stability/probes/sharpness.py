@@ -39,7 +39,7 @@ from lightning_stability.probes.base import (
     logs_this_step,
     module_loss,
 )
-from lightning_stability.probes.edge import EdgePrediction, step_lr
+from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, step_lr
 
 __all__ = ["SharpnessMonitor"]
 
@@ -279,7 +279,7 @@ class SharpnessMonitor(StabilityProbe):
         self.last_products: int = 0
         """Hessian-vector products of the last Lanczos check (all eigenproblems)."""
         self.edge = EdgePrediction()
-        self.recheck_jump = 1.5
+        self.recheck_jump = LR_JUMP
         self.recheck_gap = 10
         self._recheck_after = -1
 

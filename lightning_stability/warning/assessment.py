@@ -8,6 +8,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from lightning_stability.probes.edge import LR_JUMP
 from lightning_stability.warning.baseline import RobustBaseline
 from lightning_stability.warning.cusum import Cusum
 from lightning_stability.warning.events import Level
@@ -92,7 +93,7 @@ class MetaStateMonitor:
         cusum_drift: float = 5.0,
         cusum_threshold: float | None = 12.0,
         eos_critical: float = 2.0,
-        lr_jump: float = 1.5,
+        lr_jump: float = LR_JUMP,
         loss_band: LossBand | None = None,
     ) -> None:
         if not watch_threshold > 0:
@@ -178,23 +179,13 @@ class MetaStateMonitor:
                 # (Scheffer et al. 2009); a variance that grows alone is not evidence
                 if reading is not None and reading.level >= Level.WARNING:
                     trend_level = Level.WATCH
-                    what = (
-                        "variance and lag-1 autocorrelation"
-                        if reading.level >= Level.WARNING
-                        else "variance"
-                    )
                     out.drivers.append(
                         (
                             obs.key,
                             _Z_CAP + float(reading.level),
-                            f"{what} of {obs.key} rising (Kendall tau of the variance "
-                            f"{reading.tau_var:.2f}"
-                            + (
-                                f", of the autocorrelation {reading.tau_ac1:.2f}"
-                                if math.isfinite(reading.tau_ac1)
-                                else ""
-                            )
-                            + f"; variance x{reading.var_ratio:.1f})",
+                            f"variance and lag-1 autocorrelation of {obs.key} rising (Kendall "
+                            f"tau of the variance {reading.tau_var:.2f}, of the autocorrelation "
+                            f"{reading.tau_ac1:.2f}; variance x{reading.var_ratio:.1f})",
                         )
                     )
         out.dimensions = {d: dims[d] for d in DIMENSIONS if d in dims}
@@ -229,9 +220,11 @@ class MetaStateMonitor:
             out.proposed = max(out.proposed, hit.level)
             out.hold = max(out.hold, hit.level)
             rule_drivers.append((hit.signal, math.inf, hit.message))
-        edge = any(h.level >= Level.WARNING and h.signal != LOSS_KEY for h in hits)
+        # worse: a rule other than the loss's own fires (the physics still says unsafe),
+        # or the trailing loss is above where it was when the level was last issued
+        physics = any(h.level >= Level.WARNING and h.signal != LOSS_KEY for h in hits)
         trailing = self.band.trail[-1] if self.band.trail else math.nan
-        out.worse = edge or trailing > self._issued_trailing
+        out.worse = physics or trailing > self._issued_trailing
         if band.outside:
             # a WARNING is held while the loss is still above its band, and a CRITICAL
             # while it is still far above its floor

@@ -18,6 +18,7 @@ from lightning_stability.probes.base import (
     step_loss,
     write_to_loggers,
 )
+from lightning_stability.probes.edge import LR_JUMP
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
 from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
 from lightning_stability.warning.levels import LevelTracker
@@ -148,7 +149,7 @@ class EarlyWarning(Callback):
         eos_margin: float = 0.25,
         eos_sustain: int = 3,
         eos_critical: float = 2.0,
-        lr_jump: float = 1.5,
+        lr_jump: float = LR_JUMP,
         cusum_drift: float = 5.0,
         cusum_threshold: float | None = 12.0,
         loss_band: LossBand | None = None,

@@ -30,9 +30,9 @@ class LevelTracker:
       WARNING or above) and it is stronger than when WARNING was last issued (``worse``),
       WARNING is issued again every ``repeat_every`` steps, so that actions which respond
       to events (a learning-rate backoff) act again on a run that is still getting worse
-      after their first response, and not on one that is recovering from it. CRITICAL is not repeated this way:
-      it triggers rollbacks, which return to the same snapshot each time; a hard rule
-      that keeps firing repeats it after ``cooldown``.
+      after their first response, and not on one that is recovering from it. CRITICAL is
+      not repeated this way: it triggers rollbacks, which return to the same snapshot
+      each time; a hard rule that keeps firing repeats it after ``cooldown``.
     Time spent at a level never raises it: CRITICAL comes only from evidence of damage
     (a hard rule), never from a WARNING that persists.
 

@@ -206,6 +206,12 @@ class LossBand:
     def ready(self) -> bool:
         return len(self.values) >= self.warmup
 
+    @property
+    def start(self) -> float:
+        """The loss the run started from: the median of its first three losses (NaN before
+        any)."""
+        return median(self._first[:3]) if self._first else math.nan
+
     def _refresh(self) -> None:
         ordered = sorted(self.values)
         n = len(ordered)
@@ -254,7 +260,7 @@ class LossBand:
             self.outside_streak = self.outside_streak + 1 if outside else 0
             leaving = self.outside_streak >= self.confirm
             # back where it started after it had learned: what training built is gone
-            start = median(self._first[:3]) if self._first else math.nan
+            start = self.start
             if start > 0 and self.floor <= self.forget_low * start and self.top <= start:
                 # the run learned: its floor fell to a fraction of where it started, and the
                 # start lies above the noise it then settled into (a stream that starts at
@@ -263,11 +269,11 @@ class LossBand:
             forgotten = self.learned and trailing >= self.forget_high * start
             far = forgotten or self._above(trailing, self.damage_width, self.damage_factor)
             self.damage_streak = self.damage_streak + 1 if far else 0
-            first = list(self.trail)[-min(self.damage_streak, len(self.trail))]
+            first = self.trail[-min(self.damage_streak, len(self.trail))]
             damage = self.damage_streak >= self.sustain and trailing >= self.recovered * first
             ratio = trailing / self.ref_floor if self.ref_floor > 0 else math.nan
             out = BandEvidence(
-                excess=(max(trailing, loss if shock else trailing) - self.ref_top)
+                excess=((max(trailing, loss) if shock else trailing) - self.ref_top)
                 / self.ref_spread,
                 ratio=ratio,
                 shock=shock,

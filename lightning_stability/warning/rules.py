@@ -37,6 +37,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
+from lightning_stability.probes.edge import LR_JUMP
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.loss_band import BandEvidence
 from lightning_stability.warning.metastate import Observation
@@ -79,7 +80,7 @@ class HardRules:
         eos_margin: float = 0.25,
         eos_sustain: int = 3,
         eos_critical: float = 2.0,
-        lr_jump: float = 1.5,
+        lr_jump: float = LR_JUMP,
         jump_window: int = 50,
     ) -> None:
         if not eos_margin >= 0:
