@@ -15,9 +15,10 @@ schedules: ``calibration`` (defaults may be tuned on it) and ``validation`` (onl
 reported; a default tuned on calibration is judged here). The two halves are reported
 separately.
 
-Every configuration x seed is trained in four modes (:mod:`benchmarks.scenarios.runner`):
+Every configuration x seed is trained in five modes (:mod:`benchmarks.scenarios.runner`):
 ``bare`` (nothing of ours), ``warning`` (``stability_callbacks()``, actions off),
-``actions`` (``actions="backoff"``) and ``staged`` (``actions="staged"``).
+``actions`` (``actions="backoff"``), ``staged`` (``actions="staged"``) and ``guard``
+(``lr_guard=True``, actions off: the learning-rate guard alone).
 
 Targets, on both halves:
     * no event at WARNING or above (0 runs, 0 events);
@@ -25,7 +26,7 @@ Targets, on both halves:
     * no action fires, so the weights at the end are bit-identical to the bare run's.
 
     python -m benchmarks.healthy --quick     # short configs, 1 seed, bare+warning (minutes)
-    python -m benchmarks.healthy             # everything: 3 seeds x 4 modes (tens of minutes)
+    python -m benchmarks.healthy             # everything: 3 seeds x 5 modes (tens of minutes)
     python -m benchmarks.healthy --only eos_fullbatch_digits --modes bare,warning --seeds 1
 
 Writes ``benchmarks/healthy.json`` (summary and one row per run) and the section between
@@ -51,9 +52,9 @@ HERE = Path(__file__).parent
 OUT_JSON = HERE / "healthy.json"
 OUT_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- healthy:begin -->", "<!-- healthy:end -->"
-MODES = ("bare", "warning", "actions", "staged")
-MONITORED = ("warning", "actions", "staged")
-ACTING = ("actions", "staged")
+MODES = ("bare", "warning", "actions", "staged", "guard")
+MONITORED = ("warning", "actions", "staged", "guard")
+ACTING = ("actions", "staged", "guard")
 SPLITS = ("calibration", "validation")
 LEVELS = ("WATCH", "WARNING", "CRITICAL")
 WARNING_PLUS = ("WARNING", "CRITICAL")
@@ -282,8 +283,8 @@ def _config_table(configs: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| config | split | description | steps | WARNING+ events (warning mode, all seeds) "
         "| runs with WARNING+ | WATCH / 1000 steps | action fired | bit-identical "
-        "| final loss bare | final loss actions | final loss staged |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| final loss bare | final loss actions | final loss staged | final loss guard |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in configs:
         f = c["final_loss"]
@@ -293,7 +294,7 @@ def _config_table(configs: list[dict[str, Any]]) -> list[str]:
             f"{c['runs_with_warning_plus']} / {c['monitored_runs']} | "
             f"{_fmt(c['watch_per_1000'])} | {c['acting_runs_with_action']} / {c['acting_runs']} | "
             f"{c['bit_identical']} / {c['bit_identical_of']} | {_fmt(f['bare'])} | "
-            f"{_fmt(f['actions'])} | {_fmt(f['staged'])} |"
+            f"{_fmt(f['actions'])} | {_fmt(f['staged'])} | {_fmt(f.get('guard'))} |"
         )
     return lines
 

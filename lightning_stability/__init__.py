@@ -4,7 +4,7 @@ The one-line use is ``Trainer(callbacks=stability_callbacks())``; see
 :func:`stability_callbacks` for what it contains.
 """
 
-from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
+from lightning_stability.actions import LRBackoff, LRGuard, Rollback, StagedTraining
 from lightning_stability.dashboard import StabilityDashboard
 from lightning_stability.defaults import stability_callbacks
 from lightning_stability.probes import (
@@ -23,6 +23,7 @@ __all__ = [
     "GradientMonitor",
     "InstabilityEvent",
     "LRBackoff",
+    "LRGuard",
     "Level",
     "LossMonitor",
     "PerturbationAudit",

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Callback
 
-from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
+from lightning_stability.actions import LRBackoff, LRGuard, Rollback, StagedTraining
 from lightning_stability.dashboard import StabilityDashboard
 from lightning_stability.probes import (
     GradientMonitor,
@@ -31,6 +31,7 @@ def stability_callbacks(
     drift: bool | dict[str, Any] = False,
     warning: bool | dict[str, Any] = True,
     rollback: bool | dict[str, Any] = True,
+    lr_guard: bool | dict[str, Any] = False,
     dashboard: bool | dict[str, Any] = True,
 ) -> list[Callback]:
     """A sensible, ordered set of stability callbacks.
@@ -46,6 +47,9 @@ def stability_callbacks(
             ``"staged"`` climbs the default ladder of safer stages (:class:`StagedTraining`).
             With either, :class:`Rollback` restores the last good state on a critical
             event unless ``rollback=False``.
+        lr_guard: add :class:`LRGuard`, which lowers a step's learning rate when the step
+            would cross the edge of stability by more than its margin and gives the
+            schedule back at once. Off by default; needs ``sharpness``.
         sharpness, gradients, loss, drift, warning, rollback, dashboard: ``True`` for the
             default configuration, ``False`` to leave the callback out, or a dict of init
             arguments. Representation drift is off by default because it needs to find the
@@ -84,5 +88,10 @@ def stability_callbacks(
         else:
             callbacks += build(True, "actions", StagedTraining)
         callbacks += build(rollback, "rollback", Rollback)
+    if lr_guard is not False and sharpness is False:
+        raise ValueError(
+            "lr_guard needs the sharpness monitor: set sharpness=True or lr_guard=False"
+        )
+    callbacks += build(lr_guard, "lr_guard", LRGuard)
     callbacks += build(dashboard, "dashboard", StabilityDashboard)
     return callbacks

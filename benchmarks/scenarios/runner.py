@@ -6,6 +6,7 @@ Modes (what :func:`stability_set` attaches):
     ``"warning"``: the probes plus ``EarlyWarning`` (actions off).
     ``"actions"``: the above plus the actions (LR backoff and rollback).
     ``"staged"``: the default set with ``actions="staged"`` (staged training and rollback).
+    ``"guard"``: the default set with actions off and ``lr_guard=True`` (the LR guard alone).
 
 Imports are lazy: a callback that does not exist (yet) or cannot be built for a task is
 left out and named in :attr:`RunRecord.missing`, so that its columns read "n/a" instead of
@@ -49,7 +50,8 @@ __all__ = [
     "stability_set",
 ]
 
-MODES = ("bare", "probes", "warning", "actions", "staged")
+MODES = ("bare", "probes", "warning", "actions", "staged", "guard")
+MONITORED = ("warning", "actions", "staged", "guard")
 PROBES = {
     "SharpnessMonitor": "lightning_stability.probes.sharpness",
     "GradientMonitor": "lightning_stability.probes.gradients",
@@ -106,7 +108,7 @@ class RunRecord:
 
     @property
     def warning_available(self) -> bool:
-        return self.mode in ("warning", "actions", "staged") and "EarlyWarning" in self.callbacks
+        return self.mode in MONITORED and "EarlyWarning" in self.callbacks
 
     def to_json(self, history: bool = False) -> dict[str, Any]:
         """A JSON-ready dict; per-step histories only when ``history``."""
@@ -260,6 +262,7 @@ def _default_set(mode: str, scenario: Scenario) -> list[Callback] | None:
         "sharpness": dict(OVERRIDES["SharpnessMonitor"]),
         "drift": {**OVERRIDES["RepresentationDriftMonitor"], "layers": list(scenario.layers)},
         "dashboard": False,  # a view; the runs have no logger
+        "lr_guard": mode == "guard",
     }
     return stability_callbacks(**{k: v for k, v in options.items() if k in params})
 
@@ -276,7 +279,7 @@ def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[s
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     missing: list[str] = []
-    if mode in ("warning", "actions", "staged"):
+    if mode in MONITORED:
         try:
             default = _default_set(mode, scenario)
         except Exception as err:  # a default set that cannot be built for this task
@@ -287,7 +290,7 @@ def stability_set(mode: str, scenario: Scenario) -> tuple[list[Callback], list[s
     wanted: list[tuple[str, str, str | None]] = []
     if mode != "bare":
         wanted += [(n, "lightning_stability.probes", m) for n, m in PROBES.items()]
-    if mode in ("warning", "actions", "staged"):
+    if mode in MONITORED:
         wanted += [(n, "lightning_stability.warning", m) for n, m in WARNING.items()]
     if mode == "actions":
         wanted += [(n, "lightning_stability.actions", None) for n in ACTIONS]

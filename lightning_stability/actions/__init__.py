@@ -1,7 +1,9 @@
-"""Callbacks that act on instability events: learning-rate backoff, staged training, rollback."""
+"""Callbacks that act on instability events: learning-rate backoff, staged training, rollback,
+and a guard that keeps each step's learning rate below the edge it would cross."""
 
 from lightning_stability.actions.base import StabilityAction
 from lightning_stability.actions.lr_backoff import LRBackoff
+from lightning_stability.actions.lr_guard import LRGuard
 from lightning_stability.actions.lr_scaling import scale_learning_rates
 from lightning_stability.actions.rollback import Rollback
 from lightning_stability.actions.snapshot import TrainingSnapshot
@@ -10,6 +12,7 @@ from lightning_stability.actions.staged_training import DEFAULT_STAGES, StagedTr
 __all__ = [
     "DEFAULT_STAGES",
     "LRBackoff",
+    "LRGuard",
     "Rollback",
     "StabilityAction",
     "StagedTraining",
