@@ -201,7 +201,7 @@ def test_history_is_kept_in_the_checkpoint_and_continues_on_resume(tmp_path):
     assert [h["epoch"] for h in resumed.history] == [0, 1, 2]
 
 
-def test_manual_optimization_without_loss_fn_is_refused():
+def test_manual_optimization_without_loss_fn_warns_and_steps_aside():
     class Manual(TinyClassifier):
         def __init__(self) -> None:
             super().__init__()
@@ -216,10 +216,12 @@ def test_manual_optimization_without_loss_fn_is_refused():
             return loss
 
     audit = PerturbationAudit(horizon=2, num_batches=1, dimensions=("signal",))
-    with pytest.raises(ValueError, match="loss_fn"):
-        trainer(max_epochs=1, max_steps=-1, callbacks=[audit]).fit(
-            Manual(), loader(classification_data(n=32))
-        )
+    t = trainer(max_epochs=2, max_steps=-1, callbacks=[audit])
+    with pytest.warns(UserWarning, match="manual optimization.*loss_fn=") as caught:
+        t.fit(Manual(), loader(classification_data(n=32)))
+    assert t.current_epoch == 2  # the run went on
+    assert len([w for w in caught if "PerturbationAudit" in str(w.message)]) == 1
+    assert audit.history == [] and not audit.readings
 
     def loss_fn(module, batch):
         return nn.functional.cross_entropy(module(batch[0]), batch[1])

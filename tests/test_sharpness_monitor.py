@@ -310,15 +310,26 @@ def test_shuffled_probe_loader_without_generator_is_refused():
     SharpnessMonitor(probe_dataloader=ok)
 
 
-def test_probe_batch_without_a_loss_is_a_clear_error():
+def test_a_module_that_returns_no_loss_gets_a_warning_not_an_error():
     class NoLoss(TinyClassifier):
         def training_step(self, batch, batch_idx):
             super().training_step(batch, batch_idx).backward()
             return None
 
     cb = SharpnessMonitor(every_n_steps=1)
-    with pytest.raises(ValueError, match="no loss"):
-        trainer(max_steps=2, callbacks=[cb]).fit(NoLoss(), loader(classification_data()))
+    t = trainer(max_steps=3, callbacks=[cb])
+    with pytest.warns(UserWarning, match="SharpnessMonitor: no probe batch yet"):
+        t.fit(NoLoss(), loader(classification_data()))
+    assert t.global_step == 3 and "stability/sharpness/lambda_max" not in cb.readings
+
+    # a fixed probe batch without a loss: each check is skipped, with one warning
+    data = classification_data()
+    cb = SharpnessMonitor(every_n_steps=1, probe_batch=(data.tensors[0][:8], data.tensors[1][:8]))
+    t = trainer(max_steps=3, callbacks=[cb])
+    with pytest.warns(UserWarning, match="probe batch has no loss") as caught:
+        t.fit(NoLoss(), loader(data))
+    assert t.global_step == 3 and "stability/sharpness/lambda_max" not in cb.readings
+    assert len([w for w in caught if "SharpnessMonitor" in str(w.message)]) == 1
 
 
 def test_user_loss_fn_and_supplied_batches_are_averaged():

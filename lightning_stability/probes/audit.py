@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
@@ -17,9 +17,24 @@ from lightning_stability.estimators.perturbation import (
     Fork,
     PerturbationAuditor,
 )
-from lightning_stability.probes.base import LossFn, StabilityProbe, detach_batch, module_loss
+from lightning_stability.probes.base import (
+    MANUAL_OPTIMIZATION,
+    LossFn,
+    StabilityProbe,
+    detach_batch,
+    module_loss,
+    needs_loss_fn,
+    step_loss,
+)
 
 __all__ = ["PerturbationAudit"]
+
+
+class _Cached(NamedTuple):
+    """A cached training batch and the ``batch_idx`` ``training_step`` is re-run with."""
+
+    batch: Any
+    batch_idx: int
 
 
 class PerturbationAudit(StabilityProbe):
@@ -29,8 +44,9 @@ class PerturbationAudit(StabilityProbe):
     At the end of every ``every_n_epochs``-th training epoch the current state (weights,
     buffers, optimizer state and hyper-parameters) is forked into a disposable copy, and each
     configured disturbance is rolled out for ``horizon`` optimizer steps on the first
-    ``num_batches`` batches of that epoch (cached, cycled), against an unperturbed rollout
-    over the same batches:
+    ``num_batches`` batches of that epoch for which ``training_step`` returned a loss
+    (cached, cycled, re-run with the ``batch_idx`` they had), against an unperturbed
+    rollout over the same batches:
 
     * ``parametric``: weights displaced by Gaussian noise of relative scale ``epsilon``;
     * ``optimisation``: learning rate multiplied by ``m``; the margin is the largest ``m`` on
@@ -62,9 +78,12 @@ class PerturbationAudit(StabilityProbe):
 
     Distributed: the audit runs on rank 0 only, on rank 0's cached batches; the readings are
     broadcast with ``trainer.strategy.broadcast`` so every rank publishes the same values (the
-    other ranks wait at the broadcast). A failure on rank 0 is re-raised on every rank.
-    Models with ``SyncBatchNorm`` cannot be audited this way (the copy would wait for ranks
-    that do not run it).
+    other ranks wait at the broadcast). Models with ``SyncBatchNorm`` cannot be audited this
+    way (the copy would wait for ranks that do not run it).
+
+    Where it cannot audit (manual optimization without ``loss_fn``, more than one optimizer,
+    a failure of the rollouts on rank 0), it warns once, saying why, and audits no more in
+    this fit; training goes on.
 
     Args:
         every_n_epochs: audit at the end of epochs ``n-1, 2n-1, ...`` (positive).
@@ -120,7 +139,8 @@ class PerturbationAudit(StabilityProbe):
         self.loss_fn = loss_fn
         self.history: list[dict[str, Any]] = []
         self.last_seconds: float = math.nan
-        self._batches: list[Any] = []
+        self._batches: list[_Cached] = []
+        self._candidate: _Cached | None = None
 
     def _due(self, trainer: pl.Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
@@ -128,31 +148,70 @@ class PerturbationAudit(StabilityProbe):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = []
 
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Known before the first step on every rank alike: say so now, not at epoch end.
+        if needs_loss_fn(pl_module, self.loss_fn):
+            self.step_aside(
+                "audit",
+                f"{MANUAL_OPTIMIZATION}; no audit in this run. To audit, pass "
+                "loss_fn=lambda module, batch: <scalar loss> (rolled out with the first "
+                "optimizer).",
+            )
+        elif len(trainer.optimizers) != 1:
+            self.step_aside(
+                "audit",
+                f"the rollouts need exactly one optimizer, found {len(trainer.optimizers)}; "
+                "no audit in this run.",
+            )
+
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if trainer.is_global_zero and self._due(trainer) and len(self._batches) < self.num_batches:
-            self._batches.append(detach_batch(batch))
+        self._candidate = None
+        if self.is_set_aside("audit") or not (trainer.is_global_zero and self._due(trainer)):
+            return
+        if len(self._batches) < self.num_batches:
+            self._candidate = _Cached(detach_batch(batch), batch_idx)
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        # A batch that training_step skipped (no loss) would give the rollouts no loss.
+        candidate, self._candidate = self._candidate, None
+        if candidate is not None and (
+            self.loss_fn is not None or step_loss(trainer, pl_module, outputs) is not None
+        ):
+            self._batches.append(candidate)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._due(trainer):
+        if not self._due(trainer) or self.is_set_aside("audit"):
+            self._batches = []
             return
         values: dict[str, float] | None = None
-        error: BaseException | None = None
+        message: str | None = None
         if trainer.is_global_zero and self._batches:
             start = time.perf_counter()
             try:
                 values = self.audit(trainer, pl_module, self._batches)
             except Exception as exc:
-                error = exc
+                message = f"{type(exc).__name__}: {exc}"
             self.last_seconds = time.perf_counter() - start
         self._batches = []
-        message = f"{type(error).__name__}: {error}" if error is not None else None
         values, message = trainer.strategy.broadcast((values, message), src=0)
-        if error is not None:
-            raise error
         if message is not None:
-            raise RuntimeError(f"PerturbationAudit failed on rank 0: {message}")
+            # The audit is a diagnostic on a forked copy: its failure says nothing about
+            # the run, which goes on.
+            self.step_aside(
+                "audit",
+                f"the audit failed on rank 0 ({message}); no further audits in this run. "
+                "A loss_fn=lambda module, batch: <scalar loss> may avoid what failed.",
+            )
+            return
         if values is None:  # no batch was seen this epoch
             return
         self.history.append(
@@ -165,7 +224,13 @@ class PerturbationAudit(StabilityProbe):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batches: list[Any]
     ) -> dict[str, float]:
         """Run one audit now on ``batches`` (on this process only) and return its readings,
-        keys relative to ``stability/audit/``."""
+        keys relative to ``stability/audit/``. A batch given as a ``(batch, batch_idx)``
+        named tuple from the cache is re-run with its ``batch_idx``, any other with 0.
+
+        Raises:
+            ValueError: the trainer has more than one optimizer, or the module uses
+                manual optimization and no ``loss_fn`` was given.
+        """
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"PerturbationAudit needs exactly one optimizer, found {len(trainer.optimizers)}"
@@ -184,7 +249,8 @@ class PerturbationAudit(StabilityProbe):
                 fork.module.trainer = trainer
 
             def loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
-                return module_loss(module, batch, 0, self.loss_fn)  # type: ignore[arg-type]
+                batch, batch_idx = batch if isinstance(batch, _Cached) else (batch, 0)
+                return module_loss(module, batch, batch_idx, self.loss_fn)  # type: ignore[arg-type]
 
             result = PerturbationAuditor(fork, loss, batches, config, generator).run()
         values = dict(result.values)

@@ -9,16 +9,18 @@ from typing import Any, ClassVar, NamedTuple
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import move_data_to_device
+from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor
 
 __all__ = [
     "LossFn",
+    "NoProbeLoss",
     "Reading",
     "StabilityProbe",
     "logs_this_step",
     "module_loss",
     "muted_logging",
+    "needs_loss_fn",
     "step_loss",
     "write_to_loggers",
 ]
@@ -27,6 +29,11 @@ PREFIX = "stability/"
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
 """``loss_fn(module, batch) -> scalar tensor``: a user-supplied probe loss."""
+
+
+class NoProbeLoss(ValueError):
+    """The loss of a probe batch cannot be had: the module uses manual optimization and
+    no ``loss_fn`` was given, or the loss source returned no scalar loss for the batch."""
 
 
 class Reading(NamedTuple):
@@ -44,6 +51,10 @@ class StabilityProbe(Callback):
     step it was taken at, which is what the warning layer consumes) and logged through
     ``pl_module.log`` so that every attached logger receives it. Keys are full tags,
     e.g. ``"stability/grad/norm"``.
+
+    Where a probe cannot measure (a set-up it does not support, a batch without a loss) it
+    never ends the run: it warns once (:meth:`warn_once`), saying why and what to do, and
+    leaves out what it cannot read (:meth:`step_aside`); the other readings go on.
     """
 
     rolling: ClassVar[tuple[str, ...]] = ()
@@ -54,6 +65,25 @@ class StabilityProbe(Callback):
         super().__init__()
         self.readings: dict[str, Reading] = {}
         self._paused_until = -1
+        self.set_aside: dict[str, str] = {}
+        """What this probe stopped measuring for the rest of the fit, and why."""
+        self._warned: set[str] = set()
+
+    def warn_once(self, key: str, message: str) -> None:
+        """Warn (rank zero) with ``message`` the first time ``key`` comes up in this fit."""
+        if key in self._warned:
+            return
+        self._warned.add(key)
+        rank_zero_warn(f"{type(self).__name__}: {message}")
+
+    def step_aside(self, what: str, message: str) -> None:
+        """Stop measuring ``what`` for the rest of the fit and warn once with ``message``
+        (why, and what the user can do about it)."""
+        self.set_aside.setdefault(what, message)
+        self.warn_once(f"aside:{what}", message)
+
+    def is_set_aside(self, what: str) -> bool:
+        return what in self.set_aside
 
     def rearm(self, step: int, pause: int = 0) -> None:
         """Called by a rollback at ``step`` on every rank: drop the readings and rolling
@@ -172,6 +202,13 @@ def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
         del pl_module.log_dict
 
 
+MANUAL_OPTIMIZATION = (
+    "the module uses manual optimization, so its training_step (which steps the "
+    "optimizers) cannot be re-run on a probe batch"
+)
+"""Why a probe that needs a loss cannot re-run ``training_step`` under manual optimization."""
+
+
 def module_loss(
     pl_module: pl.LightningModule,
     batch: Any,
@@ -185,30 +222,34 @@ def module_loss(
     logging silenced. The batch is moved to the module's device first.
 
     Raises:
-        ValueError: the module uses manual optimization (its ``training_step`` steps the
+        NoProbeLoss: the module uses manual optimization (its ``training_step`` steps the
             optimizer, so it cannot be re-run as a probe) and no ``loss_fn`` was given,
-            or the result is not a scalar tensor.
+            or the result is not a scalar floating-point tensor (``training_step`` skipped
+            the batch by returning ``None``, or returned no ``"loss"``).
     """
+    if loss_fn is None and not pl_module.automatic_optimization:
+        raise NoProbeLoss(MANUAL_OPTIMIZATION)
     batch = move_data_to_device(batch, pl_module.device)
     if loss_fn is not None:
         out = loss_fn(pl_module, batch)
         source = "loss_fn"
     else:
-        if not pl_module.automatic_optimization:
-            raise ValueError(
-                "loss_fn: the module uses manual optimization, so its training_step cannot "
-                "be re-run on a probe batch; pass loss_fn=lambda module, batch: <scalar loss>"
-            )
         with muted_logging(pl_module):
             out = pl_module.training_step(batch, batch_idx)
         source = "training_step"
     loss = out.get("loss") if isinstance(out, Mapping) else out
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-        raise ValueError(
+        raise NoProbeLoss(
             f"probe batch has no loss: {source} returned {type(out).__name__}; expected a "
             "scalar tensor or a dict with a scalar 'loss'"
         )
     return loss.reshape(())
+
+
+def needs_loss_fn(pl_module: pl.LightningModule, loss_fn: LossFn | None) -> bool:
+    """Whether a probe that re-evaluates the loss has no way to: manual optimization and
+    no ``loss_fn``."""
+    return loss_fn is None and not pl_module.automatic_optimization
 
 
 def detach_batch(batch: Any) -> Any:

@@ -136,6 +136,9 @@ class RepresentationDriftMonitor(StabilityProbe):
     Forward hooks capture the chosen layers' outputs and are removed right after. The
     pass leaves no trace: modes, buffers, ``.grad`` and RNG state are restored, and the
     probe set is read from the dataset directly, never by iterating a shuffled loader.
+    Where the probe set cannot be drawn or passed through the model (no model input found
+    in a batch, an iterable dataset, a forward that fails), it warns once, saying why and
+    what to pass, and measures nothing more in this fit; training goes on.
 
     Readings (debiased linear CKA, Kornblith et al. 2019 with the unbiased HSIC of Song
     et al. 2012; drift = 1 - CKA):
@@ -389,12 +392,33 @@ class RepresentationDriftMonitor(StabilityProbe):
         return values
 
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, log: bool) -> None:
-        values = self.measure(trainer, pl_module)
+        if self.is_set_aside("drift"):
+            return
+        try:
+            values = self.measure(trainer, pl_module)
+        except Exception as error:
+            self._cannot_measure(error)
+            return
         self.publish(trainer, pl_module, values, log=log)
+
+    def _cannot_measure(self, error: Exception) -> None:
+        # The probe set or the model's forward does not fit this monitor (a batch whose
+        # input it cannot find, an iterable dataset, a forward that takes something else):
+        # the run does not depend on it.
+        self.step_aside(
+            "drift",
+            f"cannot measure representation drift ({type(error).__name__}: {error}); the "
+            "stability/cka/* and stability/act/* readings are off for this run. Pass "
+            "probe_inputs=<what pl_module(...) takes> or input_fn=lambda batch: <that>.",
+        )
 
     # ----------------------------------------------------------------------- hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._prepare_probe(trainer)
+        try:
+            self._prepare_probe(trainer)
+        except Exception as error:
+            self._cannot_measure(error)
+            return
         if not self._previous:  # a resumed run keeps its references
             self._check(trainer, pl_module, log=False)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from lightning_stability.estimators.online_stats import RollingWindow
@@ -91,6 +91,11 @@ class GradientMonitor(StabilityProbe):
     At fit start it warns (rank zero, once) about any param group whose ``betas`` have
     ``beta2 < beta1**2``, where Adam's step has no bound (:func:`unbounded_adam_groups`).
 
+    Manual optimization: measured at every ``optimizer.step()`` the training step makes.
+    With several optimizers (a GAN), the readings are those of the first optimizer's
+    parameters at its step, so that they form one series. Clipping readings need
+    Lightning's own clipping, which manual optimization does not use, so they are left out.
+
     Readings are updated every step; they are passed to ``pl_module.log`` only on the
     steps where Lightning writes to the loggers
     (:func:`~lightning_stability.probes.base.logs_this_step`).
@@ -165,6 +170,15 @@ class GradientMonitor(StabilityProbe):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
+        if len(trainer.optimizers) > 1:
+            # Another optimizer's stale gradients are not this step's; alternating between
+            # optimizers would interleave two series in the rolling statistics.
+            first = {id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]}
+            named = [(n, p) for n, p in named if id(p) in first]
+            rank_zero_info(
+                f"GradientMonitor: {len(trainer.optimizers)} optimizers; the gradient readings "
+                "cover the first optimizer's parameters, measured at its step."
+            )
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._groups, self._group_of = [], []
@@ -176,8 +190,9 @@ class GradientMonitor(StabilityProbe):
         self._build_sample()
         self._snapshot = None
         self._observed_step = -1
-        self._measure_post_clip = _overrides_clipping(pl_module) or any(
-            getattr(cb, "clips_gradients", False) for cb in trainer.callbacks
+        self._measure_post_clip = pl_module.automatic_optimization and (
+            _overrides_clipping(pl_module)
+            or any(getattr(cb, "clips_gradients", False) for cb in trainer.callbacks)
         )
         unbounded = unbounded_adam_groups(trainer.optimizers)
         if unbounded:
@@ -277,6 +292,9 @@ class GradientMonitor(StabilityProbe):
 
     @staticmethod
     def _clip_algorithm(trainer: pl.Trainer) -> str | None:
+        module = trainer.lightning_module
+        if module is not None and not module.automatic_optimization:
+            return None  # Lightning clips only under automatic optimization
         val = trainer.gradient_clip_val
         if not val or val <= 0:
             return None
@@ -286,6 +304,8 @@ class GradientMonitor(StabilityProbe):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        if len(trainer.optimizers) > 1 and optimizer is not trainer.optimizers[0]:
+            return
         out = self.observe(trainer, pl_module)
         if not out:
             return

@@ -27,7 +27,8 @@ class LossMonitor(StabilityProbe):
     reports the maximum and a high quantile of the batch losses over a window. Read in
     ``on_train_batch_end`` from the loss ``training_step`` returned (multiplied back by
     ``accumulate_grad_batches``, which Lightning divides it by under automatic
-    optimization); nothing is recomputed.
+    optimization); nothing is recomputed. Batches for which ``training_step`` returns no
+    loss are left out (under manual optimization, with a warning the first time).
 
     Readings (``stability/loss/...``, every batch; passed to ``pl_module.log`` on the steps
     where Lightning writes to the loggers):
@@ -77,7 +78,15 @@ class LossMonitor(StabilityProbe):
     ) -> None:
         loss = step_loss(trainer, pl_module, outputs)
         if loss is None:
-            return  # training_step skipped this batch (returned None)
+            if not pl_module.automatic_optimization:
+                self.warn_once(
+                    "no_loss",
+                    "training_step returned no loss (manual optimization), so the loss "
+                    "readings (stability/loss/*) are taken only on batches where it does. "
+                    "Return the loss to watch from training_step (a scalar tensor, or a "
+                    "dict with 'loss').",
+                )
+            return  # under automatic optimization, training_step skipped this batch
         row = [loss]
         per_sample = outputs.get(PER_SAMPLE_LOSS_KEY) if isinstance(outputs, Mapping) else None
         if isinstance(per_sample, Tensor) and per_sample.numel() > 0:

@@ -32,12 +32,16 @@ from lightning_stability.estimators.preconditioned import (
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.trace import hutchpp_trace
 from lightning_stability.probes.base import (
+    MANUAL_OPTIMIZATION,
     LossFn,
+    NoProbeLoss,
     Reading,
     StabilityProbe,
     detach_batch,
     logs_this_step,
     module_loss,
+    needs_loss_fn,
+    step_loss,
 )
 from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, step_lr
 
@@ -118,12 +122,14 @@ class SharpnessMonitor(StabilityProbe):
     optimizer step that precedes a directional check (one model's worth of memory,
     released after the check).
 
-    Probe batch: the first ``num_probe_batches`` training batches are cached (detached
-    clones, taken in ``on_train_batch_start``; the training loader is never iterated by
-    the callback, so the data order is untouched), unless ``probe_batch`` or
-    ``probe_dataloader`` is given. A probe loader is read once at ``setup`` under a frozen
-    RNG; a shuffled one must bring its own ``generator`` (else it is refused), so the
-    probe batch is reproducible and the training run's RNG stream is untouched.
+    Probe batch: the first ``num_probe_batches`` training batches for which
+    ``training_step`` returned a loss are cached (detached clones, taken in
+    ``on_train_batch_start``; the training loader is never iterated by the callback, so
+    the data order is untouched) and ``training_step`` is re-run with the ``batch_idx``
+    they had, unless ``probe_batch`` or ``probe_dataloader`` is given. A probe loader is
+    read once at ``setup`` under a frozen RNG; a shuffled one must bring its own
+    ``generator`` (else it is refused), so the probe batch is reproducible and the
+    training run's RNG stream is untouched.
     Several probe batches are averaged (the Hessian of their mean loss). Under DDP each
     rank uses its own probe batches and products are averaged over ranks, so every rank
     sees the Hessian of the union.
@@ -160,7 +166,9 @@ class SharpnessMonitor(StabilityProbe):
         num_probe_batches: training batches cached and averaged. Default 1.
         probe_batch: a fixed batch to use instead of training batches.
         probe_dataloader: a loader whose first ``num_probe_batches`` batches are used.
-        loss_fn: ``loss_fn(module, batch) -> scalar`` instead of ``training_step``.
+        loss_fn: ``loss_fn(module, batch) -> scalar`` instead of ``training_step``. Needed
+            under manual optimization (whose ``training_step`` steps the optimizers and
+            cannot be re-run); without it the curvature readings are off, with a warning.
         train_mode: measure in train mode (BatchNorm with batch statistics, dropout on,
             one fixed dropout mask per measurement): the loss the optimizer descends.
             ``False`` measures the eval-mode loss. Default True.
@@ -264,6 +272,8 @@ class SharpnessMonitor(StabilityProbe):
 
         self._fixed_batches = probe_batch is not None
         self._batches: list[Any] = [detach_batch(probe_batch)] if probe_batch is not None else []
+        self._batch_idx: list[int] = []  # the batch_idx of each cached training batch
+        self._candidate: tuple[Any, int] | None = None
         self._interval = every_n_steps
         self._directional_interval = self.directional_every_n_steps
         self._next_check = every_n_steps
@@ -305,7 +315,8 @@ class SharpnessMonitor(StabilityProbe):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._fixed_batches and len(self._batches) < self.num_probe_batches:
-            self._batches.append(detach_batch(batch))
+            # kept at batch end only if training_step returned a loss for it
+            self._candidate = (detach_batch(batch), batch_idx)
         if self.adaptive and self._watch_requested(trainer):
             self._tighten(trainer.global_step)
 
@@ -325,13 +336,38 @@ class SharpnessMonitor(StabilityProbe):
         batch: Any,
         batch_idx: int,
     ) -> None:
+        if self._candidate is not None:
+            # A batch that training_step skipped (no loss) would give no probe loss either.
+            candidate, self._candidate = self._candidate, None
+            if self.loss_fn is not None or step_loss(trainer, pl_module, outputs) is not None:
+                self._batches.append(candidate[0])
+                self._batch_idx.append(candidate[1])
+        if self.is_set_aside("curvature"):
+            return
+        if needs_loss_fn(pl_module, self.loss_fn):
+            self.directional = False  # no weight copies for readings that will not come
+            self.step_aside(
+                "curvature",
+                f"{MANUAL_OPTIMIZATION}; the curvature readings (stability/sharpness/*) are "
+                "off for this run. To measure them, pass loss_fn=lambda module, batch: "
+                "<scalar loss to measure>.",
+            )
+            return
         step = trainer.global_step
         if step == self._seen_step:
             return  # no optimizer step since the last batch (gradient accumulation)
         self._seen_step = step
         check = step >= self._next_check
         directional = self.directional and step >= self._next_directional
-        if not (check or directional) or not self._batches:
+        if not (check or directional):
+            return
+        if not self._batches:
+            self.warn_once(
+                "no_batch",
+                "no probe batch yet: training_step has returned no loss for any batch so "
+                "far, so checks wait for one that does. To measure now, pass probe_batch=... "
+                "or loss_fn=lambda module, batch: <scalar loss>.",
+            )
             return
         try:
             values = self.measure(trainer, pl_module, check=check, directional=directional)
@@ -341,6 +377,28 @@ class SharpnessMonitor(StabilityProbe):
             # a broken landscape are dropped.
             self._eigvecs = self._pre_eigvecs = None
             values = {"sharpness/nonfinite": 1.0}
+        except NoProbeLoss as error:
+            # Perhaps only for now (a module that skips non-finite losses): later checks try again.
+            self.warn_once(
+                "no_loss",
+                f"{error}. Checks on such a batch are skipped. To measure, make the probe "
+                "batch's loss available: pass probe_batch=... with a batch training_step "
+                "returns a loss for, or loss_fn=lambda module, batch: <scalar loss>.",
+            )
+            values = {}
+        except Exception as error:
+            # An unsupported model or optimizer (no double backward, a learning rate that is
+            # not a number, ...): the run itself does not depend on this measurement.
+            self._weights_before = None
+            self.directional = False
+            self.step_aside(
+                "curvature",
+                f"a curvature measurement failed ({type(error).__name__}: {error}); the "
+                "curvature readings (stability/sharpness/*) are off for this run. A loss "
+                "that autograd can differentiate twice and an optimizer whose param groups "
+                "have a numeric 'lr' are needed; loss_fn=... can supply such a loss.",
+            )
+            return
         self._weights_before = None
         self.publish(trainer, pl_module, values)
         self._schedule(trainer, step, check, directional, values.get("sharpness/eos_ratio"))
@@ -351,6 +409,13 @@ class SharpnessMonitor(StabilityProbe):
         ]
         if ratios and trainer.optimizers:
             self.edge.measured(max(ratios), step_lr(trainer.optimizers[0]))
+
+    def _probe_batch_idx(self) -> list[int]:
+        """The ``batch_idx`` that ``training_step`` is re-run with for each probe batch: the
+        one a cached training batch had, else its position."""
+        if len(self._batch_idx) == len(self._batches):
+            return list(self._batch_idx)
+        return list(range(len(self._batches)))
 
     def _predict(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -409,8 +474,8 @@ class SharpnessMonitor(StabilityProbe):
                 # Same RNG state for every evaluation: one dropout mask per measurement.
                 with frozen_rng(list({p.device for p in params})):
                     losses = [
-                        module_loss(pl_module, b, i, self.loss_fn)
-                        for i, b in enumerate(self._batches)
+                        module_loss(pl_module, b, idx, self.loss_fn)
+                        for b, idx in zip(self._batches, self._probe_batch_idx())
                     ]
                 return torch.stack(losses).mean()
 
@@ -650,6 +715,7 @@ class SharpnessMonitor(StabilityProbe):
         # rank 0's batches, so there each rank caches its own again instead.
         if self._batches and self._world_size == 1 and _plain(self._batches):
             state["probe_batches"] = _to_cpu(self._batches)
+            state["probe_batch_idx"] = self._probe_batch_idx()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -670,6 +736,7 @@ class SharpnessMonitor(StabilityProbe):
         self._pre_eigvecs = state_dict.get("pre_eigvecs")
         if "probe_batches" in state_dict and not (self._fixed_batches and self._batches):
             self._batches = list(state_dict["probe_batches"])
+            self._batch_idx = [int(i) for i in state_dict.get("probe_batch_idx", [])]
 
 
 def _positive_int(name: str, value: Any) -> None:
