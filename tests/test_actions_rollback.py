@@ -146,28 +146,50 @@ def test_nonfinite_loss_is_critical_without_a_source_saying_so():
     assert rollback.rollbacks == 1
 
 
-def test_stops_cleanly_after_max_rollbacks(tmp_path):
-    rollback = Rollback(every=2, max_rollbacks=2, dirpath=str(tmp_path), skip_steps=0)
-    t = trainer(max_steps=14, callbacks=[ScriptedSource({}), rollback])
-    model = TinyClassifier(lr=0.1)
-    with pytest.warns(UserWarning, match="max_rollbacks=2"):
-        t.fit(model, loader(_data_with_nan_batches((3, 5, 7)), shuffle=False))
+def test_after_max_rollbacks_the_run_goes_on_and_other_actions_respond(tmp_path):
+    """NaN batches 3, 5 and 7: the first two are rolled back; the third finds
+    max_rollbacks=2 reached, is recorded with one warning and left to LRBackoff; the run
+    reaches max_steps and no stop checkpoint is written."""
+    backoff = LRBackoff()
+    rollback = Rollback(every=2, max_rollbacks=2, skip_steps=0, nonfinite_loss=False)
+    t = trainer(
+        max_steps=14,
+        default_root_dir=str(tmp_path),
+        callbacks=[NonFiniteLossSource(), backoff, rollback],
+    )
+    with pytest.warns(UserWarning, match="max_rollbacks=2 reached") as caught:
+        t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((3, 5, 7)), shuffle=False))
+    assert t.global_step == 14 and not t.should_stop
+    assert len([w for w in caught if "Rollback" in str(w.message)]) == 1
     assert rollback.rollbacks == 2
-    assert t.global_step == 8 and t.should_stop
-    assert torch.isfinite(flat_weights(model)).all()
-    assert rollback.stop_checkpoint is not None and os.path.exists(rollback.stop_checkpoint)
-    ckpt = torch.load(rollback.stop_checkpoint, weights_only=True)
-    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    # the later critical events (the weights are NaN from step 8) are not recorded again
+    assert [e.step for e in rollback.events] == [4, 6, 8]
+    assert "not rolled back" in rollback.events[2].message
+    assert "Training goes on" in rollback.events[2].message
+    # LRBackoff answers every critical event itself, the third and later ones included
+    assert [e.step for e in backoff.events][:4] == [4, 6, 8, 9]
+    assert os.listdir(tmp_path) == []
 
 
-def test_stop_checkpoint_defaults_to_the_trainer_root(tmp_path):
+def test_max_rollbacks_zero_never_rolls_back():
     rollback = Rollback(every=2, max_rollbacks=0)
-    cbs = [ScriptedSource({}), rollback]
-    t = trainer(max_steps=12, default_root_dir=str(tmp_path), callbacks=cbs)
+    after = StateRecorder()
+    t = trainer(max_steps=12, callbacks=[ScriptedSource({}), rollback, after])
     with pytest.warns(UserWarning, match="max_rollbacks=0"):
         t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((5,)), shuffle=False))
-    assert rollback.stop_checkpoint == os.path.join(str(tmp_path), "rollback-stop-step6.ckpt")
-    assert os.path.exists(rollback.stop_checkpoint)
+    assert t.global_step == 12 and rollback.rollbacks == 0 and rollback.skipped == 0
+    assert not torch.isfinite(after.states[12][0]).all()  # the user's limit, honoured
+
+
+def test_the_declined_limit_survives_a_resume(tmp_path):
+    rollback = Rollback(every=2, max_rollbacks=0)
+    t = trainer(max_steps=8, callbacks=[ScriptedSource({}), rollback])
+    with pytest.warns(UserWarning, match="max_rollbacks=0"):
+        t.fit(TinyClassifier(lr=0.1), loader(_data_with_nan_batches((5,)), shuffle=False))
+    state = rollback.state_dict()
+    again = Rollback(every=2, max_rollbacks=0)
+    again.load_state_dict(state)
+    assert again._declined == ["max_rollbacks=0 reached"]
 
 
 def test_rollback_keeps_the_history_of_earlier_actions():

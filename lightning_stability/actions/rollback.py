@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import lightning.pytorch as pl
@@ -75,9 +74,11 @@ class Rollback(StabilityAction):
     callback with a ``rearm`` method (:class:`EarlyWarning`, the probes' rolling
     windows) is re-armed at a rollback, so that renewed trouble is reported at once, and
     the other actions ignore the events of the skipped steps. After
-    ``max_rollbacks`` rollbacks, the next critical event restores the good state once
-    more, saves it as a checkpoint in ``dirpath`` (default ``trainer.default_root_dir``)
-    and stops the run with a warning.
+    ``max_rollbacks`` rollbacks it rolls back no more: the next critical event is recorded
+    with a warning (once), the run goes on, and the other actions respond to critical
+    events as they would without a rollback. The same holds when there is no known-good
+    state to return to. Ending the run is the user's choice (``EarlyStopping``,
+    ``max_steps``), never this callback's.
 
     Memory: two snapshots, i.e. about twice the weights plus the optimizer state (about
     6x the parameters for Adam, 4x for SGD with momentum); ``offload`` keeps them in host
@@ -88,7 +89,8 @@ class Rollback(StabilityAction):
         level: event level that triggers a rollback. Default ``"critical"``.
         calm_below: snapshots are taken, and promoted to good, only while the level is
             below this. Default ``"warning"``.
-        max_rollbacks: rollbacks allowed before stopping. Default 3.
+        max_rollbacks: rollbacks in a run; after them, critical events are left to the
+            other actions. Default 3.
         offload: keep the snapshots on the CPU. Default False.
         backoff_factor: learning-rate multiplier after a rollback when no other action
             is attached, in (0, 1). Default 0.5.
@@ -100,7 +102,8 @@ class Rollback(StabilityAction):
             extending it, once the mean training loss (over ranks) of the latest skipped
             batch exceeds this multiple of the first one's; see above. Must be > 1;
             ``None`` always extends. Default 2.0.
-        dirpath: where the stop checkpoint goes. Default ``None`` (the Trainer's root).
+        dirpath: no longer used (the run is never stopped, so there is no stop
+            checkpoint); accepted so that existing configurations still load.
 
     The snapshots themselves are not written into checkpoints (only the rollback count
     is); a resumed run takes a fresh good snapshot when training starts.
@@ -150,7 +153,7 @@ class Rollback(StabilityAction):
         self.good: TrainingSnapshot | None = None
         self.pending: TrainingSnapshot | None = None
         self._calm_since_pending = False
-        self.stop_checkpoint: str | None = None
+        self._declined: list[str] = []  # why critical events were left to the others
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -192,6 +195,10 @@ class Rollback(StabilityAction):
                 self._extend_skip(trainer, level, step)
             elif self.snapshot is not None and self.snapshot.step == self._no_refuge_step:
                 self._make_safer_in_place(trainer, pl_module, level)
+            elif self.rollbacks >= self.max_rollbacks:
+                self._decline(trainer, level, f"max_rollbacks={self.max_rollbacks} reached")
+            elif self.snapshot is None:
+                self._decline(trainer, level, "no known-good state to return to")
             else:
                 self._roll_back(trainer, pl_module, level)
         elif step % self.every == 0:
@@ -262,14 +269,12 @@ class Rollback(StabilityAction):
         for action in others.values():
             action.mark_handled(step)
         target = self.snapshot
+        assert target is not None
         # The trajectory after the restored state is abandoned, and an unproven pending
         # state from it must not be promoted later.
         if target is self.good:
             self.pending = None
         self._calm_since_pending = False
-        if target is None:
-            self._stop(trainer, pl_module, "no known-good state to return to")
-            return
         before = {key: action.state_dict() for key, action in others.items()}
         target.restore(trainer, pl_module, others)
         for key, action in others.items():
@@ -278,9 +283,6 @@ class Rollback(StabilityAction):
         self._skip_from, self._skip_until = step, step + self.skip_steps
         self._skip_losses = []
         self._rearm(trainer, step)
-        if self.rollbacks >= self.max_rollbacks:
-            self._stop(trainer, pl_module, f"max_rollbacks={self.max_rollbacks} reached")
-            return
         self.rollbacks += 1
         safer = self._make_safer(trainer, pl_module, others, f"rollback {self.rollbacks}")
         self.record(
@@ -364,15 +366,18 @@ class Rollback(StabilityAction):
             scale_learning_rates(opt, self.backoff_factor, schedulers_of(opt, all_schedulers))
         return f"learning rate x{self.backoff_factor:g}"
 
-    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, why: str) -> None:
-        directory = self.dirpath or trainer.default_root_dir
-        path = os.path.join(directory, f"rollback-stop-step{int(trainer.global_step)}.ckpt")
-        trainer.save_checkpoint(path)  # collective: every rank reaches it at the same step
-        self.stop_checkpoint = path
-        trainer.should_stop = True
-        restored = f"restored step {self.snapshot.step} and " if self.snapshot is not None else ""
-        message = f"training stopped: {why}; {restored}saved a checkpoint to {path}"
-        self.record(trainer, Level.CRITICAL, message, signals=(ROLLBACKS_KEY,))
+    def _decline(self, trainer: pl.Trainer, level: Level, why: str) -> None:
+        """Leave a critical event to the other actions (not marked handled, so they
+        respond to it) and let the run go on; say so once."""
+        if why in self._declined:
+            return
+        self._declined.append(why)
+        message = (
+            f"{level.name} event not rolled back: {why}. Training goes on; the other "
+            "actions still respond to critical events. To allow more rollbacks, raise "
+            "max_rollbacks; to end such a run, add EarlyStopping."
+        )
+        self.record(trainer, level, message, signals=(ROLLBACKS_KEY,))
         rank_zero_warn(f"Rollback: {message}")
 
     # ---------------------------------------------------------------- resume
@@ -385,6 +390,7 @@ class Rollback(StabilityAction):
             "skip_until": self._skip_until,
             "skip_losses": list(self._skip_losses),
             "no_refuge_step": self._no_refuge_step,
+            "declined": list(self._declined),
             "events": self._events_state(),
         }
 
@@ -396,4 +402,5 @@ class Rollback(StabilityAction):
         self._skip_until = int(state_dict.get("skip_until", -1))
         self._skip_losses = [float(v) for v in state_dict.get("skip_losses", [])]
         self._no_refuge_step = int(state_dict.get("no_refuge_step", -1))
+        self._declined = [str(w) for w in state_dict.get("declined", [])]
         self._load_events(state_dict.get("events", []))
