@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TinyClassifier, classification_data, loader, trainer
+from helpers import TinyClassifier, classification_data, flat_weights, loader, trainer
+from lightning.pytorch.callbacks import Callback
 from test_actions_events import LrRecorder, ScriptedSource
 
 from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
@@ -51,3 +52,56 @@ def test_resume_mid_run_keeps_lrs_stage_and_knobs(tmp_path):
     for step in range(5, 11):
         assert cbs[-1].lrs[step] == pytest.approx(full_cbs[-1].lrs[step], rel=1e-12)
     assert cbs[-1].lrs[10] == pytest.approx(resumed.optimizers[0].param_groups[0]["lr"])
+
+
+def _one_batch_fit(max_steps, script, ckpt_path=None):
+    """One batch per epoch, so that a checkpoint is always at an epoch boundary and the
+    resumed run sees the same data as the uninterrupted one."""
+    torch.manual_seed(0)
+    model = TinyClassifier(lr=0.1)
+    rollback = Rollback(every=2, skip_steps=0)
+    cbs = [ScriptedSource(dict(script)), rollback, StepWeights()]
+    t = trainer(max_steps=max_steps, max_epochs=-1, callbacks=cbs)
+    t.fit(model, loader(classification_data(32), shuffle=False), ckpt_path=ckpt_path)
+    return t, model, rollback, cbs[-1]
+
+
+class StepWeights(Callback):
+    """The flat weights after every step boundary (placed after the actions)."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.weights[int(trainer.global_step)] = flat_weights(pl_module)
+
+
+def test_resume_taken_at_warning_rolls_back_to_the_same_state(tmp_path):
+    """A WARNING at step 3 keeps the step-2 snapshot from being promoted, so at the CRITICAL
+    of step 10 the uninterrupted run returns to step 0. A run resumed at step 6 (level still
+    WARNING) must do the same, not take its resumed weights as good."""
+    script = {3: "warning", 10: "critical"}
+    _, full_model, full, full_weights = _one_batch_fit(14, script)
+    assert [e.details["to_step"] for e in full.events] == [0.0]
+
+    first, _, _, _ = _one_batch_fit(6, script)
+    path = tmp_path / "at-warning.ckpt"
+    first.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # the snapshots are checkpoint-safe
+    _, model, resumed, weights = _one_batch_fit(14, script, ckpt_path=str(path))
+    assert resumed.source_level == Level.OK  # re-armed by the rollback, as in the full run
+    assert [(e.step, e.message) for e in resumed.events] == [
+        (e.step, e.message) for e in full.events
+    ]
+    for step in range(7, 15):
+        assert torch.equal(weights.weights[step], full_weights.weights[step]), step
+    assert torch.equal(flat_weights(model), flat_weights(full_model))
+
+
+def test_resume_from_a_checkpoint_without_snapshots_does_not_trust_unsettled_weights():
+    rollback = Rollback(every=2)
+    state = {"rollbacks": 0, "current_level": int(Level.WARNING)}
+    rollback.load_state_dict(state)
+    t = trainer(max_steps=1, callbacks=[ScriptedSource({}), rollback])
+    t.fit(TinyClassifier(), loader(classification_data(32), shuffle=False))
+    assert rollback.good is None and rollback.pending is not None

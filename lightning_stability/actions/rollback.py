@@ -45,8 +45,8 @@ class Rollback(StabilityAction):
       ``calm_below`` and the weights are finite;
     * ``good``: at the next snapshot time, ``pending`` is promoted to ``good`` if the
       level stayed below ``calm_below`` at every step since it was taken and the weights
-      are still finite; otherwise it is dropped. The state training starts from (the
-      initial or resumed weights) is ``good`` from the start.
+      are still finite; otherwise it is dropped. The state training starts from is
+      ``good`` from the start.
 
     On an event at or above ``level`` (and, with ``nonfinite_loss``, on a non-finite
     training loss on any rank) ``good`` is restored, so the run goes back between
@@ -105,8 +105,12 @@ class Rollback(StabilityAction):
         dirpath: no longer used (the run is never stopped, so there is no stop
             checkpoint); accepted so that existing configurations still load.
 
-    The snapshots themselves are not written into checkpoints (only the rollback count
-    is); a resumed run takes a fresh good snapshot when training starts.
+    Resume: both snapshots go into the checkpoint with the rest of the state (so a
+    checkpoint grows by up to two copies of the weights and optimizer state), and a run
+    resumed from it keeps them: it rolls back to the same state as the uninterrupted run
+    would, even when the checkpoint was taken while the level was WARNING and the resumed
+    weights were not yet proven good. From a checkpoint without snapshots, the resumed
+    weights are taken as good only if the saved level was below ``calm_below``.
     """
 
     source_name = "rollback"
@@ -154,11 +158,21 @@ class Rollback(StabilityAction):
         self.pending: TrainingSnapshot | None = None
         self._calm_since_pending = False
         self._declined: list[str] = []  # why critical events were left to the others
+        self._loaded_snapshots = False
 
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.good = self._take(trainer, pl_module)
-        self.pending = None
+        if self._loaded_snapshots:
+            self._loaded_snapshots = False  # the checkpoint's good and pending states stand
+            return
+        taken = self._take(trainer, pl_module)
+        if self.source_level < self.calm_below:
+            self.good, self.pending = taken, None
+        else:
+            # Resumed while the run was unsettled: these weights are not proven good, but
+            # they were reached before the trouble a later critical event will report.
+            self.good, self.pending = None, taken
+        self._calm_since_pending = False
 
     def on_train_batch_end(
         self,
@@ -392,6 +406,9 @@ class Rollback(StabilityAction):
             "no_refuge_step": self._no_refuge_step,
             "declined": list(self._declined),
             "events": self._events_state(),
+            "good": _snapshot_state(self.good),
+            "pending": _snapshot_state(self.pending),
+            "calm_since_pending": self._calm_since_pending,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -404,3 +421,35 @@ class Rollback(StabilityAction):
         self._no_refuge_step = int(state_dict.get("no_refuge_step", -1))
         self._declined = [str(w) for w in state_dict.get("declined", [])]
         self._load_events(state_dict.get("events", []))
+        if "good" in state_dict:
+            self.good = _snapshot_from(state_dict["good"])
+            self.pending = _snapshot_from(state_dict.get("pending"))
+            self._calm_since_pending = bool(state_dict.get("calm_since_pending", False))
+            self._loaded_snapshots = True
+
+
+def _snapshot_state(snapshot: TrainingSnapshot | None) -> dict[str, Any] | None:
+    """A snapshot as tensors, numbers, strings, lists and dicts (checkpoint-safe)."""
+    if snapshot is None:
+        return None
+    return {
+        "step": snapshot.step,
+        "module": snapshot.module,
+        "optimizers": snapshot.optimizers,
+        "schedulers": snapshot.schedulers,
+        "precision": snapshot.precision,
+        "callbacks": snapshot.callbacks,
+    }
+
+
+def _snapshot_from(state: dict[str, Any] | None) -> TrainingSnapshot | None:
+    if state is None:
+        return None
+    return TrainingSnapshot(
+        step=int(state["step"]),
+        module=dict(state["module"]),
+        optimizers=list(state["optimizers"]),
+        schedulers=list(state["schedulers"]),
+        precision=dict(state.get("precision", {})),
+        callbacks=dict(state.get("callbacks", {})),
+    )
