@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import flat_weights, trainer
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -15,7 +16,6 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_stability import LRGuard, SharpnessMonitor, stability_callbacks
 from lightning_stability.probes.edge import EdgePrediction
 from lightning_stability.warning.events import Level
-from tests.helpers import flat_weights, trainer
 
 
 def regression_data(n: int = 64, d: int = 4, seed: int = 0) -> TensorDataset:

@@ -5,12 +5,14 @@ from lightning_stability.actions.base import StabilityAction
 from lightning_stability.actions.lr_backoff import LRBackoff
 from lightning_stability.actions.lr_guard import LRGuard
 from lightning_stability.actions.lr_scaling import scale_learning_rates
+from lightning_stability.actions.optimizer_repair import AdamRepair
 from lightning_stability.actions.rollback import Rollback
 from lightning_stability.actions.snapshot import TrainingSnapshot
 from lightning_stability.actions.staged_training import DEFAULT_STAGES, StagedTraining
 
 __all__ = [
     "DEFAULT_STAGES",
+    "AdamRepair",
     "LRBackoff",
     "LRGuard",
     "Rollback",

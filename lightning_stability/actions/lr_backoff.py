@@ -14,6 +14,7 @@ from lightning_stability.actions.base import (
     schedulers,
 )
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
+from lightning_stability.actions.optimizer_repair import DEFAULT_REPAIR, AdamRepair, RepairRung
 from lightning_stability.warning.events import Level
 
 __all__ = ["LRBackoff"]
@@ -66,6 +67,12 @@ class LRBackoff(StabilityAction):
             ramps back.
         recovery_steps: length in steps of the ramp back, which is geometric and never
             exceeds the ceiling (at most the original learning rate). Default 100.
+        optimizer_repair: tried before a cut: on an event while an Adam-family param
+            group has ``beta2 <= beta1**2`` (an unbounded update, which a cut does not
+            bound), that group's ``beta2`` (and ``eps``, if asked) is moved to the
+            :class:`~lightning_stability.actions.AdamRepair`'s safe values instead of
+            cutting; kept through rollbacks and resumes. ``None`` disables it. Default
+            ``AdamRepair()``.
 
     Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
     no cut) every step and records each backoff in :attr:`events`; :attr:`ceiling` holds
@@ -83,8 +90,15 @@ class LRBackoff(StabilityAction):
         max_backoffs: int | None = 10,
         patience: int | None = None,
         recovery_steps: int = 100,
+        optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
     ) -> None:
         super().__init__(level)
+        if optimizer_repair is not None and not isinstance(optimizer_repair, AdamRepair):
+            raise ValueError(
+                f"optimizer_repair must be an AdamRepair or None, got {optimizer_repair!r}"
+            )
+        self.repair = RepairRung(optimizer_repair)
+        self._repaired_step = -1
         check_factor(factor, "factor")
         if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr < 0:
             raise ValueError(f"min_lr must be a number >= 0, got {min_lr!r}")
@@ -114,6 +128,7 @@ class LRBackoff(StabilityAction):
             self.scales = [[1.0] * n for n in shape]
         if [len(s) for s in self.ceiling] != shape:
             self.ceiling = [[1.0] * n for n in shape]
+        self.repair.reapply(trainer.optimizers)
 
     def on_step_boundary(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
@@ -121,7 +136,9 @@ class LRBackoff(StabilityAction):
         step = int(trainer.global_step)
         if level is not None and level >= self.level:
             self._calm = 0
-            if step - self._last_backoff_step > self.cooldown:
+            if step - self._last_backoff_step > self.cooldown and not self._repair(
+                trainer, level, f"{level.name} event"
+            ):
                 self._backoff(trainer, level, f"{level.name} event")
         elif self.source_level >= self.level:
             self._calm = 0  # the level is still high, though no event says so again
@@ -134,9 +151,20 @@ class LRBackoff(StabilityAction):
 
     def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
         self._calm = 0
-        if self._last_backoff_step == int(trainer.global_step):
-            return True  # this step's event was already answered with a cut: one per step
-        return self._backoff(trainer, Level.CRITICAL, reason)
+        step = int(trainer.global_step)
+        if step in (self._last_backoff_step, self._repaired_step):
+            return True  # this step's event was already answered: one answer per step
+        return self._repair(trainer, Level.CRITICAL, reason) or self._backoff(
+            trainer, Level.CRITICAL, reason
+        )
+
+    def _repair(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
+        message = self.repair.climb(trainer.optimizers)
+        if message is None:
+            return False
+        self._repaired_step = int(trainer.global_step)
+        self.record(trainer, level, f"optimizer repaired ({reason}): {message}")
+        return True
 
     # ------------------------------------------------------------- mechanics
     def _apply(self, trainer: pl.Trainer, new_scales: list[list[float]]) -> None:
@@ -228,6 +256,8 @@ class LRBackoff(StabilityAction):
         self._ramp_from = None
         self._ramp_done = 0
         self._raised = False
+        self.repair.merge(before.get("repair") or {})
+        self.repair.reapply(trainer.optimizers)
 
     # ---------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
@@ -241,6 +271,7 @@ class LRBackoff(StabilityAction):
             "source_level": int(self.source_level),
             "ramp_from": self._ramp_from,
             "ramp_done": self._ramp_done,
+            "repair": self.repair.state_dict(),
             "events": self._events_state(),
         }
 
@@ -260,4 +291,5 @@ class LRBackoff(StabilityAction):
         ramp = state_dict.get("ramp_from")
         self._ramp_from = None if ramp is None else [[float(s) for s in row] for row in ramp]
         self._ramp_done = int(state_dict.get("ramp_done", 0))
+        self.repair.load_state_dict(state_dict.get("repair"))
         self._load_events(state_dict.get("events", []))

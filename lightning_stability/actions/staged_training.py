@@ -16,6 +16,7 @@ from lightning_stability.actions.base import (
     schedulers,
 )
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
+from lightning_stability.actions.optimizer_repair import DEFAULT_REPAIR, AdamRepair, RepairRung
 from lightning_stability.warning.events import Level
 
 __all__ = ["DEFAULT_STAGES", "STAGE_KEYS", "StagedTraining"]
@@ -114,6 +115,13 @@ class StagedTraining(StabilityAction):
             ``None`` never de-escalates. Default 200.
         cooldown: steps after a stage change during which events do not escalate
             again. Default 0.
+        optimizer_repair: the rung below the ladder: on the first event at or above
+            ``level`` (or a rollback's escalation) while an Adam-family param group has
+            ``beta2 <= beta1**2`` (an unbounded update, which no learning-rate cut
+            bounds), that group's ``beta2`` (and ``eps``, if asked) is moved to the
+            :class:`~lightning_stability.actions.AdamRepair`'s safe values instead of
+            climbing a stage; kept through rollbacks and resumes, undone by
+            :meth:`undo_optimizer_repair`. ``None`` disables it. Default ``AdamRepair()``.
 
     Changes take effect at a step boundary, identically on every rank. The stage is
     saved in checkpoints and re-applied on resume. Logs ``stability/action/stage``.
@@ -127,8 +135,15 @@ class StagedTraining(StabilityAction):
         level: str = "warning",
         calm_steps: int | None = 200,
         cooldown: int = 0,
+        optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
     ) -> None:
         super().__init__(level)
+        if optimizer_repair is not None and not isinstance(optimizer_repair, AdamRepair):
+            raise ValueError(
+                f"optimizer_repair must be an AdamRepair or None, got {optimizer_repair!r}"
+            )
+        self.repair = RepairRung(optimizer_repair)
+        self._repaired_step = -1
         self.stages = _validate_stages(copy.deepcopy(DEFAULT_STAGES) if stages is None else stages)
         check_positive_int(calm_steps, "calm_steps", allow_none=True)
         check_nonnegative_int(cooldown, "cooldown")
@@ -177,6 +192,7 @@ class StagedTraining(StabilityAction):
             # A resumed run's optimizers already carry the stage's learning rate.
             self._set_scale(trainer, self.stages[self.stage]["lr_scale"])
             self._started = True
+        self.repair.reapply(trainer.optimizers)
         self._apply_knobs(trainer, pl_module)
 
     def on_step_boundary(
@@ -185,7 +201,9 @@ class StagedTraining(StabilityAction):
         step = int(trainer.global_step)
         if level is not None and level >= self.level:
             self._calm = 0
-            if step - self._last_change_step > self.cooldown:
+            if step - self._last_change_step > self.cooldown and not self._repair(
+                trainer, level, f"{level.name} event"
+            ):
                 self._move(trainer, pl_module, +1, f"{level.name} event", level)
         elif self.source_level >= self.level:
             self._calm = 0  # the level is still high, though no event says so again
@@ -198,7 +216,15 @@ class StagedTraining(StabilityAction):
 
     def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
         self._calm = 0
-        return self._move(trainer, pl_module, +1, reason, Level.CRITICAL)
+        if self._repaired_step == int(trainer.global_step):
+            return True  # this step's event was answered by the repair
+        return self._repair(trainer, Level.CRITICAL, reason) or self._move(
+            trainer, pl_module, +1, reason, Level.CRITICAL
+        )
+
+    def undo_optimizer_repair(self, trainer: pl.Trainer) -> None:
+        """Give the optimizers the ``beta2``/``eps`` values the user configured back."""
+        self.repair.undo(trainer.optimizers)
 
     def restored(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, before: dict[str, Any]
@@ -217,7 +243,17 @@ class StagedTraining(StabilityAction):
             self._ramp = None
             scale = min(self.stages[kept]["lr_scale"], float(before["applied_scale"]))
             self._set_scale(trainer, scale)
+        self.repair.merge(before.get("repair") or {})
+        self.repair.reapply(trainer.optimizers)
         self._apply_knobs(trainer, pl_module)
+
+    def _repair(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
+        message = self.repair.climb(trainer.optimizers)
+        if message is None:
+            return False
+        self._last_change_step = self._repaired_step = int(trainer.global_step)
+        self.record(trainer, level, f"optimizer repaired ({reason}): {message}")
+        return True
 
     # ------------------------------------------------------------- mechanics
     def _set_scale(self, trainer: pl.Trainer, scale: float) -> None:
@@ -316,6 +352,7 @@ class StagedTraining(StabilityAction):
             "calm": self._calm,
             "source_level": int(self.source_level),
             "ramp": None if self._ramp is None else dict(self._ramp),
+            "repair": self.repair.state_dict(),
             "events": self._events_state(),
         }
 
@@ -334,4 +371,5 @@ class StagedTraining(StabilityAction):
         self.source_level = Level(int(state_dict.get("source_level", Level.OK)))
         ramp = state_dict.get("ramp")
         self._ramp = None if ramp is None else {k: float(v) for k, v in ramp.items()}
+        self.repair.load_state_dict(state_dict.get("repair"))
         self._load_events(state_dict.get("events", []))
