@@ -186,20 +186,48 @@ def step_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) 
 
 
 @contextlib.contextmanager
-def muted_logging(pl_module: pl.LightningModule) -> Iterator[None]:
-    """Silence ``self.log``/``self.log_dict`` while a probe re-runs ``training_step``, so
-    the probe batch's loss is never logged as if it were a training metric."""
+def muted_logging(pl_module: pl.LightningModule, batch: Any = None) -> Iterator[None]:
+    """Run a probe's ``training_step`` so that what it logs is never seen as a training
+    metric: ``self.log`` works as in any training step, but records into a throwaway
+    result collection (with ``batch`` for batch-size inference) that no logger, progress
+    bar or ``callback_metrics`` reads. No method of the module or the Trainer is replaced:
+    the collection ``self.log`` writes to belongs to the Trainer's running loop, and
+    ``_current_fx_name`` is the hook name Lightning itself sets around each hook call.
+    Outside the Trainer's loops nothing is changed."""
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
 
-    def _noop(*args: Any, **kwargs: Any) -> None:
-        return None
-
-    pl_module.log = _noop  # type: ignore[method-assign]
-    pl_module.log_dict = _noop  # type: ignore[method-assign]
+    owner = _results_owner(pl_module._trainer)
+    if owner is None:
+        yield
+        return
+    results, fx_name = owner._results, pl_module._current_fx_name
+    throwaway = _ResultCollection(training=True)
+    throwaway.batch = batch
+    owner._results = throwaway
+    pl_module._current_fx_name = "training_step"
     try:
         yield
     finally:
-        del pl_module.log
-        del pl_module.log_dict
+        owner._results = results
+        pl_module._current_fx_name = fx_name
+
+
+def _results_owner(trainer: pl.Trainer | None) -> Any:
+    """The loop that holds, as a plain attribute, the result collection ``self.log`` writes
+    to now (the fit loop only forwards to its epoch loop's); ``None`` outside the loops."""
+    if trainer is None:
+        return None
+    try:
+        current = trainer._results
+    except RuntimeError:  # a loop asked outside its scope
+        return None
+    if current is None:
+        return None
+    fit = trainer.fit_loop
+    for loop in (fit.epoch_loop, fit.epoch_loop.val_loop, trainer._active_loop):
+        if loop is not None and vars(loop).get("_results") is current:
+            return loop
+    return None
 
 
 MANUAL_OPTIMIZATION = (
@@ -234,7 +262,7 @@ def module_loss(
         out = loss_fn(pl_module, batch)
         source = "loss_fn"
     else:
-        with muted_logging(pl_module):
+        with muted_logging(pl_module, batch):
             out = pl_module.training_step(batch, batch_idx)
         source = "training_step"
     loss = out.get("loss") if isinstance(out, Mapping) else out
