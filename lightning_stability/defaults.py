@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 from lightning.pytorch.callbacks import Callback
@@ -56,8 +57,9 @@ def stability_callbacks(
             model input in a batch (see :class:`RepresentationDriftMonitor`'s ``input_fn``).
 
     Raises:
-        ValueError: ``actions`` is not one of ``"none"``, ``"backoff"``, ``"staged"``, or a
-            callback option is neither a bool nor a dict.
+        ValueError: ``actions`` is not one of ``"none"``, ``"backoff"``, ``"staged"``, a
+            callback option is neither a bool nor a dict, or a dict names an argument the
+            callback does not take.
     """
     if actions not in _ACTIONS:
         raise ValueError(f"actions must be one of {_ACTIONS}, got {actions!r}")
@@ -68,6 +70,16 @@ def stability_callbacks(
         if option is True:
             return [cls()]
         if isinstance(option, dict):
+            allowed = [
+                n
+                for n, p in inspect.signature(cls).parameters.items()
+                if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
+            ]
+            unknown = sorted(set(option) - set(allowed))
+            if unknown:
+                raise ValueError(
+                    f"{name}: unknown argument(s) {unknown} for {cls.__name__}; allowed: {allowed}"
+                )
             return [cls(**option)]
         raise ValueError(f"{name} must be True, False or a dict of init arguments, got {option!r}")
 

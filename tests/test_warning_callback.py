@@ -185,6 +185,25 @@ def test_checkpoint_holds_state_that_loads_weights_only_and_resumes(tmp_path):
     assert list(after)[:-1] == values  # continued, one more step learned
 
 
+def test_events_survive_a_resume(tmp_path):
+    """The warnings that caused the actions are in the checkpoint, so a resumed run's
+    summary shows them."""
+    ew = EarlyWarning()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    data = classification_data()
+    trainer(max_steps=12, callbacks=[ew, ckpt], enable_checkpointing=True).fit(
+        NaNAt(5), loader(data, batch_size=BATCH, shuffle=False)
+    )
+    assert any(e.level == Level.CRITICAL for e in ew.events)
+    resumed = EarlyWarning()
+    trainer(max_steps=12, callbacks=[resumed], default_root_dir=tmp_path).fit(
+        TinyClassifier(),
+        loader(data, batch_size=BATCH, shuffle=False),
+        ckpt_path=tmp_path / "last.ckpt",
+    )
+    assert resumed.events == ew.events
+
+
 # ------------------------------------------------- evidence on a healthy and a planted run
 PLANT = 150
 

@@ -33,34 +33,14 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_stability.warning.events import InstabilityEvent, Level
+from lightning_stability.warning.events import (
+    InstabilityEvent,
+    Level,
+    event_from_state,
+    event_to_state,
+)
 
 __all__ = ["StabilityAction", "event_from_state", "event_to_state"]
-
-
-def event_to_state(event: InstabilityEvent) -> dict[str, Any]:
-    """An event as plain numbers/strings/lists (checkpoint-safe)."""
-    return {
-        "level": int(event.level),
-        "step": int(event.step),
-        "signals": list(event.signals),
-        "message": event.message,
-        "deviation": float(event.deviation),
-        "source": event.source,
-        "details": {k: float(v) for k, v in event.details.items()},
-    }
-
-
-def event_from_state(state: dict[str, Any]) -> InstabilityEvent:
-    return InstabilityEvent(
-        level=Level(int(state["level"])),
-        step=int(state["step"]),
-        signals=tuple(state.get("signals", ())),
-        message=str(state.get("message", "")),
-        deviation=float(state.get("deviation", float("nan"))),
-        source=str(state.get("source", "")),
-        details=dict(state.get("details", {})),
-    )
 
 
 def check_nonnegative_int(value: Any, argument: str, allow_none: bool = False) -> None:
@@ -98,6 +78,9 @@ class StabilityAction(Callback):
     def __init__(self, level: str = "warning") -> None:
         super().__init__()
         self.level = Level.parse(level, "level")
+        if self.level == Level.OK:
+            # every recovery is an event at OK: acting on it would cut the rate on recovery
+            raise ValueError("level must be one of 'watch', 'warning', 'critical', got 'ok'")
         self.events: list[InstabilityEvent] = []
         self._seen = -1  # highest level delivered on this rank since the last boundary
         self._subscribed: list[Any] = []

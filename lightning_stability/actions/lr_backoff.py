@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_stability.actions.base import (
     StabilityAction,
@@ -100,8 +102,13 @@ class LRBackoff(StabilityAction):
         self.repair = RepairRung(optimizer_repair)
         self._repaired_step = -1
         check_factor(factor, "factor")
-        if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr < 0:
-            raise ValueError(f"min_lr must be a number >= 0, got {min_lr!r}")
+        if (
+            isinstance(min_lr, bool)
+            or not isinstance(min_lr, (int, float))
+            or not math.isfinite(min_lr)
+            or min_lr < 0
+        ):
+            raise ValueError(f"min_lr must be a finite number >= 0, got {min_lr!r}")
         check_nonnegative_int(cooldown, "cooldown")
         check_nonnegative_int(max_backoffs, "max_backoffs", allow_none=True)
         check_positive_int(patience, "patience", allow_none=True)
@@ -129,6 +136,11 @@ class LRBackoff(StabilityAction):
         if [len(s) for s in self.ceiling] != shape:
             self.ceiling = [[1.0] * n for n in shape]
         self.repair.reapply(trainer.optimizers)
+        if not any(s for s in self.scales):
+            rank_zero_warn(
+                "LRBackoff: the module has no optimizer with parameters (configure_optimizers "
+                "returned none), so there is no learning rate to back off; it does nothing"
+            )
 
     def on_step_boundary(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
@@ -146,7 +158,7 @@ class LRBackoff(StabilityAction):
             self._calm += 1
             if self.patience is not None and self._calm >= self.patience:
                 self._recover(trainer)
-        if self.scales:
+        if self.scales and self.scales[0]:
             self.log_value(pl_module, LR_SCALE_KEY, self.scales[0][0])
 
     def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:

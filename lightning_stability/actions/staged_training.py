@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -39,6 +40,15 @@ gradient noise per update). Nothing is frozen by default: which modules are safe
 freeze depends on the model."""
 
 
+def _positive_finite(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, (int, float))
+        and math.isfinite(value)
+        and value > 0
+    )
+
+
 def _validate_stages(stages: Any) -> list[dict[str, Any]]:
     if not isinstance(stages, (list, tuple)) or not stages:
         raise ValueError(f"stages must be a non-empty list of dicts, got {stages!r}")
@@ -53,14 +63,15 @@ def _validate_stages(stages: Any) -> list[dict[str, Any]]:
                 f"stages: unknown stage key(s) {unknown} in {where}; allowed keys: {list(STAGE_KEYS)}"
             )
         lr_scale = stage.get("lr_scale", 1.0)
-        if isinstance(lr_scale, bool) or not isinstance(lr_scale, (int, float)) or lr_scale <= 0:
-            raise ValueError(f"stages: {where}['lr_scale'] must be a number > 0, got {lr_scale!r}")
-        clip = stage.get("gradient_clip_val")
-        if clip is not None and (
-            isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip <= 0
-        ):
+        if not _positive_finite(lr_scale):
             raise ValueError(
-                f"stages: {where}['gradient_clip_val'] must be a number > 0 or None, got {clip!r}"
+                f"stages: {where}['lr_scale'] must be a finite number > 0, got {lr_scale!r}"
+            )
+        clip = stage.get("gradient_clip_val")
+        if clip is not None and not _positive_finite(clip):
+            raise ValueError(
+                f"stages: {where}['gradient_clip_val'] must be a finite number > 0 or None, "
+                f"got {clip!r}"
             )
         check_positive_int(
             stage.get("accumulate_grad_batches"),

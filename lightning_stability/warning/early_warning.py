@@ -20,7 +20,13 @@ from lightning_stability.probes.base import (
 )
 from lightning_stability.probes.edge import LR_JUMP
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
-from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
+from lightning_stability.warning.events import (
+    EventListener,
+    InstabilityEvent,
+    Level,
+    event_from_state,
+    event_to_state,
+)
 from lightning_stability.warning.levels import LevelTracker
 from lightning_stability.warning.loss_band import LossBand
 from lightning_stability.warning.metastate import DIMENSIONS, SignalSpec
@@ -375,6 +381,7 @@ class EarlyWarning(Callback):
             "tracker": self.tracker.state_dict(),
             "last_step": self._last_step,
             "deviation": self.deviation if math.isfinite(self.deviation) else 0.0,
+            "events": [event_to_state(e) for e in self.events],
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -382,3 +389,4 @@ class EarlyWarning(Callback):
         self.tracker.load_state_dict(state_dict["tracker"])
         self._last_step = int(state_dict["last_step"])
         self.deviation = float(state_dict["deviation"])
+        self.events = [event_from_state(e) for e in state_dict.get("events", [])]

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
-__all__ = ["EventListener", "InstabilityEvent", "Level"]
+__all__ = ["EventListener", "InstabilityEvent", "Level", "event_from_state", "event_to_state"]
 
 
 class Level(IntEnum):
@@ -60,3 +60,28 @@ class InstabilityEvent:
 
 EventListener = Callable[[InstabilityEvent, "pl.Trainer", "pl.LightningModule"], None]
 """Called with every event, on every rank, at the step boundary where it was raised."""
+
+
+def event_to_state(event: InstabilityEvent) -> dict[str, Any]:
+    """An event as plain numbers/strings/lists (checkpoint-safe)."""
+    return {
+        "level": int(event.level),
+        "step": int(event.step),
+        "signals": list(event.signals),
+        "message": event.message,
+        "deviation": float(event.deviation),
+        "source": event.source,
+        "details": {k: float(v) for k, v in event.details.items()},
+    }
+
+
+def event_from_state(state: dict[str, Any]) -> InstabilityEvent:
+    return InstabilityEvent(
+        level=Level(int(state["level"])),
+        step=int(state["step"]),
+        signals=tuple(state.get("signals", ())),
+        message=str(state.get("message", "")),
+        deviation=float(state.get("deviation", float("nan"))),
+        source=str(state.get("source", "")),
+        details=dict(state.get("details", {})),
+    )
