@@ -9,6 +9,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lightning_stability.actions.base import (
     StabilityAction,
@@ -198,6 +199,16 @@ class StagedTraining(StabilityAction):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._user_clip = trainer.gradient_clip_val
         self._user_accumulate = trainer.accumulate_grad_batches
+        knobs = ("gradient_clip_val", "accumulate_grad_batches")
+        if not pl_module.automatic_optimization and any(
+            st[k] is not None for st in self.stages for k in knobs
+        ):
+            rank_zero_warn(
+                "StagedTraining: the module uses manual optimization, where Lightning applies "
+                "neither gradient_clip_val nor accumulate_grad_batches, so the stages' clipping "
+                "and accumulation do nothing; their learning-rate scales still apply (clip in "
+                "training_step with self.clip_gradients to follow trainer.gradient_clip_val)"
+            )
         self._user_requires_grad = {n: p.requires_grad for n, p in pl_module.named_parameters()}
         if not self._started:
             # A resumed run's optimizers already carry the stage's learning rate.
