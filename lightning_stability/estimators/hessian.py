@@ -131,12 +131,15 @@ def hessian_top_k(
     dtype: torch.dtype | None = None,
     reduce: Reducer | None = None,
     backend: Literal["lanczos", "pyhessian"] = "lanczos",
+    block_size: int = 1,
 ) -> EigenResult:
     """Top ``k`` Hessian eigenpairs of ``loss_fn()`` (see :func:`lanczos_top_k`).
 
     ``backend="pyhessian"`` uses PyHessian's power iteration instead (largest
     *magnitude* first; ``warm_start``, ``generator`` and ``reduce`` are not supported
     there). Under DDP, pass ``reduce`` and a generator seeded alike on every rank.
+    ``block_size`` > 1 runs block Lanczos (see :func:`lanczos_top_k`; needed for repeated
+    eigenvalues among the top ``k``).
     """
     if backend not in ("lanczos", "pyhessian"):
         raise ValueError(f"backend must be 'lanczos' or 'pyhessian', got {backend!r}")
@@ -158,6 +161,7 @@ def hessian_top_k(
             generator=generator,
             dtype=op.dtype,
             device=op.device,
+            block_size=block_size,
         )
 
 

@@ -7,6 +7,13 @@ eigenvalues of the operator. After ``m`` products the relative error on the top
 eigenvalue is about ``(ln n / m)^2`` against ``ln n / m`` for power iteration
 (Kuczyński & Woźniakowski 1992), and Lanczos returns the largest *algebraic*
 eigenvalue, where power iteration returns the largest in *magnitude*.
+
+Convergence is judged by the residual ``||A y - theta y||`` of each Ritz pair
+``(theta, y)``: for a symmetric operator some eigenvalue lies within that distance of
+``theta`` whatever the gaps (Parlett, *The Symmetric Eigenvalue Problem*, thm. 4.5.1).
+The quadratic bound ``r^2 / gap`` is sharper but needs the gap to the *operator's*
+next eigenvalue; the gap between Ritz values overstates it on a clustered spectrum
+(an unresolved eigenvalue hides between two Ritz values), so it is not used to stop.
 """
 
 from __future__ import annotations
@@ -32,14 +39,18 @@ class EigenResult:
         eigenvectors: ``(dim, k)`` orthonormal columns in the same order, in the compute
             dtype on the compute device.
         num_products: operator products (Hessian-vector products) used.
-        converged: every requested eigenvalue met the tolerance (or the Krylov space
-            was exhausted, which makes the result exact).
+        converged: every requested Ritz pair has a residual ``||A y - theta y||`` of at
+            most ``tol`` times the scale (see :func:`lanczos_top_k`), or the Krylov space
+            was exhausted, which makes the result exact.
+        residuals: ``(k,)`` float64 residual norms ``||A y_i - theta_i y_i||`` of the
+            returned pairs; each ``theta_i`` is within ``residuals[i]`` of an eigenvalue.
     """
 
     eigenvalues: Tensor
     eigenvectors: Tensor
     num_products: int
     converged: bool
+    residuals: Tensor | None = None
 
 
 @dataclass
@@ -48,13 +59,15 @@ class LanczosStep:
 
     Attributes:
         ritz_values: all current Ritz values, descending, float64 on the CPU.
-        error_bounds: bound on ``|lambda_i - theta_i|`` for each Ritz value (same order).
+        error_bounds: residual norm ``||A y_i - theta_i y_i||`` of each Ritz pair (same
+            order), a bound on the distance from ``theta_i`` to the nearest eigenvalue.
         num_products: products used so far.
         exhausted: the Krylov space spans the whole space (Ritz values are exact).
         breakdown: the Krylov space became invariant at this step; the next step restarts
             from a random direction (an eigenvalue of multiplicity > 1 shows up only then).
-        ritz_vectors: ``(m, m)`` eigenvectors of the tridiagonal matrix, columns in
-            ``ritz_values`` order (their first row gives quadrature weights).
+        ritz_vectors: ``(m, m)`` eigenvectors of the projected matrix, columns in
+            ``ritz_values`` order (for a block size of 1 their first row gives quadrature
+            weights).
     """
 
     ritz_values: Tensor
@@ -73,32 +86,68 @@ class LanczosStep:
         return vecs / vecs.norm(dim=0, keepdim=True).clamp_min(torch.finfo(vecs.dtype).tiny)
 
 
-def _start_vector(
+def _random_unit(
     dim: int,
-    warm_start: Tensor | None,
-    warm_noise: float,
     generator: torch.Generator | None,
     dtype: torch.dtype,
     device: torch.device,
 ) -> Tensor:
     gen_device = generator.device if generator is not None else device
     noise = torch.randn(dim, generator=generator, device=gen_device, dtype=dtype).to(device)
-    noise = noise / noise.norm()
+    return noise / noise.norm()
+
+
+def _start_block(
+    dim: int,
+    block_size: int,
+    warm_start: Tensor | None,
+    warm_noise: float,
+    generator: torch.Generator | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Tensor:
+    """``(block_size, dim)`` start vectors (not yet orthonormalised)."""
+    noise = _random_unit(dim, generator, dtype, device)
     if warm_start is None:
-        return noise
-    w = warm_start.to(device=device, dtype=dtype)
-    if w.dim() == 1:
-        w = w[:, None]
-    if w.shape[0] != dim:
-        raise ValueError(f"warm_start: expected shape ({dim},) or ({dim}, m), got {tuple(w.shape)}")
-    # Equal weight on every previous eigenvector keeps all of them in the Krylov space
-    # from the first steps, so top-k (not only top-1) converges fast; the random part
-    # lets an eigenvalue that overtook them since the last call be found.
-    w = w / w.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
-    v = w.sum(dim=1)
-    v = v / v.norm().clamp_min(torch.finfo(dtype).tiny)
-    v = v + warm_noise * noise
-    return v / v.norm()
+        rows = [noise]
+    else:
+        w = warm_start.to(device=device, dtype=dtype)
+        if w.dim() == 1:
+            w = w[:, None]
+        if w.shape[0] != dim:
+            raise ValueError(
+                f"warm_start: expected shape ({dim},) or ({dim}, m), got {tuple(w.shape)}"
+            )
+        w = w / w.norm(dim=0, keepdim=True).clamp_min(torch.finfo(dtype).tiny)
+        # A block holds the previous eigenvectors one per column (the last column sums the
+        # ones left over). A single vector gives equal weight to every previous
+        # eigenvector, which keeps all of them in the Krylov space from the first steps so
+        # top-k (not only top-1) converges fast. The random part lets an eigenvalue that
+        # overtook them since the last call be found.
+        cols = [w[:, i] for i in range(min(block_size - 1, w.shape[1]))]
+        rest = w[:, len(cols) :].sum(dim=1) if w.shape[1] > len(cols) else None
+        if rest is not None:
+            cols.append(rest)
+        rows = []
+        for i, col in enumerate(cols):
+            v = col / col.norm().clamp_min(torch.finfo(dtype).tiny)
+            extra = noise if i == 0 else _random_unit(dim, generator, dtype, device)
+            rows.append(v + warm_noise * extra)
+    while len(rows) < block_size:
+        rows.append(_random_unit(dim, generator, dtype, device))
+    return torch.stack(rows)
+
+
+def _orthogonalise(w: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+    """``w`` minus its projection on the rows of ``active``, twice ("twice is enough",
+    Kahan-Parlett: keeps the basis orthonormal in float32 so no ghost copies of converged
+    eigenvalues appear). Returns the remainder and the projection coefficients."""
+    coeffs = torch.zeros(active.shape[0], dtype=w.dtype, device=w.device)
+    for _ in range(2):
+        c = active @ w
+        w = w - active.T @ c
+        coeffs = coeffs + c
+    return w, coeffs
 
 
 def lanczos_iterations(
@@ -111,85 +160,87 @@ def lanczos_iterations(
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
+    block_size: int = 1,
 ) -> Iterator[LanczosStep]:
-    """Run Lanczos with full reorthogonalisation, yielding the Ritz values after every
-    product. See :func:`lanczos_top_k` for the arguments.
+    """Run (block) Lanczos with full reorthogonalisation, yielding the Ritz pairs after
+    every product. See :func:`lanczos_top_k` for the arguments.
 
-    Error bounds: for a Ritz pair with residual ``r = beta_m |s_m|`` the eigenvalue error
-    is at most ``r`` and, given the gap ``delta`` to the rest of the spectrum, at most
-    ``r^2 / delta`` (Parlett, *The Symmetric Eigenvalue Problem*, ch. 11); the gap is
-    estimated from the other Ritz values.
+    The products are taken one at a time: product ``j`` is orthogonalised against the
+    whole basis and its remainder becomes basis vector ``j + block_size``, so the basis
+    spans the block Krylov space of the start block (Golub & Underwood 1977). The
+    projection coefficients give ``T = Q^T A Q`` on the ``p`` multiplied vectors and the
+    coupling ``C`` of those vectors to the ``block_size`` not yet multiplied, so the
+    residual of a Ritz pair ``(theta, Q s)`` is ``||C s||`` exactly (for a block size of 1
+    this is the familiar ``beta_p |s_p|``; Parlett ch. 13), without extra products.
     """
     if dim < 1:
         raise ValueError(f"dim must be a positive integer, got {dim}")
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size}")
     device = torch.device(device) if device is not None else torch.device("cpu")
     steps = min(max_iter, dim)
     eps = torch.finfo(dtype).eps
+    tiny = torch.finfo(dtype).tiny
 
-    basis = torch.zeros(steps + 1, dim, dtype=dtype, device=device)
-    basis[0] = _start_vector(dim, warm_start, warm_noise, generator, dtype, device)
-    alphas: list[float] = []
-    betas: list[float] = []
+    rows = min(steps + block_size, dim)
+    basis = torch.zeros(rows, dim, dtype=dtype, device=device)
+    # coupling[i, j] = q_i^T A q_j for the basis vectors that existed when q_j was multiplied.
+    coupling = torch.zeros(rows, steps, dtype=torch.float64)
+    start = _start_block(dim, block_size, warm_start, warm_noise, generator, dtype, device)
+    size = 0
+    for v in start[: min(block_size, dim)]:
+        v, _ = _orthogonalise(v, basis[:size])
+        norm = float(v.norm())
+        if norm <= 10 * eps:
+            v, _ = _orthogonalise(_random_unit(dim, generator, dtype, device), basis[:size])
+            norm = float(v.norm())
+        basis[size] = v / max(norm, tiny)
+        size += 1
+
     scale = 0.0
     for j in range(steps):
         q = basis[j]
         w = matvec(q).to(device=device, dtype=dtype).reshape(-1)
         if w.numel() != dim:
             raise ValueError(f"matvec returned {w.numel()} entries, expected dim={dim}")
-        alpha = float(w @ q)
-        # Full reorthogonalisation against the whole basis, twice ("twice is enough",
-        # Kahan-Parlett): keeps the basis orthonormal in float32 so no ghost copies of
-        # converged eigenvalues appear.
-        active = basis[: j + 1]
-        for _ in range(2):
-            w = w - active.T @ (active @ w)
+        w, coeffs = _orthogonalise(w, basis[:size])
         beta = float(w.norm())
-        if not (math.isfinite(alpha) and math.isfinite(beta)):
+        if not (bool(torch.isfinite(coeffs).all()) and math.isfinite(beta)):
             raise FloatingPointError(
                 f"matvec returned non-finite values at Lanczos step {j + 1} "
                 "(the operator, e.g. the Hessian at non-finite weights, is not finite)"
             )
-        alphas.append(alpha)
-
-        t = torch.diag(torch.tensor(alphas, dtype=torch.float64))
-        if j > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
-            t = t + torch.diag(off, 1) + torch.diag(off, -1)
+        coupling[:size, j] = coeffs.double().cpu()
+        p = j + 1
+        t = coupling[:p, :p]
+        t = 0.5 * (t + t.T)
         theta, s = torch.linalg.eigh(t)
         theta, s = theta.flip(0), s.flip(1)
-        scale = max(scale, float(theta.abs().max()), abs(alpha))
+        scale = max(scale, float(theta.abs().max()), abs(float(coeffs[j])))
 
-        exhausted = j + 1 == dim
-        breakdown = beta <= 10 * eps * max(scale, 1e-30) * math.sqrt(j + 1)
-        residual = beta * s[-1].abs()
+        exhausted = p == dim
+        breakdown = False
+        if size < rows:
+            breakdown = beta <= 10 * eps * max(scale, 1e-30) * math.sqrt(p)
+            if breakdown:
+                # Invariant subspace found: its Ritz values are exact. Continue with a
+                # fresh random direction orthogonal to the basis so the rest of the
+                # spectrum is still explored (the projected matrix decouples).
+                w, _ = _orthogonalise(_random_unit(dim, generator, dtype, device), basis[:size])
+                basis[size] = w / max(float(w.norm()), tiny)
+            else:
+                basis[size] = w / beta
+                coupling[size, j] = beta
+            size += 1
+        tail = coupling[p:size, :p]
+        residual = (tail @ s).norm(dim=0) if tail.numel() else torch.zeros(p, dtype=torch.float64)
         if exhausted:
             residual = torch.zeros_like(residual)
-        if theta.numel() > 1:
-            diffs = (theta[:, None] - theta[None, :]).abs()
-            diffs.fill_diagonal_(math.inf)
-            gap = diffs.min(dim=1).values
-            bound = torch.minimum(residual, residual**2 / gap.clamp_min(1e-300))
-        else:
-            bound = residual
-        yield LanczosStep(theta, bound, j + 1, exhausted, breakdown, s, basis)
-        if exhausted or j + 1 == steps:
+        yield LanczosStep(theta, residual, p, exhausted, breakdown, s, basis)
+        if exhausted:
             return
-
-        if breakdown:
-            # Invariant subspace found: its Ritz values are exact. Continue with a fresh
-            # random direction orthogonal to the basis so the rest of the spectrum is
-            # still explored (the tridiagonal matrix decouples, beta = 0).
-            gen_device = generator.device if generator is not None else device
-            w = torch.randn(dim, generator=generator, device=gen_device, dtype=dtype).to(device)
-            for _ in range(2):
-                w = w - active.T @ (active @ w)
-            basis[j + 1] = w / w.norm()
-            betas.append(0.0)
-        else:
-            basis[j + 1] = w / beta
-            betas.append(beta)
 
 
 def lanczos_top_k(
@@ -204,6 +255,8 @@ def lanczos_top_k(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     warm_noise: float = 1e-2,
+    block_size: int = 1,
+    confirm: bool = True,
 ) -> EigenResult:
     """The ``k`` largest (algebraic) eigenvalues and their eigenvectors of a symmetric
     operator, by Lanczos with full reorthogonalisation (Lanczos 1950).
@@ -213,22 +266,40 @@ def lanczos_top_k(
             :meth:`HessianOperator.matvec`).
         dim: size of the operator.
         k: number of eigenpairs, ``1 <= k <= dim``.
-        tol: relative tolerance: stop once every one of the top ``k`` Ritz values has an
-            error bound below ``tol * |lambda|_max`` (the largest Ritz value in magnitude,
-            so eigenvalues near zero do not demand absolute precision). ``0`` runs
-            ``max_iter`` steps. Default ``1e-4``.
+        tol: relative tolerance on the residual: stop once each of the top ``k`` Ritz
+            pairs ``(theta_i, y_i)`` has ``||A y_i - theta_i y_i|| <= tol * scale``, where
+            ``scale`` is the largest ``|theta_i|`` among the ``k`` (so eigenvalues near zero
+            do not demand absolute precision). Each returned eigenvalue is then within
+            ``tol * scale`` of an eigenvalue of the operator, on clustered spectra too.
+            ``0`` runs ``max_iter`` steps. Default ``1e-4``.
         max_iter: maximum number of products (capped at ``dim``). Default 100.
-        warm_start: previous eigenvectors, ``(dim,)`` or ``(dim, m)``. The start vector is
-            their normalised sum plus ``warm_noise`` of a random unit vector, so a slowly
-            changing operator converges in a few products.
+        warm_start: previous eigenvectors, ``(dim,)`` or ``(dim, m)``. With a block size of
+            1 the start vector is their normalised sum plus ``warm_noise`` of a random
+            unit vector, so a slowly changing operator converges in a few products.
         generator: random generator for the start vector (reproducible results).
-        dtype: dtype of the Krylov basis (float32 or float64); the tridiagonal
-            eigenproblem is always solved in float64.
+        dtype: dtype of the Krylov basis (float32 or float64); the projected eigenproblem
+            is always solved in float64.
         device: device of the Krylov basis (default: CPU).
         warm_noise: weight of the random component added to a warm start. Default 0.01.
+        block_size: start vectors multiplied in turn (block Lanczos). A single start vector
+            sees one copy of a repeated eigenvalue only (its Krylov space holds one
+            direction of each eigenspace), so with an eigenvalue of multiplicity ``m``
+            among the top ``k``, a block size of at least ``m`` is needed for the next
+            slots to hold its copies. Default 1.
+        confirm: once the residuals pass, take ``max(2, ceil(m / 8))`` more products
+            (``m`` = products so far) and accept only if they passed at every one, the last
+            is the lowest of them (or below ``tol * scale / 8``) and no top-``k``
+            Ritz value moved by more than ``tol * scale``. A residual bounds the distance
+            to *some* eigenvalue; in a tight cluster whose member is nearly absent from
+            the start vector, a Ritz value settles on a neighbour first and its residual
+            dips, then rises again as the missing member emerges. Default True.
 
     Returns:
         :class:`EigenResult`; ``converged`` is False when ``max_iter`` ran out first.
+
+    A Krylov method finds the top eigenvalue only if the start vector is not orthogonal to
+    its eigenvector: a random start is not, and a warm start keeps ``warm_noise`` of a
+    random direction for that reason.
     """
     if k < 1 or k > dim:
         raise ValueError(f"k must satisfy 1 <= k <= dim={dim}, got {k}")
@@ -240,6 +311,7 @@ def lanczos_top_k(
         raise ValueError(f"warm_noise must be >= 0, got {warm_noise}")
     last: LanczosStep | None = None
     converged = False
+    candidate: tuple[int, Tensor, Tensor] | None = None
     for step in lanczos_iterations(
         matvec,
         dim,
@@ -249,21 +321,45 @@ def lanczos_top_k(
         generator=generator,
         dtype=dtype,
         device=device,
+        block_size=block_size,
     ):
         last = step
         if step.exhausted:
             converged = True
             break
-        if step.ritz_values.numel() < k or step.breakdown:
+        # At a breakdown every Ritz pair has a zero residual, but the copies of repeated
+        # eigenvalues (and any eigenvalue the start missed) are outside the invariant
+        # subspace: carry on from the fresh direction before judging.
+        if step.ritz_values.numel() < k or step.breakdown or tol == 0:
             continue
-        spectral = float(step.ritz_values.abs().max())
-        if tol > 0 and bool((step.error_bounds[:k] <= tol * spectral).all()):
+        theta = step.ritz_values[:k]
+        scale = max(float(theta.abs().max()), 1e-12 * float(step.ritz_values.abs().max()))
+        passed = bool((step.error_bounds[:k] <= tol * scale).all())
+        if not passed:
+            candidate = None
+            continue
+        if not confirm:
             converged = True
             break
+        residuals = step.error_bounds[:k]
+        if candidate is None:
+            candidate = (step.num_products, theta.clone(), residuals.clone())
+            continue
+        first, values, lowest = candidate
+        settled = bool((residuals <= lowest).all()) or bool((residuals <= tol * scale / 8).all())
+        lowest = torch.minimum(lowest, residuals)
+        candidate = (first, values, lowest)
+        if step.num_products < first + max(2, math.ceil(first / 8)):
+            continue
+        if settled and float((theta - values).abs().max()) <= tol * scale:
+            converged = True
+            break
+        candidate = (step.num_products, theta.clone(), residuals.clone())
     assert last is not None
     return EigenResult(
         eigenvalues=last.ritz_values[:k].clone(),
         eigenvectors=last.eigenvectors(k),
         num_products=last.num_products,
         converged=converged,
+        residuals=last.error_bounds[:k].clone(),
     )
