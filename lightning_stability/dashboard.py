@@ -11,8 +11,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
 
 from lightning_stability.actions.base import StabilityAction
+from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.base import STEP_HOOKS, StabilityProbe, write_to_loggers
 from lightning_stability.report import SUMMARY_ROWS, RunSummary, print_summary, render_markdown
 from lightning_stability.tensorboard import tensorboard_writers, write_layout
@@ -58,7 +60,7 @@ class _Peak:
         return {"max": self.max, "min": self.min}.get(how, self.total / max(self.count, 1))
 
 
-class StabilityDashboard(Callback):
+class StabilityDashboard(IdentifiedCallback):
     """Shows the stability callbacks' work to a person.
 
     * writes the "Stability" custom-scalars layout to every TensorBoard logger at fit
@@ -97,7 +99,9 @@ class StabilityDashboard(Callback):
         self._ref_step = -1
 
     # ------------------------------------------------------------------ wiring
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         callbacks = trainer.callbacks
         self._probes = [cb for cb in callbacks if isinstance(cb, StabilityProbe)]
         self._warning = next((cb for cb in callbacks if isinstance(cb, EarlyWarning)), None)

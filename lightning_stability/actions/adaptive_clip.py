@@ -7,8 +7,9 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
+from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.estimators.online_stats import EMAStats, RollingWindow
 from lightning_stability.probes.base import logs_this_step
 from lightning_stability.probes.gradients import GradientMonitor
@@ -19,7 +20,7 @@ __all__ = ["AdaptiveGradientClipping"]
 _MODES = ("zscore", "percentile")
 
 
-class AdaptiveGradientClipping(Callback):
+class AdaptiveGradientClipping(IdentifiedCallback):
     """Scale the gradients down to a threshold learned from past gradient norms.
 
     This callback changes training (it is an action, not a probe), so it is off unless
@@ -88,7 +89,9 @@ class AdaptiveGradientClipping(Callback):
         """Call ``listener(event, trainer, pl_module)`` for every intervention."""
         self.listeners.append(listener)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._monitor = next((c for c in trainer.callbacks if isinstance(c, GradientMonitor)), None)
 
     def threshold(self) -> float:
@@ -145,6 +148,11 @@ class AdaptiveGradientClipping(Callback):
             self._since_log = 0
             if math.isfinite(limit):
                 pl_module.log("stability/action/adaptive_clip_threshold", limit, batch_size=1)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, z=self.z, percentile=self.percentile)
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -30,9 +30,10 @@ from typing import Any, ClassVar
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
 
+from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.warning.events import (
     InstabilityEvent,
     Level,
@@ -64,7 +65,7 @@ def check_factor(value: Any, argument: str) -> None:
         raise ValueError(f"{argument} must be a number in the open interval (0, 1), got {value!r}")
 
 
-class StabilityAction(Callback):
+class StabilityAction(IdentifiedCallback):
     """Base class of the callbacks that change training in response to events.
 
     Subclasses implement :meth:`on_step_boundary`; those that can be asked to make
@@ -93,7 +94,9 @@ class StabilityAction(Callback):
         self.source_level = Level.OK
 
     # ----------------------------------------------------------------- wiring
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         if stage != "fit":
             return
         sources = [

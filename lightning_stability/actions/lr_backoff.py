@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_stability.actions.base import (
     StabilityAction,
@@ -272,6 +273,13 @@ class LRBackoff(StabilityAction):
         self.repair.reapply(trainer.optimizers)
 
     # ---------------------------------------------------------------- resume
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            level=self.level.name.lower(), factor=self.factor, min_lr=self.min_lr
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "scales": [list(row) for row in self.scales],

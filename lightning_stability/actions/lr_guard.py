@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.actions.base import StabilityAction
+from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.edge import EdgePrediction, step_lr
 from lightning_stability.warning.events import Level
 
@@ -89,7 +90,9 @@ class LRGuard(StabilityAction):
     # ----------------------------------------------------------------- wiring
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # No event source is needed: the guard reads the monitor's edge, not the warnings.
+        # No event source is needed: the guard reads the monitor's edge, not the warnings,
+        # so of StabilityAction's setup it takes only the state-key part.
+        IdentifiedCallback.setup(self, trainer, pl_module, stage)
         if stage != "fit":
             return
         self._monitor = next(
@@ -224,6 +227,11 @@ class LRGuard(StabilityAction):
             rank_zero_warn(message)
 
     # ---------------------------------------------------------------- resume
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(margin=self.margin, max_age=self.max_age)
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_stability.actions.base import (
     StabilityAction,
@@ -395,6 +396,11 @@ class Rollback(StabilityAction):
         rank_zero_warn(f"Rollback: {message}")
 
     # ---------------------------------------------------------------- resume
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(level=self.level.name.lower(), every=self.every)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "rollbacks": self.rollbacks,

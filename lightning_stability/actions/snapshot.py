@@ -76,6 +76,9 @@ class TrainingSnapshot:
         if self.precision:
             trainer.precision_plugin.load_state_dict(_copy(self.precision, False))
         for key, cb in (callbacks or {}).items():
+            if key not in self.callbacks:
+                # a snapshot from a checkpoint that keyed callbacks by class name
+                key = getattr(cb, "_legacy_state_key", key)
             if key in self.callbacks:
                 # The log of what the actions did is history, not state to roll back.
                 history = list(getattr(cb, "events", []))

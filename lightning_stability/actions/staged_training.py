@@ -10,6 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 from lightning_stability.actions.base import (
     StabilityAction,
@@ -365,6 +366,11 @@ class StagedTraining(StabilityAction):
                     param.grad = None
 
     # ---------------------------------------------------------------- resume
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(level=self.level.name.lower(), calm_steps=self.calm_steps)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage,

@@ -9,6 +9,7 @@ from typing import Any, NamedTuple
 
 import lightning.pytorch as pl
 import torch
+from typing_extensions import override
 
 from lightning_stability.estimators.isolation import frozen_rng, preserved_state
 from lightning_stability.estimators.perturbation import (
@@ -265,6 +266,15 @@ class PerturbationAudit(StabilityProbe):
             for h in self.history
             if "optimisation/lr_margin" in h["values"]
         ]
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            every_n_epochs=self.every_n_epochs,
+            horizon=self.config.horizon,
+            dimensions=self.config.dimensions,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h, values=dict(h["values"])) for h in self.history]}

@@ -8,9 +8,10 @@ from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor
+
+from lightning_stability.callback_identity import IdentifiedCallback
 
 __all__ = [
     "LossFn",
@@ -43,7 +44,7 @@ class Reading(NamedTuple):
     step: int
 
 
-class StabilityProbe(Callback):
+class StabilityProbe(IdentifiedCallback):
     """Base class of the callbacks that measure.
 
     A probe never changes training. Each measurement is published with

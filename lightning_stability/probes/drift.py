@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, default_collate
+from typing_extensions import override
 
 from lightning_stability.estimators.cka import Representation, representation_cka
 from lightning_stability.estimators.isolation import (
@@ -269,7 +270,9 @@ class RepresentationDriftMonitor(StabilityProbe):
         self._relu_like = {n for n in unique if _is_relu_like(named[n])}
         return unique
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self.layer_names = self._resolve_layers(pl_module)
 
     # ----------------------------------------------------------------------- probe set
@@ -456,6 +459,17 @@ class RepresentationDriftMonitor(StabilityProbe):
             )
 
     # ----------------------------------------------------------------------- resume
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            layers=self.layers,
+            layer_types=self.layer_types,
+            source=self.source,
+            every_n_epochs=self.every_n_epochs,
+            every_n_steps=self.every_n_steps,
+        )
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "layer_names": list(self.layer_names),

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe, logs_this_step
@@ -167,6 +168,15 @@ class GradientMonitor(StabilityProbe):
         self._pending_post: Tensor | None = None
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            window=self.window,
+            log_every_n_steps=self.log_every_n_steps,
+            group_depth=self.group_depth,
+        )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]

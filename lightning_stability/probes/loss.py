@@ -9,6 +9,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe, logs_this_step, step_loss
@@ -66,6 +67,11 @@ class LossMonitor(StabilityProbe):
         self.quantile = float(quantile)
         self.loss_window = RollingWindow(window)
         self.worst_window = RollingWindow(window)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(window=self.window, quantile=self.quantile)
 
     @torch.no_grad()
     def on_train_batch_end(

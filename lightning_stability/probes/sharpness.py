@@ -295,6 +295,7 @@ class SharpnessMonitor(StabilityProbe):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self._world_size = trainer.world_size
         if self.backend == "pyhessian" and trainer.world_size > 1:
             raise ValueError(

@@ -7,10 +7,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
+from typing_extensions import override
 
+from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.base import (
     Reading,
     StabilityProbe,
@@ -40,7 +41,7 @@ class InstabilityWarning(UserWarning):
     """The Python warning category of instability events."""
 
 
-class EarlyWarning(Callback):
+class EarlyWarning(IdentifiedCallback):
     """Warns before a run collapses, from the readings of the attached probes.
 
     At every optimizer step (in ``on_train_batch_end``) the latest readings of every
@@ -236,7 +237,9 @@ class EarlyWarning(Callback):
             raise ValueError(f"listener must be callable, got {listener!r}")
         self.listeners.append(listener)
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
         self.probes = [cb for cb in trainer.callbacks if isinstance(cb, StabilityProbe)]
         if not self.probes and not self.use_step_loss:
             rank_zero_warn(
@@ -374,6 +377,15 @@ class EarlyWarning(Callback):
             listener(event, trainer, pl_module)
         if self.on_event is not None:
             self.on_event(event, trainer, pl_module)
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            warn_level=self.warn_level.name.lower(),
+            watch_threshold=self.monitor.watch_threshold,
+            window=self.monitor.window,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
