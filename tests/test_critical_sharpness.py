@@ -51,7 +51,7 @@ def test_ascent_direction_and_flat_line():
     h, b, w = _quadratic()
     g = h @ w + b
     up = critical_step_size(lambda eta: _loss(h, b, w + eta * g), _loss(h, b, w), 1.0)
-    assert up.eta == 0.0 and math.isinf(up.sharpness)
+    assert up.eta == 0.0 and not up.defined and math.isnan(up.sharpness)
     flat = critical_step_size(lambda eta: 1.0 - eta, 1.0, 1.0, eta_max=1e3)
     assert math.isinf(flat.eta) and flat.sharpness == 0.0
 
@@ -84,3 +84,28 @@ def test_bad_arguments():
         critical_step_size(lambda e: 0.0, 0.0, 1.0, rtol=2.0)
     with pytest.raises(ValueError, match="direction"):
         LineLoss([torch.zeros(3)], torch.zeros(4), lambda: torch.tensor(0.0))
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.5, 1.0), (40.0, 0.3), (1e-3, 2.0)])
+def test_analytic_line_critical_step(a, b):
+    """L(eta) = 1 - b eta + a eta^2 rises above L(0) from eta_c = b / a on, so the
+    critical sharpness is 2 a / b."""
+    res = critical_step_size(
+        lambda eta: 1.0 - b * eta + a * eta**2, 1.0, 1.0, rtol=1e-6, max_evals=200, slope=-b
+    )
+    assert res.defined
+    assert res.eta == pytest.approx(b / a, rel=1e-5)
+    assert res.sharpness == pytest.approx(2 * a / b, rel=1e-5)
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.7, math.nan])
+def test_non_descent_slope_is_undefined_without_evaluating(slope):
+    calls = []
+
+    def line(eta):
+        calls.append(eta)
+        return 1.0 + eta
+
+    res = critical_step_size(line, 1.0, 1e-3, slope=slope)
+    assert not res.defined and math.isnan(res.sharpness) and res.evaluations == 0
+    assert not calls

@@ -51,6 +51,11 @@ from lightning_stability.estimators.preconditioned import (
     sgd_edge,
 )
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
+from lightning_stability.estimators.subspace import (
+    log_flattening,
+    principal_sines,
+    subspace_shift,
+)
 from lightning_stability.estimators.trace import TraceResult, hutchinson_trace, hutchpp_trace
 
 __all__ = [
@@ -88,11 +93,14 @@ __all__ = [
     "lanczos_iterations",
     "lanczos_top_k",
     "linear_cka",
+    "log_flattening",
     "lr_margin",
     "preserved_state",
+    "principal_sines",
     "representation_cka",
     "resolve_compute_dtype",
     "sgd_edge",
     "slq_density",
+    "subspace_shift",
     "unflatten",
 ]

@@ -12,6 +12,11 @@ and the *critical sharpness* is ``2 / eta_c``. On a quadratic
 ``eta_c = -2 d^T g / (d^T H d)`` and for ``d = -g`` the critical sharpness is the
 directional curvature ``g^T H g / g^T g``: ``2 / eta_c`` compares with ``2 / lr`` as
 ``lambda_max`` does, without a single Hessian-vector product.
+
+The reading is defined only along a descent direction (``d^T g < 0``): along any other
+direction the loss rises from the first step, ``eta_c`` is 0 (or, in floating point, a
+step of the order of the loss's rounding), and ``2 / eta_c`` is not a curvature. Such a
+reading is undefined (NaN), not huge.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ class CriticalStep:
         eta: estimate of the critical step size (midpoint of the final bracket);
             ``inf`` when the loss did not rise up to ``eta_max``, ``0`` when it rose at
             every step tried down to ``eta_min`` or until ``max_evals`` ran out (``d`` is
-            not a descent direction).
+            not a descent direction); NaN when the slope given to
+            :func:`critical_step_size` shows that ``d`` is not a descent direction.
         lower: largest step tried that did not raise the loss (0 if none).
         upper: smallest step tried that raised the loss (``inf`` if none).
         evaluations: loss evaluations (forward passes) used.
@@ -46,10 +52,17 @@ class CriticalStep:
     evaluations: int
 
     @property
+    def defined(self) -> bool:
+        """The search found a crossing (or none up to ``eta_max``) along a descent
+        direction: ``eta > 0``, not NaN."""
+        return self.eta > 0.0
+
+    @property
     def sharpness(self) -> float:
-        """``2 / eta`` (0 when the loss never rose, ``inf`` when it rose at once)."""
-        if self.eta == 0.0:
-            return math.inf
+        """``2 / eta`` (0 when the loss never rose up to ``eta_max``; NaN when undefined:
+        the loss rose at every step tried, or the direction is not a descent direction)."""
+        if not self.defined:
+            return math.nan
         return 2.0 / self.eta
 
 
@@ -62,6 +75,7 @@ def critical_step_size(
     max_evals: int = 30,
     eta_min: float = 1e-12,
     eta_max: float = 1e12,
+    slope: float | None = None,
 ) -> CriticalStep:
     """Smallest step ``eta`` along a line at which the loss rises above ``loss0``,
     by bracketing (doubling or halving from ``eta0``) then bisection.
@@ -75,6 +89,10 @@ def critical_step_size(
             Default 0.02.
         max_evals: cap on loss evaluations. Default 30.
         eta_min, eta_max: give up below/above these steps.
+        slope: the directional derivative ``d^T g`` at ``eta = 0``, if known. A slope
+            that is not negative makes the result undefined (``eta`` NaN) without a single
+            evaluation: the first crossing is at 0, and a search would only find where
+            the loss's rounding noise first dips below ``loss0``.
 
     On a slice that is not convex the loss may rise and fall again; the search returns
     the crossing bracketed from ``eta0``, which is the first one whenever the slice is
@@ -86,6 +104,8 @@ def critical_step_size(
         raise ValueError(f"rtol must lie in (0, 1), got {rtol}")
     if max_evals < 2:
         raise ValueError(f"max_evals must be >= 2, got {max_evals}")
+    if slope is not None and not slope < 0:
+        return CriticalStep(math.nan, 0.0, 0.0, 0)
     evals = 0
 
     def rises(eta: float) -> bool:

@@ -30,6 +30,7 @@ from lightning_stability.estimators.preconditioned import (
     sgd_edge,
 )
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
+from lightning_stability.estimators.subspace import log_flattening, subspace_shift
 from lightning_stability.estimators.trace import hutchpp_trace
 from lightning_stability.probes.base import (
     MANUAL_OPTIMIZATION,
@@ -94,11 +95,23 @@ class SharpnessMonitor(StabilityProbe):
     * ``preconditioned`` (Adam/AdamW only): ``lambda_max(D^-1 H)``, ``D = sqrt(v_hat) + eps``
       from the optimizer's second-moment state, in units of ``1/lr``; its edge is
       ``2 (1 + beta1) / ((1 - beta1) lr)`` = ``38 / lr`` at ``beta1 = 0.9``;
-    * ``shift``: ``1 - |cos|`` between this check's and the previous top eigenvector
-      (landscape shift); ``flattening``: ``(lambda_prev - lambda_max) / |lambda_prev|``
-      (positive when the landscape flattens);
+    * ``shift``: the sine of the largest principal angle between this check's and the
+      previous valid check's top-``k`` eigenspaces (0 = unchanged, 1 = a direction of one
+      is orthogonal to the other; landscape shift,
+      :func:`~lightning_stability.estimators.subspace.subspace_shift`); its noise floor on
+      a reference model is in ``benchmarks/RESULTS.md``. ``flattening``:
+      ``ln(lambda_prev / lambda_max)`` between successive valid checks (positive when the
+      landscape flattens; 0.1 is a fall of about 10%);
     * ``trace`` (Hutch++, when ``trace=True``) and ``hvps``: Hessian-vector products the
       check used.
+
+    Validity: a Lanczos reading that did not converge (residual rule of
+    :func:`~lightning_stability.estimators.lanczos.lanczos_top_k` within ``max_iter``) and a
+    critical sharpness that is undefined (the last update is not a descent direction of
+    the probe loss, or its crossing is below the loss's rounding) are published as NaN, and
+    ``skipped`` counts them (cumulative); the ratio keys that feed the warning layer
+    (``eos_ratio``) are withheld instead of NaN, and ``shift``/``flattening`` compare valid
+    checks only.
 
     Every optimizer step, once a ratio has been measured, it publishes ``predicted_ratio``
     (the latest ``eos_ratio`` or ``directional_ratio`` rescaled to the learning rate the
@@ -282,7 +295,11 @@ class SharpnessMonitor(StabilityProbe):
         self.num_checks = 0
         self._prev_lambda: float | None = None
         self._eigvecs: Tensor | None = None
+        self._valid_eigvecs: Tensor | None = None
         self._pre_eigvecs: Tensor | None = None
+        self.num_skipped = 0
+        """Readings published as NaN so far because they did not converge or were
+        undefined (published as ``sharpness/skipped``)."""
         self._eta_c: float | None = None
         self._weights_before: list[Tensor] | None = None
         self._world_size = 1
@@ -480,11 +497,12 @@ class SharpnessMonitor(StabilityProbe):
                     ]
                 return torch.stack(losses).mean()
 
+            grad: Tensor | None = None
             with HessianOperator(closure, params, reduce=reduce) as op:
                 if check:
                     values.update(self._check(trainer, pl_module, op, closure, optimizer, dtype))
                 if directional:
-                    g = op.gradient().to(dtype)
+                    g = grad = op.gradient().to(dtype)
                     gnorm = float(g.norm())
                     if gnorm > 0 and math.isfinite(gnorm):
                         u = g / gnorm
@@ -494,9 +512,13 @@ class SharpnessMonitor(StabilityProbe):
                             edge = min(_group_edge(optimizer, g) for g in optimizer.param_groups)
                             values["sharpness/directional_ratio"] = d / edge
             if directional and self.critical and self._weights_before is not None and lrs:
-                crit = self._critical(params, closure, reduce, max(lrs), dtype)
+                crit = self._critical(params, closure, reduce, max(lrs), dtype, grad)
                 if crit is not None:
                     values["sharpness/critical"] = crit
+                    if not math.isfinite(crit):
+                        self.num_skipped += 1
+        if check or directional:
+            values["sharpness/skipped"] = float(self.num_skipped)
         return values
 
     def _check(
@@ -533,25 +555,31 @@ class SharpnessMonitor(StabilityProbe):
             )
             external_products = 0
         eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
-        lam = float(eigenvalues[0])
+        # A reading that did not converge is not a reading: NaN, counted, and kept out of
+        # the ratio, the shift and the flattening (its vectors still make a warm start).
+        valid = bool(res.converged)
+        lam = float(eigenvalues[0]) if valid else math.nan
         values["sharpness/lambda_max"] = lam
         for i, value in enumerate(eigenvalues[1:], start=1):
-            values[f"sharpness/lambda_{i}"] = float(value)
-        if (
-            self._eigvecs is not None
+            values[f"sharpness/lambda_{i}"] = float(value) if valid else math.nan
+        if not valid:
+            self.num_skipped += 1
+        elif (
+            self._valid_eigvecs is not None
             and vecs is not None
-            and self._eigvecs.shape[0] == vecs.shape[0]
+            and self._valid_eigvecs.shape[0] == vecs.shape[0]
         ):
-            prev = self._eigvecs[:, 0].to(vecs)
-            cos = float(prev @ vecs[:, 0]) / max(float(prev.norm() * vecs[:, 0].norm()), 1e-30)
-            values["sharpness/shift"] = 1.0 - min(abs(cos), 1.0)
-        if self._prev_lambda is not None and self._prev_lambda != 0.0:
-            values["sharpness/flattening"] = (self._prev_lambda - lam) / abs(self._prev_lambda)
+            values["sharpness/shift"] = subspace_shift(self._valid_eigvecs, vecs)
+        if valid and self._prev_lambda is not None:
+            values["sharpness/flattening"] = log_flattening(self._prev_lambda, lam)
         if vecs is not None:
             self._eigvecs = vecs.detach().clone()
-        self._prev_lambda = lam
+            if valid:
+                self._valid_eigvecs = self._eigvecs
+        if valid:
+            self._prev_lambda = lam
 
-        if optimizer is not None:
+        if optimizer is not None and (valid or self._preconditioned_for(optimizer)):
             values.update(self._ratio(optimizer, op, lam, dtype, gen))
         if self.trace:
             values["sharpness/trace"] = self._trace(op, dtype, gen)
@@ -561,6 +589,10 @@ class SharpnessMonitor(StabilityProbe):
         self.last_products = op.num_products - products_before + external_products
         values["sharpness/hvps"] = float(self.last_products)
         return values
+
+    def _preconditioned_for(self, optimizer: torch.optim.Optimizer) -> bool:
+        """The ratio comes from the preconditioned Hessian, not from ``lambda_max``."""
+        return self.preconditioned and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
     def _ratio(
         self,
@@ -593,6 +625,11 @@ class SharpnessMonitor(StabilityProbe):
                 device=op.device,
             )
             self._pre_eigvecs = res.eigenvectors.detach().clone()
+            if not res.converged:
+                # The ratio feeds the warning layer, which reads a non-finite value as
+                # damage: an unconverged ratio is withheld, its sharpness published as NaN.
+                self.num_skipped += 1
+                return {"sharpness/preconditioned": math.nan}
             ratio = float(res.eigenvalues[0])
             return {"sharpness/eos_ratio": ratio, "sharpness/preconditioned": ratio * edge}
         edge = min(_group_edge(optimizer, g) for g in optimizer.param_groups)
@@ -605,12 +642,19 @@ class SharpnessMonitor(StabilityProbe):
         reduce: Callable[[Tensor], Tensor] | None,
         lr: float,
         dtype: torch.dtype,
+        grad: Tensor | None,
     ) -> float | None:
+        """Critical sharpness along the last update, NaN where undefined: the update is not
+        a descent direction of the probe loss (``d^T g >= 0``), or the crossing the search
+        found is below the loss's resolution (the first-order decrease over the bracket
+        is within the rounding of the loss), where ``2 / eta_c`` would read noise as a
+        huge curvature."""
         assert self._weights_before is not None
         step = flatten([p.detach() for p in params], dtype) - flatten(self._weights_before, dtype)
         if float(step.norm()) == 0.0 or lr <= 0:
             return None
         direction = step / lr
+        slope = float(direction @ grad.to(direction)) if grad is not None else None
 
         def loss() -> Tensor:
             value = closure().detach().reshape(1)
@@ -618,10 +662,19 @@ class SharpnessMonitor(StabilityProbe):
 
         with LineLoss(params, direction, loss) as line:
             loss0 = line(0.0)
-            result = critical_step_size(line, loss0, self._eta_c or lr, rtol=0.05)
-        if math.isfinite(result.eta) and result.eta > 0:
+            result = critical_step_size(line, loss0, self._eta_c or lr, rtol=0.05, slope=slope)
+        if not result.defined:
+            return math.nan
+        resolution = 16 * torch.finfo(dtype).eps * max(abs(loss0), 1e-30)
+        if (
+            slope is not None
+            and math.isfinite(result.upper)
+            and -slope * result.upper <= resolution
+        ):
+            return math.nan
+        if math.isfinite(result.eta):
             self._eta_c = result.eta
-        return result.sharpness if math.isfinite(result.sharpness) else None
+        return result.sharpness
 
     def _trace(self, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator) -> float:
         return hutchpp_trace(
@@ -704,12 +757,15 @@ class SharpnessMonitor(StabilityProbe):
             "num_checks": self.num_checks,
             "prev_lambda": self._prev_lambda,
             "eta_c": self._eta_c,
+            "skipped": self.num_skipped,
             "readings": {k: [r.value, r.step] for k, r in self.readings.items()},
             "edge": self.edge.state_dict(),
             "recheck_after": self._recheck_after,
         }
         if self._eigvecs is not None:
             state["eigvecs"] = self._eigvecs.detach().cpu()
+        if self._valid_eigvecs is not None:
+            state["valid_eigvecs"] = self._valid_eigvecs.detach().cpu()
         if self._pre_eigvecs is not None:
             state["pre_eigvecs"] = self._pre_eigvecs.detach().cpu()
         # A checkpoint holds rank 0's state only: under DDP every rank would resume with
@@ -734,7 +790,9 @@ class SharpnessMonitor(StabilityProbe):
             self.edge.load_state_dict(state_dict["edge"])
         self._recheck_after = int(state_dict.get("recheck_after", -1))
         self._eigvecs = state_dict.get("eigvecs")
+        self._valid_eigvecs = state_dict.get("valid_eigvecs", self._eigvecs)
         self._pre_eigvecs = state_dict.get("pre_eigvecs")
+        self.num_skipped = int(state_dict.get("skipped", 0))
         if "probe_batches" in state_dict and not (self._fixed_batches and self._batches):
             self._batches = list(state_dict["probe_batches"])
             self._batch_idx = [int(i) for i in state_dict.get("probe_batch_idx", [])]
