@@ -38,12 +38,14 @@ _TIMED_HOOKS = (
 
 
 class _Peak:
-    """Running max / min / mean / last of one reading."""
+    """Running max / min / mean / last / confirmed max (:func:`confirmed_max`) of one
+    reading; non-finite (invalid) readings are skipped."""
 
-    __slots__ = ("count", "last", "max", "min", "total")
+    __slots__ = ("confirmed", "count", "last", "max", "min", "previous", "total")
 
     def __init__(self) -> None:
         self.max, self.min, self.total, self.count, self.last = -math.inf, math.inf, 0.0, 0, 0.0
+        self.previous, self.confirmed = math.nan, -math.inf
 
     def add(self, value: float) -> None:
         self.last = value
@@ -51,10 +53,15 @@ class _Peak:
             self.max, self.min = max(self.max, value), min(self.min, value)
             self.total += value
             self.count += 1
+            if math.isfinite(self.previous):
+                self.confirmed = max(self.confirmed, min(self.previous, value))
+            self.previous = value
 
     def get(self, how: str) -> float:
         if how == "last":
             return self.last
+        if how == "confirmed_max":
+            return self.confirmed if math.isfinite(self.confirmed) else math.nan
         if not self.count:
             return math.nan
         return {"max": self.max, "min": self.min}.get(how, self.total / max(self.count, 1))

@@ -4,6 +4,7 @@ PNG plots."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -12,6 +13,7 @@ from pathlib import Path
 
 __all__ = [
     "RunSummary",
+    "confirmed_max",
     "find_runs",
     "load_run",
     "render_markdown",
@@ -22,11 +24,12 @@ __all__ = [
 
 LEVEL_NAMES = ("ok", "watch", "warning", "critical")
 
-# (label, tag, reduction) for the peak/last rows of a summary.
+# (label, tag, reduction) for the peak/last rows of a summary. Curvature peaks are
+# "confirmed" maxima (see ``confirmed_max``): a single outlying check must not set them.
 SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("peak edge-of-stability ratio", "stability/sharpness/eos_ratio", "max"),
-    ("peak lambda_max", "stability/sharpness/lambda_max", "max"),
-    ("peak directional ratio", "stability/sharpness/directional_ratio", "max"),
+    ("peak edge-of-stability ratio", "stability/sharpness/eos_ratio", "confirmed_max"),
+    ("peak lambda_max", "stability/sharpness/lambda_max", "confirmed_max"),
+    ("peak directional ratio", "stability/sharpness/directional_ratio", "confirmed_max"),
     ("peak gradient norm", "stability/grad/norm", "max"),
     ("mean clip rate", "stability/grad/clip_rate", "mean"),
     ("peak batch loss", "stability/loss/tail_max", "max"),
@@ -56,10 +59,27 @@ class RunSummary:
     seconds_in_callbacks: dict[str, float] = field(default_factory=dict)
 
 
+def confirmed_max(values: Iterable[float]) -> float:
+    """The largest level that two consecutive valid readings both reach:
+    ``max_i min(v_i, v_{i+1})`` over the finite readings in order (NaN readings, which
+    are invalid, are dropped first, so a confirmation may span one).
+
+    A reading on its own never sets the peak: an outlier between two ordinary readings
+    (lambda_max 8.5, 4227, 0.17) contributes only the ordinary level, while a run that
+    really sits at a level for two checks reports it. NaN with fewer than two readings.
+    """
+    finite = [float(v) for v in values if math.isfinite(v)]
+    if len(finite) < 2:
+        return math.nan
+    return max(min(a, b) for a, b in itertools.pairwise(finite))
+
+
 def _reduce(values: list[float], how: str) -> float:
     finite = [v for v in values if math.isfinite(v)]
     if how == "last":
         return values[-1]
+    if how == "confirmed_max":
+        return confirmed_max(values)
     if not finite:
         return math.nan
     if how == "max":

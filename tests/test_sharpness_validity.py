@@ -1,0 +1,113 @@
+"""Every published curvature reading carries its validity: unconverged Lanczos readings and
+undefined critical sharpness are NaN and counted, never huge; shift and flattening against
+subspaces and eigenvalues whose values are known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from helpers import TinyClassifier, classification_data, loader, trainer
+from torch import nn
+
+from lightning_stability.estimators import log_flattening, principal_sines, subspace_shift
+from lightning_stability.probes.sharpness import SharpnessMonitor
+
+KEY = "stability/sharpness/"
+
+
+def test_unconverged_lanczos_is_nan_counted_and_keeps_the_ratio_out():
+    cb = SharpnessMonitor(
+        every_n_steps=2, k=2, tol=1e-7, max_iter=3, directional=False, critical=False
+    )
+    t = trainer(max_steps=4, callbacks=[cb])
+    t.fit(TinyClassifier(), loader(classification_data()))
+    assert cb.num_checks == 2
+    assert math.isnan(cb.readings[KEY + "lambda_max"].value)
+    assert math.isnan(cb.readings[KEY + "lambda_1"].value)
+    assert cb.readings[KEY + "skipped"].value == 2.0
+    for name in ("eos_ratio", "shift", "flattening"):
+        assert KEY + name not in cb.readings
+
+
+def test_converged_lanczos_is_not_skipped():
+    cb = SharpnessMonitor(every_n_steps=2, k=1, tol=1e-4, max_iter=100, directional=False)
+    t = trainer(max_steps=4, callbacks=[cb])
+    t.fit(TinyClassifier(), loader(classification_data()))
+    assert math.isfinite(cb.readings[KEY + "lambda_max"].value)
+    assert cb.readings[KEY + "skipped"].value == 0.0
+    assert 0.0 <= cb.readings[KEY + "shift"].value <= 1.0
+    assert math.isfinite(cb.readings[KEY + "flattening"].value)
+
+
+def _ascent_loss(module: nn.Module, batch) -> torch.Tensor:
+    """The negative training loss: every training update climbs it."""
+    x, y = batch
+    return -nn.functional.cross_entropy(module(x), y)
+
+
+def test_critical_sharpness_along_a_non_descent_update_is_nan():
+    cb = SharpnessMonitor(
+        every_n_steps=3,
+        directional_every_n_steps=3,
+        loss_fn=_ascent_loss,
+        max_iter=60,
+        preconditioned=False,
+    )
+    t = trainer(max_steps=3, callbacks=[cb])
+    t.fit(TinyClassifier(opt="sgd", lr=0.05), loader(classification_data(), shuffle=False))
+    assert math.isnan(cb.readings[KEY + "critical"].value)
+    assert cb.readings[KEY + "skipped"].value >= 1.0
+
+
+def test_critical_sharpness_along_a_descent_update_is_finite_and_bounded():
+    cb = SharpnessMonitor(every_n_steps=3, directional_every_n_steps=3, max_iter=60)
+    t = trainer(max_steps=3, callbacks=[cb])
+    t.fit(TinyClassifier(opt="sgd", lr=0.05), loader(classification_data(), shuffle=False))
+    crit = cb.readings[KEY + "critical"].value
+    assert math.isfinite(crit) and 0 < crit < 100 * cb.readings[KEY + "lambda_max"].value
+
+
+# ------------------------------------------------------------------- shift, flattening
+def _rotation(dim: int, angle: float, i: int, j: int) -> torch.Tensor:
+    r = torch.eye(dim, dtype=torch.float64)
+    r[i, i] = r[j, j] = math.cos(angle)
+    r[i, j], r[j, i] = -math.sin(angle), math.sin(angle)
+    return r
+
+
+@pytest.mark.parametrize("angle", [0.0, 1e-3, 0.3, math.pi / 2])
+def test_shift_of_a_rotated_vector_is_the_sine_of_the_angle(angle):
+    e = torch.eye(6, dtype=torch.float64)
+    v = e[:, 0]
+    assert subspace_shift(v, _rotation(6, angle, 0, 4) @ v) == pytest.approx(
+        math.sin(angle), abs=1e-7
+    )
+    # sign-free: an eigenvector's sign is arbitrary
+    assert subspace_shift(v, -v) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_principal_angles_of_known_subspaces():
+    e = torch.eye(8, dtype=torch.float64)
+    a = e[:, :3]
+    # rotate two of the three directions out of the subspace by 0.2 and 0.7 rad
+    b = _rotation(8, 0.7, 2, 6) @ _rotation(8, 0.2, 1, 5) @ a
+    # an arbitrary basis of the same subspace gives the same angles
+    mix = torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 3.0], [1.0, 0.0, 1.0]], dtype=torch.float64)
+    sines = principal_sines(a, b @ mix)
+    torch.testing.assert_close(
+        sines, torch.tensor([math.sin(0.7), math.sin(0.2), 0.0], dtype=torch.float64),
+        atol=1e-7, rtol=0,
+    )  # fmt: skip
+    assert subspace_shift(a, b) == pytest.approx(math.sin(0.7), abs=1e-7)
+    # swapping the order of two eigenvectors within the subspace is no shift
+    assert subspace_shift(a, a[:, [1, 0, 2]]) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_flattening_is_a_log_ratio_with_an_obvious_sign():
+    assert log_flattening(10.0, 5.0) == pytest.approx(math.log(2))
+    assert log_flattening(5.0, 10.0) == pytest.approx(-math.log(2))
+    assert log_flattening(3.0, 3.0) == 0.0
+    for prev, now in [(0.0, 1.0), (-1.0, 2.0), (1.0, math.nan), (2.0, -0.5)]:
+        assert math.isnan(log_flattening(prev, now))
