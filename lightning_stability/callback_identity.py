@@ -13,9 +13,6 @@ from typing_extensions import override
 
 __all__ = ["IdentifiedCallback", "settle_state_keys"]
 
-INSTANCE = "instance"
-"""The state-key argument that numbers the second and later copies (1, 2, ...)."""
-
 # Live instances that hold an ordinal: those a new instance's provisional one must avoid.
 _numbered: weakref.WeakSet[IdentifiedCallback] = weakref.WeakSet()
 
@@ -49,6 +46,9 @@ class IdentifiedCallback(Callback):
     _settled = False  # numbered from a Trainer's callback list, not provisionally
     _first_of_class = True  # the first of its class in that list: reads the class-name entry
     _bare = False  # while set, the key is generated without the ordinal
+    # Lightning reads state_key around every hook call: once settled, the key is reused
+    # for as long as the arguments it was made from are unchanged.
+    _cached: tuple[dict[str, Any], str] | None = None
 
     @property
     @override
@@ -57,11 +57,17 @@ class IdentifiedCallback(Callback):
 
     @override
     def _generate_state_key(self, **kwargs: Any) -> str:
+        if self._settled and not self._bare and self._cached and self._cached[0] == kwargs:
+            return self._cached[1]
         key = super()._generate_state_key(**kwargs)
         if self._bare:
             return key
         ordinal = self._ordinal(key)
-        return key if ordinal == 0 else super()._generate_state_key(**kwargs, **{INSTANCE: ordinal})
+        if ordinal:
+            key = super()._generate_state_key(**kwargs, instance=ordinal)
+        if self._settled:
+            self._cached = (kwargs, key)
+        return key
 
     def identity_key(self) -> str:
         """The state key without the ordinal: equal for copies configured alike."""
@@ -111,6 +117,7 @@ def settle_state_keys(callbacks: Iterable[Callback]) -> None:
         cb._instance = counts.get(key, 0)
         counts[key] = cb._instance + 1
         cb._settled = True
+        cb._cached = None
         _numbered.add(cb)
         name = type(cb).__qualname__
         cb._first_of_class = name not in classes
