@@ -85,7 +85,7 @@ def test_clamped_steps_match_a_run_at_the_applied_rate_and_the_schedule_is_kept(
     def halving(opt):
         return torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
 
-    guard, lrs = LRGuard(margin=0.5), RecordLR()
+    guard, lrs = LRGuard(margin=0.5, confirm=1), RecordLR()
     guarded = LinearRegression(0.1, halving)
     fit(guarded, [FixedEdge(4.0, 0.1), lrs, guard], steps=4)
 
@@ -113,7 +113,7 @@ def _lambda(opt, factors):
 def test_a_run_the_guard_does_not_clamp_is_bit_identical(callbacks) -> None:
     bare = LinearRegression(0.1)
     fit(bare, [], steps=5)
-    guarded, guard = LinearRegression(0.1), LRGuard()
+    guarded, guard = LinearRegression(0.1), LRGuard(confirm=1)
     if callbacks:
         fit(guarded, [*callbacks, guard], steps=5)
     else:
@@ -124,7 +124,7 @@ def test_a_run_the_guard_does_not_clamp_is_bit_identical(callbacks) -> None:
 
 
 def test_hook_is_removed_after_fit() -> None:
-    module, guard = LinearRegression(0.1), LRGuard()
+    module, guard = LinearRegression(0.1), LRGuard(confirm=1)
     t = fit(module, [FixedEdge(4.0, 0.1), guard], steps=2)
     assert guard._handle is None
     opt = t.optimizers[0]
@@ -169,8 +169,32 @@ def test_guard_with_the_sharpness_monitor_clamps_a_learning_rate_jump_to_the_edg
     assert torch.isfinite(flat_weights(module)).all()
 
 
+class ScriptedEdge(Callback):
+    """Edge readings that change at given steps: ``script[step] = (ratio, lr)``."""
+
+    def __init__(self, script: dict[int, tuple[float, float]]) -> None:
+        self.edge = EdgePrediction()
+        self.script = script
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step in self.script:
+            self.edge.measured(*self.script[trainer.global_step])
+
+
+def test_a_lone_high_reading_clamps_nothing_and_a_confirmed_one_does() -> None:
+    # an outlier at step 2 between ordinary readings: nothing; two high readings: a clamp
+    # from the step the second arrives, at the smaller of the two
+    script = {0: (0.5, 0.1), 2: (4.0, 0.1), 3: (0.6, 0.1), 5: (3.0, 0.1), 6: (2.0, 0.1)}
+    guard = LRGuard(margin=0.5)
+    fit(LinearRegression(0.1), [ScriptedEdge(script), guard], steps=8)
+    start = guard.events[0]
+    assert start.step == 6
+    assert start.details["predicted_ratio"] == pytest.approx(2.0)
+    assert guard.clamped_steps == 2  # steps 6 and 7
+
+
 def test_state_dict_round_trip() -> None:
-    guard = LRGuard()
+    guard = LRGuard(confirm=1)
     fit(LinearRegression(0.1), [FixedEdge(4.0, 0.1), guard], steps=3)
     restored = LRGuard()
     restored.load_state_dict(guard.state_dict())
@@ -185,6 +209,7 @@ def test_state_dict_round_trip() -> None:
         ({"margin": 0}, "margin must be a number > 0"),
         ({"margin": True}, "margin must be a number > 0"),
         ({"max_age": 0}, "max_age must be an integer >= 1 or None"),
+        ({"confirm": 0}, "confirm must be an integer >= 1"),
     ],
 )
 def test_invalid_arguments(kwargs, match) -> None:

@@ -47,9 +47,16 @@ class LRGuard(StabilityAction):
     in ``trainer.callbacks``; without one (or before the monitor's first reading) it warns
     once and does nothing.
 
+    A single curvature reading can be an outlier (a probe batch unlike the rest, a
+    Lanczos start that met a transient direction), so the prediction is confirmed: it is
+    the smallest of the last ``confirm`` readings, each rescaled to the learning rate about
+    to be used. A learning-rate jump multiplies all of them and is seen at once; a lone
+    high reading clamps nothing.
+
     Args:
         margin: allowed excess of the predicted ratio over the edge, > 0. The applied
             learning rate puts the step at ``1 + margin`` times the edge. Default 0.5.
+        confirm: readings the prediction is confirmed over (>= 1). Default 2.
         max_age: readings older than this many optimizer steps are not trusted to clamp
             (the landscape has moved on); ``None`` trusts any age. Default ``None``.
 
@@ -65,7 +72,7 @@ class LRGuard(StabilityAction):
 
     source_name = "lr_guard"
 
-    def __init__(self, margin: float = 0.5, max_age: int | None = None) -> None:
+    def __init__(self, margin: float = 0.5, confirm: int = 2, max_age: int | None = None) -> None:
         super().__init__("critical")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
             raise ValueError(f"margin must be a number > 0, got {margin!r}")
@@ -73,8 +80,12 @@ class LRGuard(StabilityAction):
             isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1
         ):
             raise ValueError(f"max_age must be an integer >= 1 or None, got {max_age!r}")
+        if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 1:
+            raise ValueError(f"confirm must be an integer >= 1, got {confirm!r}")
         self.margin = float(margin)
+        self.confirm = confirm
         self.max_age = max_age
+        self._readings: list[tuple[float, float, int]] = []  # (ratio, lr, step), latest last
         self.clamped_steps = 0
         self.scale = 1.0
         """Applied / requested learning rate of the latest step."""
@@ -136,16 +147,23 @@ class LRGuard(StabilityAction):
 
     # ------------------------------------------------------------- the clamp
     def predicted_ratio(self, lr: float, step: int) -> float:
-        """The edge ratio of a step taken at ``lr``, from the monitor's latest reading; NaN
-        when there is none (or it is older than ``max_age`` steps)."""
+        """The edge ratio of a step taken at ``lr``: the smallest of the last ``confirm``
+        readings of the monitor, each rescaled to ``lr``; NaN until there are ``confirm``
+        of them (or when the oldest is more than ``max_age`` steps old)."""
+        self._observe(step)
+        if len(self._readings) < self.confirm:
+            return math.nan
+        if self.max_age is not None and step - self._readings[0][2] > self.max_age:
+            return math.nan
+        return min(ratio * lr / at_lr for ratio, at_lr, _ in self._readings)
+
+    def _observe(self, step: int) -> None:
         edge = self._edge
         if edge is None or not (edge.ratio_lr > 0) or not math.isfinite(edge.ratio):
-            return math.nan
-        if self.max_age is not None:
-            taken = getattr(self._monitor, "_seen_step", step)
-            if step - int(taken) > self.max_age:
-                return math.nan
-        return edge.ratio * lr / edge.ratio_lr
+            return
+        if self._readings and self._readings[-1][:2] == (edge.ratio, edge.ratio_lr):
+            return  # no new reading since the last step
+        self._readings = [*self._readings, (edge.ratio, edge.ratio_lr, step)][-self.confirm :]
 
     @override
     def on_before_optimizer_step(
@@ -239,6 +257,7 @@ class LRGuard(StabilityAction):
             "scale": self.scale,
             "episode_start": self._episode_start,
             "episode_min": self._episode_min,
+            "readings": [list(r) for r in self._readings],
             "events": self._events_state(),
         }
 
@@ -248,6 +267,9 @@ class LRGuard(StabilityAction):
         self.scale = float(state_dict["scale"])
         self._episode_start = int(state_dict["episode_start"])
         self._episode_min = float(state_dict["episode_min"])
+        self._readings = [
+            (float(r), float(lr), int(at)) for r, lr, at in state_dict.get("readings", [])
+        ]
         self._load_events(state_dict.get("events", []))
 
 
