@@ -11,6 +11,7 @@ warnings of a critical transition ("critical slowing down", Scheffer et al. 2009
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -49,6 +50,10 @@ class RollingWindow:
     Statistics are computed on request over the values currently held, in float64; with
     no values they are ``nan``. ``var`` is the unbiased sample variance (``nan`` for fewer
     than 2 values).
+
+    The values are also kept in sorted order, updated by bisection as they arrive and
+    leave, so that a quantile costs two look-ups and one interpolation instead of a sort of
+    the window (while the window holds a NaN, quantiles fall back to ``torch.quantile``).
     """
 
     def __init__(self, size: int) -> None:
@@ -57,11 +62,21 @@ class RollingWindow:
         self.size = size
         self._values: deque[float] = deque(maxlen=size)
         self._cached: Tensor | None = None  # the values as a tensor, shared by the statistics
+        self._sorted: list[float] | None = []  # the values in order; None: rebuild (or a NaN)
         self.total = 0  # values ever added, including those already dropped
 
     def update(self, value: float | Tensor) -> None:
         """Append one value (a number or a one-element tensor)."""
-        self._values.append(_as_float(value))
+        x = _as_float(value)
+        ordered = self._sorted
+        if ordered is not None:
+            if x != x:  # NaN: no place in an order
+                self._sorted = None
+            else:
+                if len(self._values) == self.size:
+                    del ordered[bisect.bisect_left(ordered, self._values[0])]
+                bisect.insort(ordered, x)
+        self._values.append(x)
         self._cached = None
         self.total += 1
 
@@ -69,6 +84,7 @@ class RollingWindow:
         """Drop the values held (``total`` keeps counting)."""
         self._values.clear()
         self._cached = None
+        self._sorted = []
 
     def extend(self, values: Iterable[float | Tensor]) -> None:
         for v in values:
@@ -111,10 +127,32 @@ class RollingWindow:
         return min(self._values) if self._values else math.nan
 
     def quantile(self, q: float) -> float:
-        """The ``q``-quantile (``0 <= q <= 1``) with linear interpolation, as ``torch.quantile``."""
+        """The ``q``-quantile (``0 <= q <= 1``) with linear interpolation, as ``torch.quantile``.
+
+        Computed as ``torch.quantile`` computes it (the rank ``q * (n - 1)``, the values at
+        its floor and ceiling, ``torch.lerp`` between them), from the sorted values, so the
+        result is the same float."""
         if not 0.0 <= q <= 1.0:
             raise ValueError(f"q must be in [0, 1], got {q!r}")
-        return float(torch.quantile(self.tensor(), q)) if self._values else math.nan
+        if not self._values:
+            return math.nan
+        ordered = self._ordered()
+        if ordered is None:
+            return float(torch.quantile(self.tensor(), q))
+        rank = q * (len(ordered) - 1)
+        below = int(rank)
+        above = math.ceil(rank)
+        low = ordered[below]
+        if below == above and math.isfinite(low):
+            return low + 0.0  # lerp(a, a, 0) = a + 0 * 0 (+0.0 for -0.0)
+        t = torch.tensor((low, ordered[above], rank - below), dtype=torch.float64)
+        return float(t[0].lerp(t[1], t[2]))
+
+    def _ordered(self) -> list[float] | None:
+        """The values in ascending order; ``None`` while the window holds a NaN."""
+        if self._sorted is None and not any(v != v for v in self._values):
+            self._sorted = sorted(self._values)
+        return self._sorted
 
     def ac1(self) -> float:
         """Lag-1 autocorrelation of the values held (see :func:`lag1_autocorrelation`)."""
@@ -128,6 +166,7 @@ class RollingWindow:
         # A resumed run may use a different window size; keep the newest values that fit.
         self._values = deque(values[-self.size :], maxlen=self.size)
         self._cached = None
+        self._sorted = None
         self.total = int(state.get("total", len(values)))
 
 

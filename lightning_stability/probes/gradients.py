@@ -52,6 +52,17 @@ def unbounded_adam_groups(optimizers: list[Any]) -> list[str]:
     return found
 
 
+def _stacked_f32(norms: list[Tensor], device: torch.device) -> Tensor:
+    """The 0-dim ``norms`` as one float32 vector on ``device`` (converting only those that
+    are not float32 there already)."""
+    return torch.stack(
+        [
+            n if n.dtype == torch.float32 and n.device == device else n.to(device, torch.float32)
+            for n in norms
+        ]
+    )
+
+
 def _overrides_clipping(pl_module: pl.LightningModule) -> bool:
     return (
         type(pl_module).configure_gradient_clipping
@@ -164,6 +175,7 @@ class GradientMonitor(StabilityProbe):
         self._snapshot: list[Tensor] | None = None
         self._measure_post_clip = False
         self._observed_step = -1
+        self._with_grad: tuple[list[int], Tensor | None] = ([], None)  # its tensor, reused
         self._latest: dict[str, Tensor] = {}
         self._pending_post: Tensor | None = None
 
@@ -265,15 +277,13 @@ class GradientMonitor(StabilityProbe):
             return self._latest
         grads = [self._params[i].grad for i in with_grad]
         device = grads[0].device
-        per = torch.stack(
-            [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(grads, 2.0)]
-        )
+        per = _stacked_f32(torch._foreach_norm(grads, 2.0), device)
         out: dict[str, Tensor] = {"norm": torch.linalg.vector_norm(per), "per": per}
-        out["with_grad"] = torch.tensor(with_grad)
-        weights = [p.detach() for p in self._params]
-        wper = torch.stack(
-            [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(weights, 2.0)]
-        )
+        if self._with_grad[0] != with_grad:
+            self._with_grad = (with_grad, torch.tensor(with_grad))
+        out["with_grad"] = self._with_grad[1]
+        # under no_grad the parameters themselves (no detached views needed)
+        wper = _stacked_f32(torch._foreach_norm(self._params, 2.0), device)
         out["wper"] = wper
         out["weight_norm"] = torch.linalg.vector_norm(wper)
         if self._clip_algorithm(trainer) == "value":
@@ -287,12 +297,7 @@ class GradientMonitor(StabilityProbe):
             if self._snapshot is not None:
                 now = self._take_snapshot()
                 diff = torch._foreach_sub(now, self._snapshot)
-                dsq = torch.stack(
-                    [
-                        n.to(device=device, dtype=torch.float32)
-                        for n in torch._foreach_norm(diff, 2.0)
-                    ]
-                ).square()
+                dsq = _stacked_f32(torch._foreach_norm(diff, 2.0), device).square()
                 out["dsq"] = dsq * self._sample_scale.to(device)
                 self._snapshot = now
             else:

@@ -173,7 +173,9 @@ class MetaStateMonitor:
             if obs.fresh and learn:
                 baseline.update(obs.value)
             if obs.spec.trend:
-                trend = self.trends.setdefault(obs.key, TrendIndicator(*self.trend_args))
+                trend = self.trends.get(obs.key)
+                if trend is None:
+                    trend = self.trends[obs.key] = TrendIndicator(*self.trend_args)
                 reading = trend.update(obs.value) if obs.fresh and learn else trend.last
                 # critical slowing down is rising variance AND rising autocorrelation
                 # (Scheffer et al. 2009); a variance that grows alone is not evidence

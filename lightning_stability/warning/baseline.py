@@ -2,22 +2,77 @@
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MAD_TO_SIGMA", "RobustBaseline", "median"]
+__all__ = ["MAD_TO_SIGMA", "RobustBaseline", "SortedWindow", "median", "median_of_sorted"]
 
 MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a standard deviation for Gaussian data."""
 
 
-def median(values: list[float]) -> float:
-    s = sorted(values)
+def median(values: Iterable[float]) -> float:
+    return median_of_sorted(sorted(values))
+
+
+def median_of_sorted(s: list[float]) -> float:
+    """The median of values already in ascending order."""
     n = len(s)
     mid = n // 2
     return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+class SortedWindow:
+    """The last ``maxlen`` values, in arrival order (:attr:`values`, a deque) and in
+    ascending order (:meth:`ordered`), the latter kept up to date by bisection as values
+    arrive and leave instead of being sorted again at every request.
+
+    While a NaN is held (which has no place in an order) :meth:`ordered` sorts the values
+    as ``sorted`` does, so the result is the same either way.
+    """
+
+    __slots__ = ("_sorted", "values")
+
+    def __init__(self, maxlen: int) -> None:
+        self.values: deque[float] = deque(maxlen=maxlen)
+        self._sorted: list[float] | None = []  # None: rebuild on request
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def append(self, value: float) -> None:
+        ordered = self._sorted
+        if ordered is not None:
+            if value != value:
+                self._sorted = None
+            else:
+                if len(self.values) == self.values.maxlen:
+                    del ordered[bisect.bisect_left(ordered, self.values[0])]
+                bisect.insort(ordered, value)
+        self.values.append(value)
+
+    def extend(self, values: Iterable[float]) -> None:
+        for value in values:
+            self.append(value)
+
+    def clear(self) -> None:
+        self.values.clear()
+        self._sorted = []
+
+    def ordered(self) -> list[float]:
+        """The values in ascending order (do not modify the list)."""
+        if self._sorted is None:
+            ordered = sorted(self.values)
+            if any(v != v for v in ordered):
+                return ordered
+            self._sorted = ordered
+        return self._sorted
+
+    def median(self) -> float:
+        return median_of_sorted(self.ordered())
 
 
 class RobustBaseline:
@@ -43,7 +98,8 @@ class RobustBaseline:
         self.window = window
         self.warmup = warmup
         self.min_scale = min_scale
-        self.values: deque[float] = deque(maxlen=window)
+        self._window = SortedWindow(window)
+        self.values: deque[float] = self._window.values
         self._center = math.nan
         self._scale = math.nan
 
@@ -63,10 +119,9 @@ class RobustBaseline:
         """Learn from ``value`` (non-finite values are ignored)."""
         if not math.isfinite(value):
             return
-        self.values.append(value)
-        vals = list(self.values)
-        self._center = median(vals)
-        mad = median([abs(v - self._center) for v in vals])
+        self._window.append(value)
+        center = self._center = self._window.median()
+        mad = median([abs(v - center) for v in self.values])
         self._scale = max(MAD_TO_SIGMA * mad, self.min_scale)
 
     def score(self, value: float) -> float | None:
@@ -79,6 +134,6 @@ class RobustBaseline:
         return {"values": list(self.values)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.values.clear()
+        self._window.clear()
         for v in state["values"]:
             self.update(float(v))

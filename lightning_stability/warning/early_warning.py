@@ -217,8 +217,8 @@ class EarlyWarning(IdentifiedCallback):
         self.events: list[InstabilityEvent] = []
         self.probes: list[StabilityProbe] = []
         self.deviation = 0.0
-        self._loss_sum = 0.0
-        self._loss_count = 0
+        # this step's training losses, read to the host only when no probe publishes one
+        self._step_losses: list[torch.Tensor] = []
         self._last_step = -1
 
     @property
@@ -252,12 +252,15 @@ class EarlyWarning(IdentifiedCallback):
         for probe in self.probes:
             readings.update(probe.readings)
         step = trainer.global_step
-        if self.use_step_loss and STEP_LOSS_KEY not in readings and self._loss_count:
-            loss = torch.tensor(self._loss_sum / self._loss_count, dtype=torch.float64)
+        if self.use_step_loss and STEP_LOSS_KEY not in readings and self._step_losses:
+            total = 0.0
+            for value in self._step_losses:
+                total += float(value)
+            loss = torch.tensor(total / len(self._step_losses), dtype=torch.float64)
             if trainer.world_size > 1:
                 loss = trainer.strategy.reduce(loss.to(trainer.strategy.root_device), "mean")
             readings[STEP_LOSS_KEY] = Reading(float(loss), step)
-        self._loss_sum, self._loss_count = 0.0, 0
+        self._step_losses = []
         return readings
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -273,8 +276,7 @@ class EarlyWarning(IdentifiedCallback):
     ) -> None:
         loss = step_loss(trainer, pl_module, outputs) if self.use_step_loss else None
         if loss is not None:
-            self._loss_sum += float(loss)
-            self._loss_count += 1
+            self._step_losses.append(loss)
         step = trainer.global_step
         # evaluate once per optimizer step (not per accumulated micro-batch)
         if step == self._last_step:
@@ -319,23 +321,19 @@ class EarlyWarning(IdentifiedCallback):
         dims = [local.dimensions.get(d, -1.0) for d in DIMENSIONS]
         # the highest proposed level wins; ties go to the lowest rank
         source_key = float(int(local.proposed) * world + (world - 1 - rank))
-        vec = torch.tensor(
-            [
-                float(local.proposed),
-                float(local.hold),
-                float(local.hard),
-                float(local.ruled),
-                float(local.worse),
-                local.deviation,
-                source_key,
-                *dims,
-            ],
-            dtype=torch.float64,
-        )
-        if world > 1:
-            vec = trainer.strategy.reduce(vec.to(trainer.strategy.root_device), reduce_op="max")
-            vec = vec.cpu()
-        v = vec.tolist()
+        v = [
+            float(local.proposed),
+            float(local.hold),
+            float(local.hard),
+            float(local.ruled),
+            float(local.worse),
+            float(local.deviation),
+            source_key,
+            *(float(d) for d in dims),
+        ]
+        if world > 1:  # one process: the maximum is the row itself
+            vec = torch.tensor(v, dtype=torch.float64, device=trainer.strategy.root_device)
+            v = trainer.strategy.reduce(vec, reduce_op="max").cpu().tolist()
         src = world - 1 - int(v[6]) % world
         reduced_dims = {d: s for d, s in zip(DIMENSIONS, v[7:]) if s >= 0}
         levels = Level(int(v[0])), Level(int(v[1])), bool(v[2]), Level(int(v[3])), bool(v[4])

@@ -10,13 +10,15 @@ autocorrelation of the detrended series, Kendall's tau of each against time).
 from __future__ import annotations
 
 import math
+import operator
 from collections import deque
 from collections.abc import Mapping, Sequence
+from itertools import islice
 from typing import Any, NamedTuple
 
 import torch
 
-from lightning_stability.warning.baseline import median
+from lightning_stability.warning.baseline import SortedWindow
 from lightning_stability.warning.events import Level
 
 __all__ = ["TrendIndicator", "TrendReading", "kendall_tau", "variance_and_ac1"]
@@ -43,8 +45,10 @@ def variance_and_ac1(values: Sequence[float]) -> tuple[float, float]:
     n = len(values)
     mean = sum(values) / n
     r = [v - mean for v in values]
-    ss = sum(x * x for x in r)
-    ac1 = sum(r[t] * r[t - 1] for t in range(1, n)) / ss if ss > 0 else 0.0
+    mul = operator.mul
+    ss = sum(map(mul, r, r))
+    # the products r[t] * r[t - 1], summed in the order of t
+    ac1 = sum(map(mul, islice(r, 1, None), r)) / ss if ss > 0 else 0.0
     return ss / (n - 1), ac1
 
 
@@ -113,8 +117,11 @@ class TrendIndicator:
         self.streak = 0
         self.level = math.nan
         self.values: deque[float] = deque(maxlen=window)
-        self.variances: deque[float] = deque(maxlen=4 * history)
-        self.ac1s: deque[float] = deque(maxlen=4 * history)
+        # the long-run medians come from windows kept in order as they roll
+        self._variances = SortedWindow(4 * history)
+        self._ac1s = SortedWindow(4 * history)
+        self.variances: deque[float] = self._variances.values
+        self.ac1s: deque[float] = self._ac1s.values
         self.last: TrendReading | None = None
 
     def update(self, value: float) -> TrendReading | None:
@@ -125,30 +132,30 @@ class TrendIndicator:
         if len(self.values) < self.window:
             return None
         var, ac1 = variance_and_ac1(list(self.values))
-        self.variances.append(var)
-        self.ac1s.append(ac1)
+        self._variances.append(var)
+        self._ac1s.append(ac1)
         self.last = self._evaluate(advance=True)
         return self.last
 
     def _evaluate(self, advance: bool = False) -> TrendReading | None:
         if len(self.variances) < self.history:
             return None
-        variances = list(self.variances)
-        ac1s = list(self.ac1s)
-        reference = median(variances)
+        variances = self.variances
+        ac1s = self.ac1s
+        reference = self._variances.median()
         ratio = variances[-1] / reference if reference > 0 else math.inf
-        rise = ac1s[-1] - median(ac1s)
+        rise = ac1s[-1] - self._ac1s.median()
         # Kendall's tau is the expensive part: computed only when the cheap growth
         # conditions already hold (NaN otherwise), which in a calm run is rarely
         tau_var = tau_ac1 = math.nan
         level = Level.OK
         slowing = False
         if ratio >= self.var_factor:
-            tau_var = kendall_tau(variances[-self.history :])
+            tau_var = kendall_tau(list(variances)[-self.history :])
             if tau_var >= self.tau:
                 level = Level.WATCH
                 if rise >= self.ac1_rise:
-                    tau_ac1 = kendall_tau(ac1s[-self.history :])
+                    tau_ac1 = kendall_tau(list(ac1s)[-self.history :])
                     slowing = tau_ac1 >= self.tau
         if advance:
             self.streak = self.streak + 1 if slowing else 0
@@ -169,9 +176,9 @@ class TrendIndicator:
         self.values.clear()
         self.values.extend(float(v) for v in state["values"])
         self.level = float(state["level"])
-        self.variances.clear()
-        self.variances.extend(float(v) for v in state["variances"])
-        self.ac1s.clear()
-        self.ac1s.extend(float(v) for v in state["ac1s"])
+        self._variances.clear()
+        self._variances.extend(float(v) for v in state["variances"])
+        self._ac1s.clear()
+        self._ac1s.extend(float(v) for v in state["ac1s"])
         self.streak = int(state.get("streak", 0))
         self.last = self._evaluate()

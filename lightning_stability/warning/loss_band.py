@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from lightning_stability.warning.baseline import median
+from lightning_stability.warning.baseline import SortedWindow, median, median_of_sorted
 
 __all__ = ["BandEvidence", "LossBand"]
 
@@ -188,7 +188,12 @@ class LossBand:
         self.forget_high = forget_high
         self.scale = 0.0
         self.bands: deque[tuple[float, float, float]] = deque(maxlen=memory)
-        self.values: deque[float] = deque(maxlen=window)
+        # candidates for min(self.bands) as the bands roll: (arrival number, band), bands
+        # increasing from the front, so that the minimum is the front's
+        self._lowest: deque[tuple[int, tuple[float, float, float]]] = deque()
+        self._arrivals = 0
+        self._window = SortedWindow(window)
+        self.values: deque[float] = self._window.values
         self.recent: deque[float] = deque(maxlen=smooth)
         self.trail: deque[float] = deque(maxlen=max(confirm, sustain))
         self.outside_streak = 0
@@ -213,16 +218,32 @@ class LossBand:
         return median(self._first[:3]) if self._first else math.nan
 
     def _refresh(self) -> None:
-        ordered = sorted(self.values)
+        ordered = self._window.ordered()
         n = len(ordered)
-        self.floor = median(ordered)
+        self.floor = median_of_sorted(ordered)
         pos = self.quantile * (n - 1)
         lo = int(pos)
         hi = min(lo + 1, n - 1)
         self.top = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
         self.spread = max(self.top - self.floor, self.rel_width * abs(self.floor), 1e-12)
-        self.bands.append((self.top, self.floor, self.spread))
-        self.ref_top, self.ref_floor, self.ref_spread = min(self.bands)
+        self._add_band((self.top, self.floor, self.spread))
+        self.ref_top, self.ref_floor, self.ref_spread = self._lowest[0][1]
+
+    def _add_band(self, band: tuple[float, float, float]) -> None:
+        """Append ``band`` to :attr:`bands` and keep ``min(self.bands)`` at the front of
+        ``_lowest`` (a sliding-window minimum: O(1) amortised instead of a scan)."""
+        self.bands.append(band)
+        lowest = self._lowest
+        while lowest and lowest[-1][1] >= band:
+            lowest.pop()
+        lowest.append((self._arrivals, band))
+        self._arrivals += 1
+        while lowest[0][0] < self._arrivals - self.memory:
+            lowest.popleft()
+
+    def _clear_bands(self) -> None:
+        self.bands.clear()
+        self._lowest.clear()
 
     def _above(self, value: float, width: float, factor: float) -> bool:
         floor = max(self.ref_floor, self.scale_frac * self.scale)
@@ -243,8 +264,8 @@ class LossBand:
             # The first batch of an epoch jumps above a calm band: the data changed
             # (a curriculum, a new shard), not the run. The band starts again from the
             # new level instead of judging it against the old one.
-            self.values.clear()
-            self.bands.clear()
+            self._window.clear()
+            self._clear_bands()
             self.recent.clear()
             self.trail.clear()
             self.outside_streak = self.damage_streak = 0
@@ -288,7 +309,7 @@ class LossBand:
             if len(self._first) < self.warmup:
                 self._first.append(loss)
                 self.scale = median(self._first)
-            self.values.append(loss)
+            self._window.append(loss)
             if self.ready:
                 self._refresh()
         return out
@@ -315,8 +336,8 @@ class LossBand:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.values.clear()
-        self.values.extend(float(v) for v in state["values"])
+        self._window.clear()
+        self._window.extend(float(v) for v in state["values"])
         self.recent.clear()
         self.recent.extend(float(v) for v in state["recent"])
         self.trail.clear()
@@ -331,7 +352,8 @@ class LossBand:
         if self.ready:
             self._refresh()
         # the history as it was saved (the refresh above appended its band once more)
-        self.bands.clear()
-        self.bands.extend(saved)
+        self._clear_bands()
+        for band in saved:
+            self._add_band(band)
         if self.bands:
-            self.ref_top, self.ref_floor, self.ref_spread = min(self.bands)
+            self.ref_top, self.ref_floor, self.ref_spread = self._lowest[0][1]
