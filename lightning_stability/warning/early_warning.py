@@ -293,8 +293,9 @@ class EarlyWarning(IdentifiedCallback):
             "stability/meta/level": float(self.tracker.level),
             **{f"stability/meta/{name}": value for name, value in dims.items()},
         }
+        metrics = trainer.callback_metrics  # a property that gathers the results: read once
         for key, value in meta.items():
-            trainer.callback_metrics[key] = torch.tensor(value)
+            metrics[key] = torch.tensor(value)
         # Loggers get the dense readings at Lightning's log cadence (pl_module.log costs
         # about a millisecond a call), and always on a step with an event, so the level
         # plot shows every change.
