@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import (
@@ -45,7 +47,7 @@ def _values(monitor, prefix):
 
 def test_no_training_between_checks_gives_one():
     model = TinyClassifier(lr=0.0)
-    monitor = RepresentationDriftMonitor(probe_size=64)
+    monitor = RepresentationDriftMonitor(probe_size=64, min_steps=0)
     _fit(model, monitor)
     assert monitor.layer_names == LAYERS
     for name in LAYERS:
@@ -177,6 +179,9 @@ def test_layer_selection_and_errors():
         ({"every_n_steps": 0}, "every_n_steps"),
         ({"every_n_epochs": -1}, "every_n_epochs"),
         ({"source": "test"}, "source"),
+        ({"max_features": 0}, "max_features"),
+        ({"every_n_steps": True}, "every_n_steps"),
+        ({"input_fn": 3}, "input_fn"),
         ({"max_layers": 0}, "max_layers"),
         ({"probe_inputs": torch.zeros(3, 2)}, "probe_inputs"),
     ],
@@ -225,14 +230,16 @@ def test_probe_set_is_drawn_without_touching_the_global_rng():
     m2._prepare_probe(fake)
     assert m1.probe_indices == m2.probe_indices and len(set(m1.probe_indices)) == 40
     assert m1.probe_indices != sorted(m1.probe_indices)  # a random draw, not the first 40
-    # The inputs are the dataset's items at those indices (first element of the batch).
-    assert torch.equal(m1._inputs[:, 0].round(), torch.tensor(m1.probe_indices).float())
+    # The probe batch holds the dataset's items at those indices.
+    x, idx = m1._inputs
+    assert torch.equal(x[:, 0].round(), torch.tensor(m1.probe_indices).float())
+    assert idx.tolist() == m1.probe_indices
 
 
 def _resume_run(tmp_path, epochs, ckpt_path=None, save=False):
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.2)
-    monitor = RepresentationDriftMonitor(probe_size=64)
+    monitor = RepresentationDriftMonitor(probe_size=64, min_steps=0)
     extra = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else []
     t = trainer(
         max_steps=-1, max_epochs=epochs, callbacks=[monitor, *extra], enable_checkpointing=save
@@ -262,7 +269,7 @@ def test_heatmap_goes_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    monitor = RepresentationDriftMonitor(probe_size=32)
+    monitor = RepresentationDriftMonitor(probe_size=32, min_steps=0)
     _fit(TinyClassifier(), monitor, epochs=2, logger=logger)
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0})
     acc.Reload()
@@ -288,7 +295,7 @@ def _ddp_extract(trainer, pl_module):
     return {
         "readings": {k: r.value for k, r in monitor.readings.items()},
         "indices": monitor.probe_indices,
-        "local_n": int(monitor._inputs.shape[0]),
+        "local_n": int(monitor._probe_n),
         "snapshots": recorder.snapshots,
     }
 
@@ -297,7 +304,7 @@ def _ddp_extract(trainer, pl_module):
 def test_ddp_equals_single_process_on_the_union(tmp_path):
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.3)
-    monitor = RepresentationDriftMonitor(probe_size=64, source="train")
+    monitor = RepresentationDriftMonitor(probe_size=64, source="train", min_steps=0)
     t = ddp_trainer(
         max_steps=-1,
         max_epochs=2,
@@ -359,9 +366,11 @@ def test_bf16_weights_are_measured_in_float32():
     assert monitor.readings["stability/cka/net.2"].value == pytest.approx(1.0, abs=1e-6)
 
 
-def test_probe_set_comes_from_the_validation_set_when_there_is_one():
+def test_probe_set_comes_from_the_validation_set_when_asked():
     val = classification_data(n=40, seed=5)
-    monitor = RepresentationDriftMonitor(probe_size=100, every_n_epochs=0, every_n_steps=2)
+    monitor = RepresentationDriftMonitor(
+        probe_size=100, every_n_epochs=0, every_n_steps=2, source="val"
+    )
     t = trainer(max_steps=4, callbacks=[monitor], limit_val_batches=1)
     t.fit(
         TinyClassifier(lr=0.0),
@@ -369,5 +378,267 @@ def test_probe_set_comes_from_the_validation_set_when_there_is_one():
         loader(val, shuffle=False),
     )
     assert sorted(monitor.probe_indices) == list(range(40))  # capped at the set's size
-    assert torch.equal(monitor._inputs, val.tensors[0][monitor.probe_indices])
+    assert torch.equal(monitor._inputs[0], val.tensors[0][monitor.probe_indices])
     assert monitor.num_checks == 1 + 2  # start, steps 2 and 4; no epoch-end check
+
+    # "auto" draws from the training set when the probe runs through training_step (which
+    # is written for training batches), from the validation set for the forward path.
+    for kwargs, want in (({}, 128), ({"input_fn": lambda batch: batch[0]}, 40)):
+        monitor = RepresentationDriftMonitor(probe_size=200, every_n_epochs=0, **kwargs)
+        t = trainer(max_steps=1, callbacks=[monitor], limit_val_batches=1)
+        t.fit(
+            TinyClassifier(lr=0.0),
+            loader(classification_data(n=128), shuffle=False),
+            loader(val, shuffle=False),
+        )
+        assert len(monitor.probe_indices) == want
+
+
+# ----------------------------------------------------------------------------------------
+# The default path: the module's own training_step on the probe batch, hooks on the layers
+
+
+class DictSamples(torch.utils.data.Dataset):
+    """Samples as dicts whose keys no default knows."""
+
+    def __init__(self, n: int = 128, seed: int = 0) -> None:
+        self.data = classification_data(n, seed=seed)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.data[i]
+        return {"features": x, "label": y}
+
+
+class NoForward(pl.LightningModule):
+    """No ``forward``: the step calls ``self.net`` on a dict batch, draws input noise and
+    has BatchNorm and dropout; a loss module as a child."""
+
+    def __init__(self, lr: float = 0.1, noise: float = 0.1) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Dropout(0.2), nn.Linear(32, 3)
+        )
+        self.head_unused = nn.Linear(3, 3)  # only in validation
+        self.criterion = nn.CrossEntropyLoss()
+        self.lr = lr
+        self.noise = noise
+
+    def training_step(self, batch, batch_idx):
+        x = batch["features"]
+        x = x + self.noise * torch.randn_like(x)
+        loss = self.criterion(self.net(x), batch["label"])
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
+
+
+class _EpochReadings(Callback):
+    """Registered after the monitors: what was published by the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        drift = next(c for c in trainer.callbacks if isinstance(c, RepresentationDriftMonitor))
+        self.rows.append({"step": trainer.global_step, **{k: r for k, r in drift.readings.items()}})
+
+
+def _default_set_fit(drift, epochs=2, n=1000, batch_size=2, seed=0, **kw):
+    from lightning_stability.defaults import stability_callbacks
+
+    torch.manual_seed(seed)
+    model = NoForward(**kw)
+    recorder = _EpochReadings()
+    callbacks = [*stability_callbacks(drift=drift, dashboard=False)]
+    if drift is not False:
+        callbacks.append(recorder)
+    t = trainer(max_steps=-1, max_epochs=epochs, callbacks=callbacks)
+    t.fit(model, loader(DictSamples(n), batch_size=batch_size, shuffle=True))
+    return model, t, recorder
+
+
+def test_default_set_measures_a_module_without_forward_on_dict_batches():
+    # epochs of 500 steps: at the default cadence, a check at every epoch end
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, t, recorder = _default_set_fit(drift=True, lr=0.02)
+    drift = next(c for c in t.callbacks if isinstance(c, RepresentationDriftMonitor))
+    said = [str(w.message) for w in caught if "RepresentationDriftMonitor" in str(w.message)]
+    # the layer only validation uses is dropped, named, once; the loss module never chosen
+    assert len(said) == 1 and "'head_unused'" in said[0], said
+    assert drift.layer_names == ["net.0", "net.1", "net.2", "net.4"]
+    assert drift.by_epoch and drift.num_checks == 1 + 2
+    assert [row["step"] for row in recorder.rows] == [500, 1000]
+    for row in recorder.rows:  # a CKA reading taken at the end of every epoch
+        for name in ("min", *drift.layer_names):
+            reading = row[f"stability/cka/{name}"]
+            # debiased CKA can dip below 0 for unrelated representations
+            assert reading.step == row["step"] and -0.5 < reading.value <= 1.0 + 1e-9
+    assert recorder.rows[-1]["stability/cka_initial/net.4"].value < 0.999  # it drifted
+    assert 0.0 <= recorder.rows[-1]["stability/act/net.2/dead_fraction"].value <= 1.0
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model.training
+
+
+def test_default_set_on_short_epochs_checks_at_the_start_and_the_end():
+    _, t, recorder = _default_set_fit(drift=True, epochs=3, n=128, batch_size=32)
+    drift = next(c for c in t.callbacks if isinstance(c, RepresentationDriftMonitor))
+    assert drift.num_checks == 2 and [row["step"] for row in drift.history] == [12]
+    assert recorder.rows[-1]["stability/cka/min"].step == 12
+
+
+def test_default_set_is_bit_identical_with_and_without_drift():
+    short = {"n": 128, "batch_size": 32, "epochs": 3}
+    bare, t_bare, _ = _default_set_fit(drift=False, **short)
+    probed, t_probed, _ = _default_set_fit(drift={"min_steps": 0}, **short)
+    drift = next(c for c in t_probed.callbacks if isinstance(c, RepresentationDriftMonitor))
+    assert drift.num_checks == 1 + 3
+    assert torch.equal(flat_weights(bare), flat_weights(probed))
+    for b1, b2 in zip(bare.buffers(), probed.buffers()):
+        assert torch.equal(b1, b2)
+    # the probe's training_step logs nothing that is seen
+    assert torch.equal(
+        t_bare.callback_metrics["train_loss"], t_probed.callback_metrics["train_loss"]
+    )
+
+
+def test_noise_drawn_in_the_step_is_the_same_at_every_check():
+    # lr 0: nothing moves, so CKA is 1 exactly when the step's noise repeats at every check
+    monitor = RepresentationDriftMonitor(probe_size=64, min_steps=0)
+    torch.manual_seed(0)
+    t = trainer(max_steps=-1, max_epochs=2, callbacks=[monitor])
+    t.fit(NoForward(lr=0.0, noise=1.0), loader(DictSamples(), shuffle=True))
+    assert monitor.num_checks == 3
+    # the first layer sees only the noisy input (BatchNorm's running statistics, which the
+    # later layers use in eval mode, do move at lr 0)
+    assert monitor.readings["stability/cka/net.0"].value == pytest.approx(1.0, abs=1e-9)
+    assert monitor.readings["stability/cka_initial/net.0"].value == pytest.approx(1.0, abs=1e-9)
+
+
+def test_cadence_epoch_ends_or_steps_never_both():
+    def run(every_n_steps, epochs=3, min_steps=0):
+        monitor = RepresentationDriftMonitor(
+            probe_size=32, every_n_steps=every_n_steps, min_steps=min_steps
+        )
+        steps = []
+
+        class Steps(Callback):
+            def on_train_epoch_end(self, trainer, pl_module):
+                steps.append(monitor.last_check_step)
+
+        _fit(TinyClassifier(), monitor, epochs=epochs, extra=[Steps()])  # 4 steps an epoch
+        return monitor, steps
+
+    monitor, _ = run(every_n_steps=8)  # epochs shorter: epoch ends
+    assert monitor.by_epoch and monitor.num_checks == 1 + 3
+    assert [row["step"] for row in monitor.history] == [4, 8, 12]
+    monitor, _ = run(every_n_steps=3)  # epochs longer: every 3 steps, evenly spaced
+    assert not monitor.by_epoch
+    assert [row["step"] for row in monitor.history] == [3, 6, 9, 12]
+    monitor, _ = run(every_n_steps=None)
+    assert monitor.by_epoch and [row["step"] for row in monitor.history] == [4, 8, 12]
+    # short epochs: epoch ends at least min_steps apart, and the last epoch's end
+    monitor, _ = run(every_n_steps=1000, epochs=7, min_steps=10)
+    assert monitor.by_epoch and [row["step"] for row in monitor.history] == [12, 24, 28]
+
+
+def test_wide_layers_are_hashed_to_max_features():
+    monitor = RepresentationDriftMonitor(max_features=256, seed=3)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 20, generator=g, dtype=torch.float64)
+    mix = torch.randn(20, 4096, generator=g, dtype=torch.float64)
+    x = z @ mix + 0.3 * torch.randn(64, 4096, generator=g, dtype=torch.float64)
+    moved = z + 0.7 * torch.randn(64, 20, generator=g, dtype=torch.float64)
+    y = moved @ mix + 0.3 * torch.randn(64, 4096, generator=g, dtype=torch.float64)
+    hx, hy = monitor._narrow("enc", x), monitor._narrow("enc", y)
+    assert hx.shape == (64, 256)
+    assert torch.equal(hx, RepresentationDriftMonitor(max_features=256, seed=3)._narrow("enc", x))
+    assert not torch.equal(hx, monitor._narrow("dec", x))  # a projection per layer
+    assert monitor._narrow("narrow", x[:, :256]) is not None
+    assert torch.equal(monitor._narrow("narrow", x[:, :256]), x[:, :256])  # at the cap: as is
+    # a structured representation keeps its CKA through the hashing
+    full = linear_cka(x, y, debiased=True).item()
+    hashed = linear_cka(hx, hy, debiased=True).item()
+    assert 0.5 < full < 0.8 and hashed == pytest.approx(full, abs=0.05)
+    # inner products are kept in expectation: the average over hashings is close
+    grams = torch.stack(
+        [
+            RepresentationDriftMonitor(max_features=256, seed=s)._narrow("enc", x[:8]).T.T
+            @ RepresentationDriftMonitor(max_features=256, seed=s)._narrow("enc", y[:8]).T
+            for s in range(64)
+        ]
+    ).mean(0)
+    exact = x[:8] @ y[:8].T
+    assert torch.allclose(grams, exact, atol=0.05 * float(exact.abs().max()))
+
+    # in a run: the wide layer is measured through its hashed features, health on the raw
+    class Wide(TinyClassifier):
+        def __init__(self):
+            super().__init__(hidden=2048, lr=0.0)
+            self.net[1] = nn.ReLU()
+
+    monitor = RepresentationDriftMonitor(probe_size=48, max_features=128)
+    model = Wide()
+    _fit(model, monitor, epochs=1)
+    assert monitor._previous["net.0"].num_samples == 48
+    assert {d for (_, d, _) in monitor._hashing} == {2048}
+    x = classification_data(n=128).tensors[0][monitor.probe_indices]
+    with torch.no_grad():
+        hidden = model.net[1](model.net[0](x)).double()
+    assert monitor.readings["stability/act/net.1/rms"].value == pytest.approx(
+        float(hidden.square().mean().sqrt())
+    )
+    assert monitor.readings["stability/act/net.1/dead_fraction"].value == pytest.approx(
+        float((hidden.amax(0) <= 0).double().mean())
+    )
+
+
+class _SkipsFirst(TinyClassifier):
+    def training_step(self, batch, batch_idx):
+        if batch_idx % 3 == 0:
+            return None
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_step_that_skips_batch_idx_zero_is_run_with_the_next_index():
+    monitor = RepresentationDriftMonitor(probe_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(_SkipsFirst(), monitor, epochs=2)
+    assert not [w for w in caught if "RepresentationDriftMonitor" in str(w.message)]
+    assert monitor._batch_idx == 1 and "stability/cka/min" in monitor.readings
+
+
+class _Manual(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.net(x), y)
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+        return loss
+
+
+def test_manual_optimization_needs_input_fn():
+    monitor = RepresentationDriftMonitor(probe_size=32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = _fit(_Manual(), monitor, epochs=2)
+    assert t.current_epoch == 2
+    (said,) = [str(w.message) for w in caught if "RepresentationDriftMonitor" in str(w.message)]
+    assert "manual optimization" in said and "input_fn=" in said
+    assert not monitor.readings
+
+    monitor = RepresentationDriftMonitor(probe_size=32, input_fn=lambda batch: batch[0])
+    _fit(_Manual(), monitor, epochs=2)
+    assert "stability/cka/min" in monitor.readings

@@ -21,6 +21,7 @@ from lightning_stability.probes import (
     RepresentationDriftMonitor,
     SharpnessMonitor,
 )
+from lightning_stability.probes.drift import default_input_fn
 
 
 class TinyGAN(pl.LightningModule):
@@ -140,7 +141,10 @@ def test_gan_with_manual_optimization_runs_to_max_steps(actions):
     # staged training also says once that its clipping and accumulation do nothing here
     staged = [m for m in said if m.startswith("StagedTraining")]
     assert len(staged) == (actions == "staged") and all("manual optimization" in m for m in staged)
-    (warning,) = [m for m in said if m not in staged]
+    # drift re-runs training_step too, which manual optimization rules out
+    (drift,) = [m for m in said if m.startswith("RepresentationDriftMonitor")]
+    assert "manual optimization" in drift and "input_fn=" in drift
+    (warning,) = [m for m in said if m not in staged and m != drift]
     assert warning.startswith("SharpnessMonitor") and "manual optimization" in warning
     assert "loss_fn=" in warning  # what to do
     assert not _curvature(_probe(callbacks, SharpnessMonitor).readings)
@@ -155,7 +159,7 @@ def test_gan_with_a_loss_fn_measures_curvature():
         "max_iter": 5,
         "loss_fn": generator_loss,
     }
-    callbacks = stability_callbacks(**_small_cadences(sharpness=sharpness))
+    callbacks = stability_callbacks(**_small_cadences(sharpness=sharpness), drift=False)
     t, messages = _fit(TinyGAN(), callbacks, max_steps=12)
     assert t.global_step == 12
     assert not _stability_warnings(messages)
@@ -230,8 +234,19 @@ class DictClassifier(TinyClassifier):
         return super().training_step((batch["features"], batch["target"]), batch_idx)
 
 
-def test_drift_monitor_that_cannot_find_the_input_steps_aside():
+def test_drift_monitor_measures_dict_batches_and_steps_aside_without_an_input():
+    # through training_step (the default), a dict batch needs no argument
     drift = RepresentationDriftMonitor(every_n_steps=2, probe_size=16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(max_steps=4, callbacks=[drift]).fit(
+            DictClassifier(), loader(DictBatches(), shuffle=False)
+        )
+    assert not [w for w in caught if "RepresentationDriftMonitor" in str(w.message)]
+    assert "stability/cka/min" in drift.readings
+
+    # the forward path with an input_fn that cannot find the input: warns once, steps aside
+    drift = RepresentationDriftMonitor(every_n_steps=2, probe_size=16, input_fn=default_input_fn)
     losses = LossMonitor(window=4)
     t = trainer(max_steps=8, callbacks=[drift, losses])
     with warnings.catch_warnings(record=True) as caught:
@@ -242,15 +257,6 @@ def test_drift_monitor_that_cannot_find_the_input_steps_aside():
     assert len(mine) == 1 and "input_fn=" in mine[0]
     assert not drift.readings and drift.is_set_aside("drift")
     assert "stability/loss/value" in losses.readings
-
-    # told where the input is, it measures
-    drift = RepresentationDriftMonitor(
-        every_n_steps=2, probe_size=16, input_fn=lambda batch: batch["features"]
-    )
-    trainer(max_steps=4, callbacks=[drift]).fit(
-        DictClassifier(), loader(DictBatches(), shuffle=False)
-    )
-    assert "stability/cka/min" in drift.readings
 
 
 def test_audit_caches_only_batches_with_a_loss_and_their_batch_idx():
