@@ -18,7 +18,9 @@ step at which the loss first leaves its band
 (:func:`benchmarks.scenarios.divergence.band_exit_step`, computed from the run's own
 losses); with actions on, the rescue rate (diverging runs that no longer diverge) and the final
 validation loss against the best fixed learning rate (full mode: a bare sweep of the base
-learning rate x {1, 1/3, 1/10, 1/30}). A column whose callback is not available reads
+learning rate x {1, 1/3, 1/10, 1/30}); with the learning-rate guard alone ("guard" mode,
+``--no-guard`` skips it), the runs that still diverge and the runs it clamped. A column
+whose callback is not available reads
 "n/a". A section of ``RESULTS.md`` between ``<!-- healthy:begin -->`` and
 ``<!-- healthy:end -->`` (written by another benchmark) is kept, at the end.
 
@@ -114,7 +116,9 @@ def run_task(task: Task) -> tuple[Task, RunRecord | str]:
     return task, record
 
 
-def _tasks(names: list[str], seeds: list[int], has_actions: bool, quick: bool) -> list[Task]:
+def _tasks(
+    names: list[str], seeds: list[int], has_actions: bool, quick: bool, guard: bool = False
+) -> list[Task]:
     """Every run the report needs, in the order the sequential path trains them."""
     tasks: list[Task] = []
     for name in names:
@@ -122,6 +126,8 @@ def _tasks(names: list[str], seeds: list[int], has_actions: bool, quick: bool) -
             tasks.append((name, seed, "warning", 1.0, seed == 0))
             if has_actions:
                 tasks.append((name, seed, "actions", 1.0, False))
+            if guard:
+                tasks.append((name, seed, "guard", 1.0, False))
             if not quick:
                 tasks += [(name, seed, "bare", k, False) for k in LR_SWEEP[1:]]
     return tasks
@@ -277,6 +283,59 @@ def _rescue_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _guard_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The learning-rate guard alone (no other action): per scenario, runs that diverge
+    without it and with it, runs it clamped, and mean final validation losses; on stable
+    runs, runs it clamped and runs whose final validation loss moved by more than 1%."""
+    out: dict[str, Any] = {}
+    for name in dict.fromkeys(r["scenario"] for r in rows):
+        mine = [r for r in rows if r["scenario"] == name and r["guard_clamps"] != NA]
+        if not mine:
+            continue
+        out[name] = {
+            "kind": mine[0]["kind"],
+            "runs": len(mine),
+            "diverged_without": sum(r["divergence_step"] is not None for r in mine),
+            "diverged_with": sum(r["divergence_step_guard"] is not None for r in mine),
+            "clamped_runs": sum(r["guard_clamps"] > 0 for r in mine),
+            "moved_over_1pct": sum(
+                not (
+                    math.isfinite(r["final_val_guard"])
+                    and math.isfinite(r["final_val_off"])
+                    and abs(r["final_val_guard"] - r["final_val_off"])
+                    <= 0.01 * abs(r["final_val_off"])
+                )
+                for r in mine
+            ),
+            "final_val_off": [r["final_val_off"] for r in mine],
+            "final_val_guard": [r["final_val_guard"] for r in mine],
+        }
+    return out
+
+
+def _guard_lines(guard: dict[str, Any]) -> list[str]:
+    if not guard:
+        return []
+    lines = [
+        "## Learning-rate guard alone (`lr_guard=True`, no other action)",
+        "",
+        "Runs per scenario that diverge without the guard and with it, runs in which it "
+        "clamped at least one step, and runs whose final validation loss moved by more than "
+        "1% against the run without it.",
+        "",
+        "| scenario | kind | diverged without | diverged with guard | clamped runs | "
+        "final val moved > 1% |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, g in guard.items():
+        lines.append(
+            f"| `{name}` | {g['kind']} | {g['diverged_without']} / {g['runs']} | "
+            f"{g['diverged_with']} / {g['runs']} | {g['clamped_runs']} / {g['runs']} | "
+            f"{g['moved_over_1pct']} / {g['runs']} |"
+        )
+    return [*lines, ""]
+
+
 def _plot(scenario: Scenario, warn: RunRecord, act: RunRecord | None) -> Path | None:
     try:
         import matplotlib
@@ -417,6 +476,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"(diverging runs that no longer diverge with the actions attached).",
         "",
         *_rescue_lines(payload.get("rescue", {})),
+        *_guard_lines(payload.get("guard", {})),
         "## Probe readings per scenario (seed 0, actions off)",
         "",
         "Median over the run / last value at or before the divergence step (the run's end "
@@ -485,6 +545,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--only", default="", help="comma-separated scenario names")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument(
+        "--no-guard", action="store_true", help="skip the runs with the learning-rate guard alone"
+    )
+    parser.add_argument(
         "--workers", type=int, default=2, help="processes training runs in parallel (1: none)"
     )
     args = parser.parse_args(argv)
@@ -509,7 +572,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     readings: dict[str, Any] = {}
     errors: list[str] = []
-    tasks = _tasks(names, seeds, has_actions, args.quick)
+    guard_cbs, _ = stability_set("guard", first)
+    has_guard = not args.no_guard and any(type(c).__name__ == "LRGuard" for c in guard_cbs)
+    tasks = _tasks(names, seeds, has_actions, args.quick, has_guard)
     results = _run_pool(tasks, args.workers) if args.workers > 1 else {}
 
     def get(task: Task) -> RunRecord | None:
@@ -536,6 +601,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             act = get((name, seed, "actions", 1.0, False)) if has_actions else None
             if act is not None:
                 runs.append(act)
+            guarded = get((name, seed, "guard", 1.0, False)) if has_guard else None
             best = math.nan
             if not args.quick:
                 vals = [warn.final_val_loss]
@@ -573,6 +639,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "best_fixed_lr_val": best if not args.quick else NA,
                     "divergence_step_actions_on": act.divergence_step if act else NA,
                     "final_loss_finite_on": _finite_end(act) if act is not None else NA,
+                    "divergence_step_guard": guarded.divergence_step if guarded else NA,
+                    "final_val_guard": guarded.final_val_loss if guarded else NA,
+                    "guard_clamps": sum(
+                        e["source"] == "lr_guard" and e["level"] != "OK"
+                        for e in guarded.action_events
+                    )
+                    if guarded
+                    else NA,
                     "wall_s": warn.wall_s,
                 }
             )
@@ -615,6 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     rule = DivergenceRule()
     payload = {
         "rescue": _rescue_summary(rows) if has_actions else {},
+        "guard": _guard_summary(rows) if has_guard else {},
         "command": " ".join(["python -m benchmarks.detection", *(argv or sys.argv[1:])]),
         "quick": args.quick,
         "seeds": len(seeds),

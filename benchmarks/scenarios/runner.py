@@ -105,6 +105,7 @@ class RunRecord:
     missing: list[str] = field(default_factory=list)
     steps_done: int = 0
     weights_digest: str = ""
+    action_events: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def warning_available(self) -> bool:
@@ -406,6 +407,17 @@ def run_scenario(
     trainer.fit(module, train_loader, val_loader)
     record.wall_s = time.perf_counter() - start
     record.steps_done = int(trainer.global_step)
+    for cb in ours:  # what the actions did, from their own event lists
+        if hasattr(cb, "source_name"):
+            record.action_events += [
+                {
+                    "level": e.level.name,
+                    "step": int(e.step),
+                    "message": str(e.message),
+                    "source": str(e.source),
+                }
+                for e in getattr(cb, "events", ())
+            ]
     record.weights_digest = weights_digest(module)
     record.losses, record.lrs, record.val_losses = (
         recorder.losses,

@@ -34,6 +34,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_stability.callback_identity import IdentifiedCallback
+from lightning_stability.probes.base import logs_this_step
 from lightning_stability.warning.events import (
     InstabilityEvent,
     Level,
@@ -222,6 +223,11 @@ class StabilityAction(IdentifiedCallback):
 
     @staticmethod
     def log_value(pl_module: pl.LightningModule, key: str, value: float) -> None:
+        """Log ``value`` on the steps Lightning writes step metrics (every
+        ``log_every_n_steps``): a ``self.log`` call costs far more than the action's own
+        work, and on other steps nothing would be written."""
+        if not logs_this_step(pl_module.trainer):
+            return
         # Identical on every rank by construction, so no sync; only rank 0's loggers write.
         pl_module.log(key, float(value), batch_size=1, on_step=True, on_epoch=False)
 
