@@ -64,7 +64,8 @@ ACTIONS = ("LRBackoff", "Rollback")
 OVERRIDES: dict[str, dict[str, Any]] = {
     # the scenario runs last a few hundred steps, shorter than the defaults' check intervals
     "SharpnessMonitor": {"every_n_steps": 50},
-    "RepresentationDriftMonitor": {"every_n_steps": 50},
+    # by steps only: most scenario epochs are shorter than the default's 500-step spacing
+    "RepresentationDriftMonitor": {"every_n_steps": 50, "every_n_epochs": 0},
 }
 CallbacksFactory = Callable[[str, Scenario], tuple[list[Callback], list[str]]]
 
