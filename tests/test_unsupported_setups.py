@@ -84,7 +84,7 @@ class SkipsEveryThird(TinyClassifier):
 
 def _small_cadences(**overrides: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = dict(
-        sharpness={"every_n_steps": 4, "directional_every_n_steps": 2, "max_iter": 5},
+        sharpness={"every_n_steps": 4, "directional_every_n_steps": 2, "max_iter": 40},
         gradients={"window": 8},
         loss={"window": 8},
     )
