@@ -393,7 +393,7 @@ class SharpnessMonitor(StabilityProbe):
             # The curvature itself is not finite (weights or probe loss blew up): that is a
             # reading for the warning layer, not a reason to stop the run. Warm starts from
             # a broken landscape are dropped.
-            self._eigvecs = self._pre_eigvecs = None
+            self._eigvecs = self._pre_eigvecs = self._valid_eigvecs = None
             values = {"sharpness/nonfinite": 1.0}
         except NoProbeLoss as error:
             # Perhaps only for now (a module that skips non-finite losses): later checks try again.
