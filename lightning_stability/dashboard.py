@@ -16,6 +16,7 @@ from typing_extensions import override
 from lightning_stability.actions.base import StabilityAction
 from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.base import STEP_HOOKS, StabilityProbe, write_to_loggers
+from lightning_stability.probes.edge import lambda_edge, preconditioned_edge
 from lightning_stability.report import SUMMARY_ROWS, RunSummary, print_summary, render_markdown
 from lightning_stability.tensorboard import tensorboard_writers, write_layout
 from lightning_stability.warning.early_warning import EarlyWarning
@@ -26,8 +27,12 @@ __all__ = ["StabilityDashboard"]
 LEVEL_NAMES = {lv: lv.name.lower() for lv in Level}
 
 _SUMMARY_TAGS = frozenset(tag for _, tag, _ in SUMMARY_ROWS)
-# what the dashboard reads from probes: the summary's readings and those framing 2/lr
-_PROBE_TAGS = _SUMMARY_TAGS | {"stability/sharpness/lambda_max", "stability/sharpness/directional"}
+# what the dashboard reads from probes: the summary's readings and those framing the edge
+_PROBE_TAGS = _SUMMARY_TAGS | {
+    "stability/sharpness/lambda_max",
+    "stability/sharpness/directional",
+    "stability/sharpness/preconditioned",
+}
 
 _TIMED_HOOKS = (
     *sorted(STEP_HOOKS),
@@ -71,8 +76,11 @@ class StabilityDashboard(IdentifiedCallback):
     """Shows the stability callbacks' work to a person.
 
     * writes the "Stability" custom-scalars layout to every TensorBoard logger at fit
-      start, and reference lines (``stability/ref/edge`` = 1, ``stability/ref/two_over_lr``,
-      ``stability/ref/watch_threshold``) next to the readings they frame;
+      start, and reference lines (``stability/ref/edge`` = 1 for the ratios,
+      ``stability/ref/lambda_edge`` for ``lambda_max``/``directional`` and, for Adam/AdamW,
+      ``stability/ref/preconditioned_edge`` for ``preconditioned``, both from
+      :mod:`~lightning_stability.probes.edge`, the one definition of the edge the ratios
+      use; ``stability/ref/watch_threshold``) next to the readings they frame;
     * writes warnings and actions as markdown text (``stability/actions``);
     * adds the current level (``stab``: ok/watch/warning/critical) and edge-of-stability
       ratio (``eos``) to Lightning's progress bar;
@@ -212,11 +220,16 @@ class StabilityDashboard(IdentifiedCallback):
         if step == self._ref_step:
             return
         refs: dict[str, float] = {}
-        if "stability/sharpness/lambda_max" in fresh or "stability/sharpness/directional" in fresh:
-            lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else 0.0
+        curvature = ("lambda_max", "directional", "preconditioned")
+        if any(f"stability/sharpness/{k}" in fresh for k in curvature):
             refs["stability/ref/edge"] = 1.0
-            if lr > 0:
-                refs["stability/ref/two_over_lr"] = 2.0 / lr
+            if trainer.optimizers:
+                optimizer = trainer.optimizers[0]
+                edges = {
+                    "stability/ref/lambda_edge": lambda_edge(optimizer),
+                    "stability/ref/preconditioned_edge": preconditioned_edge(optimizer),
+                }
+                refs.update({k: v for k, v in edges.items() if v is not None and math.isfinite(v)})
         if self._warning is not None and step % max(trainer.log_every_n_steps, 1) == 0:
             refs["stability/ref/watch_threshold"] = self._warning.monitor.watch_threshold
         if refs:

@@ -2,8 +2,8 @@
 
 TensorBoard's custom-scalars plugin groups existing scalar tags into charts; a chart's
 tags are regular expressions, so per-layer series (``stability/cka/<layer>``) appear
-without being listed. Reference lines (the edge of stability at 1.0, ``2/lr``, the warning
-threshold) are ordinary scalars under ``stability/ref/`` so they plot on the same axes.
+without being listed. Reference lines (the edge of stability at 1.0 for the ratios, the
+edge each curvature is compared with, the watch threshold) are ordinary scalars under ``stability/ref/`` so they plot on the same axes.
 """
 
 from __future__ import annotations
@@ -24,14 +24,18 @@ STABILITY_LAYOUT: dict[str, dict[str, list[Any]]] = {
                 r"stability/ref/edge$",
             ],
         ],
-        "lambda_max vs 2/lr": [
+        "lambda_max vs its edge": [
             "Multiline",
             [
                 r"stability/sharpness/lambda_max$",
                 r"stability/sharpness/directional$",
                 r"stability/sharpness/critical$",
-                r"stability/ref/two_over_lr$",
+                r"stability/ref/lambda_edge$",
             ],
+        ],
+        "preconditioned sharpness vs its edge (Adam)": [
+            "Multiline",
+            [r"stability/sharpness/preconditioned$", r"stability/ref/preconditioned_edge$"],
         ],
         "gradient norm and clip threshold": [
             "Multiline",

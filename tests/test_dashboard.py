@@ -43,13 +43,19 @@ def test_default_set_writes_the_stability_tab_and_readings(tmp_path, capsys):
         "stability/meta/deviation",
         "stability/meta/level",
         "stability/ref/edge",
-        "stability/ref/two_over_lr",
+        "stability/ref/lambda_edge",
     ):
         assert tag in scalars, tag
     # every curvature check (steps 10, 20, 30, 40) reached TensorBoard, at its own step
     assert len(acc.Scalars("stability/sharpness/lambda_max")) == 4
-    two_over_lr = [e.value for e in acc.Scalars("stability/ref/two_over_lr")]
-    assert two_over_lr and all(v == pytest.approx(2 / 0.05) for v in two_over_lr)
+    # SGD with momentum 0.9 at lr 0.05: the edge is 2 (1 + 0.9) / 0.05, not 2 / lr, and it is
+    # the edge the ratio is measured against
+    edge = {e.step: e.value for e in acc.Scalars("stability/ref/lambda_edge")}
+    assert edge and all(v == pytest.approx(2 * 1.9 / 0.05) for v in edge.values())
+    ratio = {e.step: e.value for e in acc.Scalars("stability/sharpness/eos_ratio")}
+    for e in acc.Scalars("stability/sharpness/lambda_max"):
+        assert e.value / edge[e.step] == pytest.approx(ratio[e.step], rel=1e-5)
+    assert "stability/ref/preconditioned_edge" not in scalars  # not an Adam run
     # the custom-scalars layout (a plugin tensor) is there once
     tensors = acc.Tags()["tensors"]
     assert "custom_scalars__config__" in tensors

@@ -17,7 +17,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["LR_JUMP", "EdgePrediction", "step_lr"]
+__all__ = [
+    "LR_JUMP",
+    "EdgePrediction",
+    "group_edge",
+    "lambda_edge",
+    "preconditioned_edge",
+    "step_lr",
+]
 
 LR_JUMP = 1.5
 """One-step growth of the learning rate that counts as a jump: a warm-up or a schedule moves
@@ -70,3 +77,58 @@ class EdgePrediction:
         self.ratio = float(state["ratio"])
         self.ratio_lr = float(state["ratio_lr"])
         self.prev_lr = float(state["prev_lr"])
+
+
+ADAPTIVE = (torch.optim.Adam, torch.optim.AdamW)
+"""Optimizers whose edge of stability bounds the preconditioned Hessian (Cohen et al. 2022)."""
+
+
+def group_edge(optimizer: torch.optim.Optimizer, group: Mapping[str, Any]) -> float:
+    """The edge of the raw Hessian's curvature for one param group's next step (1 / units
+    of the parameters squared); ``inf`` at learning rate 0 (no step, no edge).
+
+    * SGD, heavy ball, Nesterov (PyTorch's conventions):
+      :func:`~lightning_stability.estimators.sgd_edge`, exact on a quadratic;
+    * any other optimizer: ``2 / lr``. For Adam/AdamW this is the reference the directional
+      curvature's crossing is read against (Bai et al. 2025), not an edge: theirs bounds
+      the preconditioned sharpness (:func:`preconditioned_edge`). For other adaptive
+      optimizers (RMSprop, Adagrad) it is an approximation that ignores their state.
+    """
+    from lightning_stability.estimators.preconditioned import sgd_edge
+
+    lr = float(group["lr"])
+    if not lr > 0:
+        return math.inf
+    if isinstance(optimizer, torch.optim.SGD):
+        return sgd_edge(
+            lr,
+            float(group.get("momentum", 0.0)),
+            float(group.get("dampening", 0.0)),
+            bool(group.get("nesterov", False)),
+        )
+    return 2.0 / lr
+
+
+def lambda_edge(optimizer: torch.optim.Optimizer) -> float:
+    """The edge ``lambda_max`` and ``directional`` are compared with: the smallest
+    :func:`group_edge` over param groups (so the ratio is an upper bound). The one
+    definition behind ``eos_ratio`` (optimizers other than Adam/AdamW),
+    ``directional_ratio``, the dashboard's ``ref/lambda_edge`` line and the report."""
+    return min((group_edge(optimizer, g) for g in optimizer.param_groups), default=math.inf)
+
+
+def preconditioned_edge(optimizer: torch.optim.Optimizer) -> float | None:
+    """The edge ``2 (1 + beta1) / ((1 - beta1) lr)`` of Adam/AdamW's preconditioned
+    sharpness ``lambda_max(D^-1 H)`` (Cohen et al. 2022; the smallest over groups), behind
+    their ``eos_ratio`` and the dashboard's ``ref/preconditioned_edge``; ``None`` for
+    other optimizers."""
+    from lightning_stability.estimators.preconditioned import adam_edge
+
+    if not isinstance(optimizer, ADAPTIVE):
+        return None
+    edges = [
+        adam_edge(float(g["lr"]), float(g["betas"][0]))
+        for g in optimizer.param_groups
+        if float(g["lr"]) > 0
+    ]
+    return min(edges, default=math.inf)

@@ -27,7 +27,6 @@ from lightning_stability.estimators.lanczos import lanczos_top_k
 from lightning_stability.estimators.preconditioned import (
     ScaledOperator,
     adam_state_scale,
-    sgd_edge,
 )
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.subspace import log_flattening, subspace_shift
@@ -44,7 +43,7 @@ from lightning_stability.probes.base import (
     needs_loss_fn,
     step_loss,
 )
-from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, step_lr
+from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, lambda_edge, step_lr
 
 __all__ = ["SharpnessMonitor"]
 
@@ -509,7 +508,7 @@ class SharpnessMonitor(StabilityProbe):
                         d = float(u @ op.matvec(u).to(dtype))
                         values["sharpness/directional"] = d
                         if lrs and optimizer is not None:
-                            edge = min(_group_edge(optimizer, g) for g in optimizer.param_groups)
+                            edge = lambda_edge(optimizer)
                             values["sharpness/directional_ratio"] = d / edge
             if directional and self.critical and self._weights_before is not None and lrs:
                 crit = self._critical(params, closure, reduce, max(lrs), dtype, grad)
@@ -632,7 +631,7 @@ class SharpnessMonitor(StabilityProbe):
                 return {"sharpness/preconditioned": math.nan}
             ratio = float(res.eigenvalues[0])
             return {"sharpness/eos_ratio": ratio, "sharpness/preconditioned": ratio * edge}
-        edge = min(_group_edge(optimizer, g) for g in optimizer.param_groups)
+        edge = lambda_edge(optimizer)
         return {"sharpness/eos_ratio": lam / edge}
 
     def _critical(
@@ -825,20 +824,6 @@ def _reducer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
     if trainer.world_size <= 1:
         return None
     return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
-
-
-def _group_edge(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float:
-    lr = float(group["lr"])
-    if lr <= 0:
-        return math.inf
-    if isinstance(optimizer, torch.optim.SGD):
-        return sgd_edge(
-            lr,
-            float(group.get("momentum", 0.0)),
-            float(group.get("dampening", 0.0)),
-            bool(group.get("nesterov", False)),
-        )
-    return 2.0 / lr
 
 
 def density_figure(grid: Tensor, density: Tensor, step: int) -> Any:
