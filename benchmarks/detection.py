@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from benchmarks import results_md
 from benchmarks.scenarios.divergence import DivergenceRule, band_exit_step
 from benchmarks.scenarios.perturbations import CorruptedLoader, LRJump
 from benchmarks.scenarios.registry import SCENARIOS, Scenario
@@ -79,7 +80,6 @@ TABLE_KEYS = (
     "stability/meta/deviation",
 )
 NA = "n/a"
-HEALTHY_BEGIN, HEALTHY_END = "<!-- healthy:begin -->", "<!-- healthy:end -->"
 GRADUAL_LEAD_TARGET = 20
 
 Task = tuple[str, int, str, float, bool]
@@ -500,20 +500,6 @@ def _markdown(payload: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _healthy_section(path: Path) -> str:
-    """The ``<!-- healthy:begin -->`` ... ``<!-- healthy:end -->`` block of ``path`` (markers
-    included, preceded by a blank line), or ``""`` when there is none."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return ""
-    start = text.find(HEALTHY_BEGIN)
-    end = text.find(HEALTHY_END, start + 1) if start >= 0 else -1
-    if start < 0 or end < 0:
-        return ""
-    return "\n" + text[start : end + len(HEALTHY_END)] + "\n"
-
-
 def _type_lines(by_type: dict[str, Any]) -> list[str]:
     lines = [
         "## Gradual and shock scenarios",
@@ -710,7 +696,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "runs": [r.to_json() for r in runs],
     }
     OUT_JSON.write_text(json.dumps(payload, indent=1, default=str))
-    OUT_MD.write_text(_markdown(payload) + _healthy_section(OUT_MD))
+    # every other benchmark's marked section is kept, after the suite's body
+    OUT_MD.write_text(_markdown(payload) + results_md.marked_sections(OUT_MD))
     print(_markdown(payload).split("## Runs")[0])
     print(f"wrote {OUT_JSON}, {OUT_MD} ({payload['wall_s']:.0f} s)")
     return payload

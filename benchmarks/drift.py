@@ -33,6 +33,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks import results_md
 from benchmarks.reference import reference_dataloader, reference_module
 from lightning_stability.probes.drift import RepresentationDriftMonitor
 
@@ -130,15 +131,8 @@ def _markdown(result: dict[str, Any]) -> str:
 
 
 def write_section(section: str, path: Path = OUT_MD) -> None:
-    """Replace the text between the drift markers in ``path`` (markers included) with
-    ``section``, or append it when the markers are absent."""
-    text = path.read_text() if path.exists() else ""
-    start, stop = text.find(BEGIN), text.find(END)
-    if start != -1 and stop > start:
-        text = text[:start] + section.rstrip("\n") + text[stop + len(END) :]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    """Replace the drift section of ``path`` (markers included) with ``section``."""
+    results_md.write_section(path, "drift", section)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -48,6 +48,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from benchmarks import results_md
+
 HERE = Path(__file__).parent
 OUT_JSON = HERE / "healthy.json"
 OUT_MD = HERE / "RESULTS.md"
@@ -347,15 +349,8 @@ def _markdown(payload: dict[str, Any]) -> str:
 
 
 def write_section(section: str, path: Path = OUT_MD) -> None:
-    """Replace the text between the healthy markers in ``path`` (markers included) with
-    ``section``, or append it when the markers are absent."""
-    text = path.read_text() if path.exists() else ""
-    start, stop = text.find(BEGIN), text.find(END)
-    if start != -1 and stop > start:
-        text = text[:start] + section.rstrip("\n") + text[stop + len(END) :]
-    else:
-        text = text.rstrip("\n") + ("\n\n" if text else "") + section
-    path.write_text(text if text.endswith("\n") else text + "\n")
+    """Replace the healthy section of ``path`` (markers included) with ``section``."""
+    results_md.write_section(path, "healthy", section)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

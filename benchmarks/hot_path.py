@@ -49,11 +49,11 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.profilers import SimpleProfiler
 
+from benchmarks import results_md
 from benchmarks.scenarios.tasks import MLP, digits_data, seeded_loader
 
 OUT = Path(__file__).with_name("hot_path.json")
 RESULTS = Path(__file__).with_name("RESULTS.md")
-BEGIN, END = "<!-- hotpath:begin -->", "<!-- hotpath:end -->"
 
 
 class CountingLogger(Logger):
@@ -337,14 +337,7 @@ def _table(payload: dict[str, Any]) -> str:
 
 
 def write_results(text: str) -> None:
-    body = f"{BEGIN}\n{text}\n{END}"
-    current = RESULTS.read_text() if RESULTS.exists() else ""
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        RESULTS.write_text(head + body + tail)
-    else:
-        RESULTS.write_text(current.rstrip("\n") + "\n\n" + body + "\n")
+    results_md.write_section(RESULTS, "hotpath", text)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -34,6 +34,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks import results_md
 from benchmarks.reference import VOCAB, reference_dataloader, reference_module
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
@@ -191,14 +192,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 def write_results(result: dict[str, Any]) -> None:
     OUT_JSON.write_text(json.dumps(result, indent=2, default=float) + "\n")
-    text = OUT_MD.read_text() if OUT_MD.exists() else ""
-    section = markdown(result)
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    OUT_MD.write_text(text)
+    results_md.write_section(OUT_MD, "noise-floor", markdown(result))
 
 
 def main(argv: list[str] | None = None) -> None:
