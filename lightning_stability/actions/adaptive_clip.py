@@ -102,6 +102,7 @@ class AdaptiveGradientClipping(IdentifiedCallback):
             return self.ema.mean + self.z * self.ema.std
         return self.history.quantile(self.percentile / 100.0)
 
+    @override
     @torch.no_grad()
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -154,6 +155,7 @@ class AdaptiveGradientClipping(IdentifiedCallback):
     def state_key(self) -> str:
         return self._generate_state_key(mode=self.mode, z=self.z, percentile=self.percentile)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "ema": self.ema.state_dict(),
@@ -162,6 +164,7 @@ class AdaptiveGradientClipping(IdentifiedCallback):
             "interventions": self.interventions,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.ema.load_state_dict(state_dict["ema"])
         self.history.load_state_dict(state_dict["history"])

@@ -133,12 +133,14 @@ class StabilityAction(IdentifiedCallback):
         self._seen = max(self._seen, int(level))
 
     # ------------------------------------------------------------ the boundary
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._decide_at_batch_end:
             self._boundary(trainer, pl_module)
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,

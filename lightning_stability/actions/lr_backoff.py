@@ -130,6 +130,7 @@ class LRBackoff(StabilityAction):
         self._ramp_done = 0
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         shape = [len(o.param_groups) for o in trainer.optimizers]
         if [len(s) for s in self.scales] != shape:
@@ -280,6 +281,7 @@ class LRBackoff(StabilityAction):
             level=self.level.name.lower(), factor=self.factor, min_lr=self.min_lr
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "scales": [list(row) for row in self.scales],
@@ -295,6 +297,7 @@ class LRBackoff(StabilityAction):
             "events": self._events_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.scales = [[float(s) for s in row] for row in state_dict["scales"]]
         ceiling = state_dict.get("ceiling")

@@ -162,6 +162,7 @@ class Rollback(StabilityAction):
         self._loaded_snapshots = False
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._loaded_snapshots:
             self._loaded_snapshots = False  # the checkpoint's good and pending states stand
@@ -175,6 +176,7 @@ class Rollback(StabilityAction):
             self.good, self.pending = None, taken
         self._calm_since_pending = False
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -221,6 +223,7 @@ class Rollback(StabilityAction):
         self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
         self.log_value(pl_module, SKIPPED_KEY, self.skipped)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
@@ -401,6 +404,7 @@ class Rollback(StabilityAction):
     def state_key(self) -> str:
         return self._generate_state_key(level=self.level.name.lower(), every=self.every)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "rollbacks": self.rollbacks,
@@ -417,6 +421,7 @@ class Rollback(StabilityAction):
             "calm_since_pending": self._calm_since_pending,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rollbacks = int(state_dict["rollbacks"])
         self.source_level = Level(int(state_dict["current_level"]))

@@ -173,6 +173,7 @@ class StagedTraining(StabilityAction):
         self._user_requires_grad: dict[str, bool] = {}
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         names = [n for n, _ in pl_module.named_modules() if n]
@@ -197,6 +198,7 @@ class StagedTraining(StabilityAction):
                 "gradients of the frozen parameters)"
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._user_clip = trainer.gradient_clip_val
         self._user_accumulate = trainer.accumulate_grad_batches
@@ -371,6 +373,7 @@ class StagedTraining(StabilityAction):
     def state_key(self) -> str:
         return self._generate_state_key(level=self.level.name.lower(), calm_steps=self.calm_steps)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "stage": self.stage,
@@ -384,6 +387,7 @@ class StagedTraining(StabilityAction):
             "events": self._events_state(),
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         stage = int(state_dict["stage"])
         if not 0 <= stage < len(self.stages):

@@ -146,9 +146,11 @@ class PerturbationAudit(StabilityProbe):
     def _due(self, trainer: pl.Trainer) -> bool:
         return (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._batches = []
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Known before the first step on every rank alike: say so now, not at epoch end.
         if needs_loss_fn(pl_module, self.loss_fn):
@@ -165,6 +167,7 @@ class PerturbationAudit(StabilityProbe):
                 "no audit in this run.",
             )
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -174,6 +177,7 @@ class PerturbationAudit(StabilityProbe):
         if len(self._batches) < self.num_batches:
             self._candidate = _Cached(detach_batch(batch), batch_idx)
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -189,6 +193,7 @@ class PerturbationAudit(StabilityProbe):
         ):
             self._batches.append(candidate)
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._due(trainer) or self.is_set_aside("audit"):
             self._batches = []
@@ -276,8 +281,10 @@ class PerturbationAudit(StabilityProbe):
             dimensions=self.config.dimensions,
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(h, values=dict(h["values"])) for h in self.history]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(h, values=dict(h["values"])) for h in state_dict.get("history", [])]

@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 from lightning_stability.callback_identity import IdentifiedCallback
 
@@ -99,9 +100,11 @@ class StabilityProbe(IdentifiedCallback):
         """Whether this step's values may enter rolling statistics (not while paused)."""
         return trainer.global_step >= self._paused_until
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name).state_dict() for name in self.rolling}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name in self.rolling:
             getattr(self, name).load_state_dict(state_dict[name])

@@ -190,6 +190,7 @@ class GradientMonitor(StabilityProbe):
             group_depth=self.group_depth,
         )
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         named = [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
         if len(trainer.optimizers) > 1:
@@ -316,6 +317,7 @@ class GradientMonitor(StabilityProbe):
         algo = trainer.gradient_clip_algorithm
         return str(getattr(algo, "value", algo) or "norm").lower()
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -386,6 +388,7 @@ class GradientMonitor(StabilityProbe):
             )
         return values
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(
         self,

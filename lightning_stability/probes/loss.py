@@ -73,6 +73,7 @@ class LossMonitor(StabilityProbe):
     def state_key(self) -> str:
         return self._generate_state_key(window=self.window, quantile=self.quantile)
 
+    @override
     @torch.no_grad()
     def on_train_batch_end(
         self,

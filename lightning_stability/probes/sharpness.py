@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, RandomSampler
+from typing_extensions import override
 
 from lightning_stability.estimators.critical_sharpness import LineLoss, critical_step_size
 from lightning_stability.estimators.density import slq_density
@@ -310,6 +311,7 @@ class SharpnessMonitor(StabilityProbe):
         self._recheck_after = -1
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._world_size = trainer.world_size
@@ -328,6 +330,7 @@ class SharpnessMonitor(StabilityProbe):
                         break
             self._fixed_batches = True
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -337,6 +340,7 @@ class SharpnessMonitor(StabilityProbe):
         if self.adaptive and self._watch_requested(trainer):
             self._tighten(trainer.global_step)
 
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -345,6 +349,7 @@ class SharpnessMonitor(StabilityProbe):
         if self.directional and self.critical and trainer.global_step + 1 >= self._next_directional:
             self._weights_before = [p.detach().clone() for p in _trainable(pl_module)]
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -742,11 +747,13 @@ class SharpnessMonitor(StabilityProbe):
 
     # ----------------------------------------------------------------- state
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(
             every_n_steps=self.every_n_steps, k=self.k, backend=self.backend
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "interval": self._interval,
@@ -774,6 +781,7 @@ class SharpnessMonitor(StabilityProbe):
             state["probe_batch_idx"] = self._probe_batch_idx()
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._interval = int(state_dict["interval"])
         self._directional_interval = int(state_dict["directional_interval"])

@@ -263,9 +263,11 @@ class EarlyWarning(IdentifiedCallback):
         self._step_losses = []
         return readings
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.monitor.band.new_epoch()
 
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -386,6 +388,7 @@ class EarlyWarning(IdentifiedCallback):
             window=self.monitor.window,
         )
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "monitor": self.monitor.state_dict(),
@@ -395,6 +398,7 @@ class EarlyWarning(IdentifiedCallback):
             "events": [event_to_state(e) for e in self.events],
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.monitor.load_state_dict(state_dict["monitor"])
         self.tracker.load_state_dict(state_dict["tracker"])
