@@ -144,6 +144,30 @@ class StepAwareClassifier(TinyClassifier):
         return loss
 
 
+class StopsFromACopy(StepAwareClassifier):
+    """Sets ``self.trainer.should_stop`` whenever a copy of it runs ``training_step``."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.original = id(self)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if id(self) != self.original:
+            self.trainer.should_stop = True
+        return super().training_step(batch, batch_idx)
+
+
+def test_the_audit_copy_reads_the_trainer_but_cannot_change_it():
+    audit = PerturbationAudit(every_n_epochs=1, horizon=3, num_batches=1, bisection_steps=1)
+    model = StopsFromACopy(opt="adam", lr=0.02)
+    t = trainer(max_epochs=3, max_steps=-1, callbacks=[audit])
+    t.fit(model, loader(classification_data(n=64), batch_size=32))
+    assert not t.should_stop
+    assert t.current_epoch == 3
+    assert len(audit.history) == 3
+    assert "audit" not in audit.set_aside
+
+
 def fit_classifier(callbacks, **overrides) -> tuple[nn.Module, pl.Trainer]:
     pl.seed_everything(0, verbose=False)
     model = StepAwareClassifier(opt="adam", lr=0.02, norm=True, dropout=0.2)

@@ -38,6 +38,21 @@ class _Cached(NamedTuple):
     batch_idx: int
 
 
+class _TrainerView:
+    """What the audit's copy of the module sees as ``self.trainer``: every attribute is read
+    from the live Trainer (``global_step``, ``current_epoch``, the loops ``self.log`` writes
+    through), and an attribute the copy's ``training_step`` sets (``self.trainer.should_stop =
+    True`` on a diverging rollout) stays on this view, so a rollout never sets an attribute of
+    the run's Trainer. The objects read through it (loops, strategy, loggers) are the live ones.
+    """
+
+    def __init__(self, trainer: pl.Trainer) -> None:
+        self._live = trainer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._live, name)
+
+
 class PerturbationAudit(StabilityProbe):
     """Controlled perturbation auditing of the training trajectory (Zhang et al. 2026,
     arXiv:2601.13160), opt-in and periodic.
@@ -61,7 +76,7 @@ class PerturbationAudit(StabilityProbe):
     times the loss of the start weights on the same batch. Just above the edge divergence is
     slow, so on a quadratic the margin is biased upwards by about
     ``ln(divergence_factor / s) / (4 horizon)`` relative, ``s`` being the top eigendirection's
-    share of the loss (a few percent at the defaults), see
+    share of the loss (a longer ``horizon`` tightens it), see
     :mod:`lightning_stability.estimators.perturbation`.
 
     Readings (``stability/audit/...``, published at the audit's step; non-finite values are
@@ -71,9 +86,10 @@ class PerturbationAudit(StabilityProbe):
     ``reference/loss_ratio``, ``reference/diverged``, ``rollouts``.
 
     Isolation: the live module and optimizer are only read; the copy's loss is the module's own
-    ``training_step`` (logging silenced, ``self.trainer`` available) or ``loss_fn``; the global
-    RNG is restored afterwards and every disturbance draws from a private generator seeded by
-    ``seed`` and the audit count. Rollouts hold the learning rate in force at the audit (the
+    ``training_step`` (logging silenced; ``self.trainer`` is a view that reads the live Trainer
+    but whose attributes the copy cannot set) or ``loss_fn``; the global RNG is restored
+    afterwards and every disturbance draws from a private generator seeded by ``seed`` and the
+    audit count. Rollouts hold the learning rate in force at the audit (the
     scheduler is not advanced), clip by norm when the Trainer does (``gradient_clip_val`` with
     the ``"norm"`` algorithm), and run in float32 when the weights are 16-bit.
 
@@ -250,9 +266,11 @@ class PerturbationAudit(StabilityProbe):
         with preserved_state(pl_module), frozen_rng(devices):
             fork = Fork(pl_module, trainer.optimizers[0])
             if isinstance(fork.module, pl.LightningModule):
-                # LightningModule drops its trainer when copied; training steps that read
-                # self.trainer (global_step, current_epoch, ...) need it back.
-                fork.module.trainer = trainer
+                # A LightningModule drops its trainer when copied; the copy's training_step
+                # reads self.trainer (global_step, current_epoch, self.log's result
+                # collection), so it gets a view of the live Trainer whose attributes it
+                # cannot set.
+                fork.module.trainer = _TrainerView(trainer)  # type: ignore[assignment]
 
             def loss(module: torch.nn.Module, batch: Any) -> torch.Tensor:
                 batch, batch_idx = batch if isinstance(batch, _Cached) else (batch, 0)
