@@ -58,10 +58,9 @@ def stability_callbacks(
             neither ``forward`` nor a known batch layout. It checks at epoch ends at least
             500 optimizer steps apart (and at the end of the last epoch), or every 1000 steps
             where epochs are longer. A check costs about one forward pass of the probe
-            batch, on the order of a training step, so at one check per 500 steps or more
-            its share of training time stays within a 0.5% budget (measured on the
-            reference task by ``python -m benchmarks.drift``, figures in
-            ``benchmarks/RESULTS.md``).
+            batch, on the order of a training step, which is why checks are hundreds of
+            steps apart; ``python -m benchmarks.drift`` reports its share of training
+            time at this cadence (``benchmarks/RESULTS.md``).
 
     Raises:
         ValueError: ``actions`` is not one of ``"none"``, ``"backoff"``, ``"staged"``, a

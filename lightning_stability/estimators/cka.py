@@ -6,8 +6,8 @@ Revisited") compares two representations of the same ``n`` samples::
     CKA(X, Y) = HSIC(K, L) / sqrt(HSIC(K, K) * HSIC(L, L)),   K = X X^T,  L = Y Y^T
 
 The plain (biased) HSIC estimator, ``tr(K H L H) / (n - 1)^2``, is biased towards 1 when
-features outnumber samples: independent Gaussian features with ``n = 64`` and
-``d = 4096`` give about 0.98. The debiased estimator is the unbiased HSIC of Song et al.
+features outnumber samples: independent Gaussian features read close to 1 once ``d`` is
+much larger than ``n``. The debiased estimator is the unbiased HSIC of Song et al.
 2012 ("Feature Selection via Dependence Maximization"), written with U-centred Gram
 matrices as in Nguyen et al. 2021 ("Do Wide and Deep Networks Learn the Same Things?");
 it gives about 0 for independent features.

@@ -23,9 +23,9 @@ linear, and every multiplier ``m`` with ``m * lr * lambda_max <= 2`` keeps every
 from growing, so it never diverges. Above the edge the top component grows by
 ``|1 - m lr lambda_max|^(2t)`` in loss, so the criterion first fires at a multiplier above
 ``m* = 2 / (lr lambda_max)`` by a relative bias of about ``ln(divergence_factor / s) / (4 horizon)``
-where ``s`` is the top direction's share of the start loss (about 2-4 % for ``horizon=20``,
-``divergence_factor=2``); the bisection adds at most its bracket ratio on top. The margin is
-therefore an upper bound that tightens as the horizon grows.
+where ``s`` is the top direction's share of the start loss; the bisection adds at most its
+bracket ratio on top. The margin is therefore an upper bound that tightens as the horizon
+grows.
 
 Everything here is pure PyTorch and works on a disposable copy of the model: the live module and
 optimizer are only read.

@@ -189,9 +189,9 @@ class RepresentationDriftMonitor(StabilityProbe):
     ``every_n_steps`` steps instead of at epoch ends. Both keep checks about evenly spaced,
     so that CKA to the previous check always spans a similar stretch of training. A check
     costs about one forward pass of the probe batch plus the CKA of each layer, on the
-    order of a training step; with checks at least 500 steps apart that is well within
-    the 0.5% share of training time the defaults are chosen for (measured on the
-    reference task by ``python -m benchmarks.drift``, figures in ``benchmarks/RESULTS.md``).
+    order of a training step, so checks hundreds of steps apart keep its share of training
+    time small; ``python -m benchmarks.drift`` reports that share at the default cadence
+    (``benchmarks/RESULTS.md``).
 
     Where the probe batch cannot be drawn or run (an iterable dataset, a ``training_step``
     that fails on it, no watched layer producing a per-sample output) it warns once, saying

@@ -159,11 +159,12 @@ class SharpnessMonitor(StabilityProbe):
     its math kernel during a measurement.
 
     Args:
-        every_n_steps: optimizer steps between Lanczos checks. Default 2500, chosen from
-            the measured cost of a check in training steps (``python -m
-            benchmarks.sharpness`` and ``benchmarks.overhead``; figures in
-            ``benchmarks/RESULTS.md`` and the README); the adaptive cadence makes checks
-            denser near the edge or when the early warning asks.
+        every_n_steps: optimizer steps between Lanczos checks. Default 2500: a check
+            runs up to ``max_iter`` Hessian-vector products per eigenproblem (each an
+            extra backward pass), so checks are spread out (``python -m
+            benchmarks.sharpness`` and ``benchmarks.overhead`` report the cost in
+            ``benchmarks/RESULTS.md``); the adaptive cadence makes checks denser near the
+            edge or when the early warning asks.
         k: number of top eigenvalues. Default 1.
         directional_every_n_steps: optimizer steps between directional/critical readings
             (at most ``every_n_steps``; ``None`` = ``every_n_steps``). Default 1000.
