@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 from lightning_stability.estimators.density import SpectralDensity, slq_density
@@ -37,13 +38,10 @@ LossFn = Callable[[], Tensor]
 
 
 def _cast(obj: Any, dtype: torch.dtype) -> Any:
-    if isinstance(obj, Tensor):
-        return obj.to(dtype) if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast(o, dtype) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _cast(v, dtype) for k, v in obj.items()}
-    return obj
+    """``obj`` with its floating tensors in ``dtype`` (any nesting of collections)."""
+    return apply_to_collection(
+        obj, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, allow_frozen=True
+    )
 
 
 @contextlib.contextmanager

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
 
 __all__ = [
@@ -59,18 +60,6 @@ DIMENSIONS = ("parametric", "optimisation", "data", "signal")
 
 ForkLossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(module, batch) -> scalar``: the training loss of ``batch`` on a module copy."""
-
-
-def _map_tensors(obj: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    if isinstance(obj, Tensor):
-        return fn(obj)
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_map_tensors(o, fn) for o in obj))
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(o, fn) for o in obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _map_tensors(v, fn)) for k, v in obj.items())
-    return obj
 
 
 def perturb_parameters(
@@ -96,7 +85,8 @@ def perturb_batch(
     the tensor's own standard deviation. In integer tensors (labels, token ids) a fraction
     ``label_noise`` of the entries is replaced by entries drawn at random positions of the same
     tensor, which keeps the label marginal without knowing the number of classes. Booleans and
-    non-tensors are left alone.
+    non-tensors are left alone. Tensors are found in any nesting of sequences, mappings, named
+    tuples and dataclasses (as Lightning moves a batch to its device), in that order.
     """
 
     def disturb(t: Tensor) -> Tensor:
@@ -112,7 +102,7 @@ def perturb_batch(
             return flat.view_as(t)
         return t
 
-    return _map_tensors(batch, disturb)
+    return apply_to_collection(batch, Tensor, disturb, allow_frozen=True)
 
 
 @dataclass
@@ -266,7 +256,9 @@ class Fork:
         if self.dtype is None:
             return batch
         dtype = self.dtype
-        return _map_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
+        return apply_to_collection(
+            batch, Tensor, lambda t: t.to(dtype) if t.is_floating_point() else t, allow_frozen=True
+        )
 
     def flat_params(self) -> Tensor:
         return torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in self.params])

@@ -66,6 +66,9 @@ def _plain(obj: Any) -> bool:
 
 
 def _to_cpu(obj: Any) -> Any:
+    """A :func:`_plain` ``obj`` with its tensors detached on the CPU, in plain lists, tuples
+    and dicts (a named tuple becomes a tuple), which ``torch.load(weights_only=True)`` reads
+    back; ``apply_to_collection`` would keep the named tuple's class."""
     if isinstance(obj, Tensor):
         return obj.detach().cpu()
     if isinstance(obj, list):
