@@ -1,7 +1,10 @@
 """The fork-and-roll-out estimator against ground truth: quadratic edge of stability, exact
 bisection, isolation of the live model and optimizer."""
 
+import dataclasses
 import math
+from collections import OrderedDict
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -159,6 +162,38 @@ def test_perturbations_follow_their_definitions():
     changed = (ny != y).float().mean().item()
     assert changed == pytest.approx(0.2 * 0.8, abs=0.03)  # 1/5 of resamples hit the same label
     assert torch.equal(torch.bincount(ny, minlength=5).bool(), torch.ones(5, dtype=torch.bool))
+
+
+@dataclasses.dataclass
+class DataclassBatch:
+    x: torch.Tensor
+    y: torch.Tensor
+    name: str = "batch"
+
+
+class NamedBatch(NamedTuple):
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def test_batch_tensors_are_disturbed_in_any_collection():
+    """Tensors are reached in sequences, mappings, named tuples and dataclasses, in order, so a
+    batch draws the same noise whatever holds its tensors."""
+    x, y = torch.randn(64, 3), torch.arange(64) % 4
+    plain = perturb_batch((x, y), 0.5, 0.5, torch.Generator().manual_seed(0))
+    cases = [
+        ([x, y], lambda b: b),
+        ({"x": x, "y": y}, lambda b: (b["x"], b["y"])),
+        (OrderedDict(x=x, y=y), lambda b: (b["x"], b["y"])),
+        (NamedBatch(x, y), lambda b: b),
+        (DataclassBatch(x, y), lambda b: (b.x, b.y)),
+    ]
+    for batch, tensors in cases:
+        out = perturb_batch(batch, 0.5, 0.5, torch.Generator().manual_seed(0))
+        assert type(out) is type(batch)
+        nx, ny = tensors(out)
+        assert torch.equal(nx, plain[0]) and torch.equal(ny, plain[1])
+    assert torch.equal(batch.x, x) and batch.name == "batch"  # the input is not changed
 
 
 @pytest.mark.parametrize(
