@@ -1,24 +1,49 @@
-"""What a person sees during and after a run: the Stability tab in TensorBoard, reference
-lines, actions as text, the level in the progress bar, and the end-of-run summary."""
+"""What a person sees during and after a run: the Stability tab in TensorBoard, the run's
+timeline (levels, learning rates, rollbacks and every event), the level in the progress
+bar, and the summary at the end of ``fit``."""
 
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable
+import struct
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+import torch
+from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
+from lightning_stability.actions import LRBackoff, LRGuard, Rollback, StagedTraining
 from lightning_stability.actions.base import StabilityAction
 from lightning_stability.callback_identity import IdentifiedCallback
-from lightning_stability.probes.base import STEP_HOOKS, StabilityProbe, write_to_loggers
+from lightning_stability.probes import (
+    GradientMonitor,
+    LossMonitor,
+    PerturbationAudit,
+    RepresentationDriftMonitor,
+    SharpnessMonitor,
+    StabilityProbe,
+)
+from lightning_stability.probes.base import logs_this_step, step_loss
 from lightning_stability.probes.edge import lambda_edge, preconditioned_edge
-from lightning_stability.report import SUMMARY_ROWS, RunSummary, print_summary, render_markdown
-from lightning_stability.tensorboard import tensorboard_writers, write_layout
+from lightning_stability.report import (
+    SUMMARY_ROWS,
+    WARNING_SOURCE,
+    RunLog,
+    RunSummary,
+    TimelineEntry,
+    find_loss_tag,
+    format_entries,
+    render_markdown,
+    render_text,
+    summarize,
+)
+from lightning_stability.tensorboard import (
+    TIMELINE,
+    stability_layout,
+    tensorboard_writers,
+    write_layout,
+)
 from lightning_stability.warning.early_warning import EarlyWarning
 from lightning_stability.warning.events import InstabilityEvent, Level
 
@@ -27,91 +52,127 @@ __all__ = ["StabilityDashboard"]
 LEVEL_NAMES = {lv: lv.name.lower() for lv in Level}
 
 _SUMMARY_TAGS = frozenset(tag for _, tag, _ in SUMMARY_ROWS)
-# what the dashboard reads from probes: the summary's readings and those framing the edge
+_CURVATURE = ("stability/sharpness/lambda_max", "stability/sharpness/directional")
+# what the dashboard follows in the probes' readings: the summary's and those framing the
+# edge; readings under these prefixes are logged at every reading, the others (gradients,
+# loss) only on Lightning's logging steps
 _PROBE_TAGS = _SUMMARY_TAGS | {
-    "stability/sharpness/lambda_max",
-    "stability/sharpness/directional",
+    *_CURVATURE,
     "stability/sharpness/preconditioned",
+    "stability/grad/clip_threshold",
+    "stability/loss/value",
 }
-
-_TIMED_HOOKS = (
-    *sorted(STEP_HOOKS),
-    "on_train_epoch_end",
-    "on_validation_epoch_end",
-    "on_train_start",
-)
+_SPARSE = ("stability/sharpness/", "stability/cka", "stability/audit/")
 
 
-class _Peak:
-    """Running max / min / mean / last / confirmed max (:func:`confirmed_max`) of one
-    reading; non-finite (invalid) readings are skipped."""
+def _log_step(trainer: pl.Trainer) -> int:
+    """The step Lightning stamps step metrics with (the charts' x axis)."""
+    return int(getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step))
 
-    __slots__ = ("confirmed", "count", "last", "max", "min", "previous", "total")
 
-    def __init__(self) -> None:
-        self.max, self.min, self.total, self.count, self.last = -math.inf, math.inf, 0.0, 0, 0.0
-        self.previous, self.confirmed = math.nan, -math.inf
+def _float32(value: float) -> float:
+    """``value`` as an event file stores it."""
+    try:
+        return struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
 
-    def add(self, value: float) -> None:
-        self.last = value
-        if math.isfinite(value):
-            self.max, self.min = max(self.max, value), min(self.min, value)
-            self.total += value
-            self.count += 1
-            if math.isfinite(self.previous):
-                self.confirmed = max(self.confirmed, min(self.previous, value))
-            self.previous = value
 
-    def get(self, how: str) -> float:
-        if how == "last":
-            return self.last
-        if how == "confirmed_max":
-            return self.confirmed if math.isfinite(self.confirmed) else math.nan
-        if not self.count:
-            return math.nan
-        return {"max": self.max, "min": self.min}.get(how, self.total / max(self.count, 1))
+def _as_float(value: Any) -> float:
+    return float(value.item() if isinstance(value, torch.Tensor) else value)
 
 
 class StabilityDashboard(IdentifiedCallback):
     """Shows the stability callbacks' work to a person.
 
-    * writes the "Stability" custom-scalars layout to every TensorBoard logger at fit
-      start, and reference lines (``stability/ref/edge`` = 1 for the ratios,
-      ``stability/ref/lambda_edge`` for ``lambda_max``/``directional`` and, for Adam/AdamW,
-      ``stability/ref/preconditioned_edge`` for ``preconditioned``, both from
-      :mod:`~lightning_stability.probes.edge`, the one definition of the edge the ratios
-      use; ``stability/ref/watch_threshold``) next to the readings they frame;
-    * writes warnings and actions as markdown text (``stability/actions``);
-    * adds the current level (``stab``: ok/watch/warning/critical) and edge-of-stability
-      ratio (``eos``) to Lightning's progress bar;
-    * prints a summary table at the end of ``fit`` (rich if installed): peaks, events,
-      actions, and wall time spent in each stability callback.
+    * Writes the "Stability" custom-scalars layout (:mod:`~lightning_stability.tensorboard`)
+      to every TensorBoard logger at the first training step, with only the charts of the
+      callbacks attached; its first row is the training loss the user logs (found among
+      the logged metrics, or ``loss_tag``), the edge-of-stability ratio, the warning level
+      and the learning rate as applied against the schedule.
+    * Writes the run's timeline, as step functions (the old value one step before each
+      change, the new value at it) at every change and on Lightning's logging steps:
+      ``stability/timeline/level`` (0 ok ... 3 critical), ``.../rollbacks`` (count so far),
+      ``.../lr_applied`` (the first param group's learning rate as the optimizer step used
+      it, after backoffs, stages and the guard's clamp), ``.../lr_schedule`` (the same
+      divided by the actions' factors: what the user's schedule asked for) and
+      ``.../lr_factor`` (their ratio, 1 = untouched). At each step with events it writes
+      ``.../event_loss`` (the step's training loss, a marker on the loss chart) and one
+      markdown text entry under ``stability/timeline`` holding every event of the step:
+      changes of level first, then the actions they triggered.
+    * Writes reference lines next to the readings they frame: ``stability/ref/edge`` = 1
+      for the ratios, ``stability/ref/lambda_edge`` for ``lambda_max``/``directional`` and,
+      for Adam/AdamW, ``stability/ref/preconditioned_edge``, all from
+      :mod:`~lightning_stability.probes.edge` (the definition the ratios use), and
+      ``stability/ref/watch_threshold``.
+    * Puts the level (``stab``: ok/watch/warning/critical) and the latest edge ratio
+      (``eos``) into the progress bar's metrics when they change.
+    * At the end of ``fit`` computes the run's summary with
+      :func:`~lightning_stability.report.summarize` from the values that were logged (the
+      function ``lightning-stability report`` runs on the event files), keeps it in
+      :attr:`last_summary`, writes it as text (``stability/summary``) and logs it with
+      ``rank_zero_info``.
 
-    Other loggers still receive every scalar; TensorBoard-only features are skipped for
-    them. Everything here is rank-0 only and changes nothing in training.
+    Other loggers receive every scalar; TensorBoard-only features are skipped for them.
+    Logging is rank zero's; nothing here changes training. Per step the dashboard reads
+    a few attributes; it writes only on logging steps and at events.
 
     Args:
         progress_bar: show level and ratio in the progress bar (default True).
-        summary: print the summary at the end of ``fit`` (default True).
-        timing: measure the time spent in the other stability callbacks' hooks (default
-            True; costs two clock reads per hook call).
+        summary: log the summary at the end of ``fit`` (default True).
+        timing: add the time the Trainer's profiler recorded in each stability callback
+            to the summary; needs ``Trainer(profiler="simple")`` (default True).
+        loss_tag: the logged metric that is the training loss (default ``None``: the
+            first logged metric named like a training loss, e.g. ``train_loss``, else
+            ``stability/loss/value`` when a :class:`~lightning_stability.LossMonitor` is
+            attached).
+
+    Example::
+
+        trainer = Trainer(
+            callbacks=stability_callbacks(actions="backoff"), profiler="simple"
+        )
+        trainer.fit(model)
+        print(trainer.callbacks[-1].last_summary.headline)
     """
 
-    def __init__(self, progress_bar: bool = True, summary: bool = True, timing: bool = True):
+    def __init__(
+        self,
+        progress_bar: bool = True,
+        summary: bool = True,
+        timing: bool = True,
+        loss_tag: str | None = None,
+    ) -> None:
         super().__init__()
+        if loss_tag is not None and (not isinstance(loss_tag, str) or not loss_tag):
+            raise ValueError(f"loss_tag must be a non-empty string or None, got {loss_tag!r}")
         self.progress_bar = progress_bar
         self.summary = summary
         self.timing = timing
-        self.seconds: dict[str, float] = {}
+        self.loss_tag = loss_tag
         self.last_summary: RunSummary | None = None
-        self._peaks: dict[str, _Peak] = {}
-        self._seen: dict[str, int] = {}
+        self.run_log = RunLog()
+        """What this fit logged, as :func:`~lightning_stability.report.summarize` reads it."""
         self._probes: list[StabilityProbe] = []
         self._warning: EarlyWarning | None = None
         self._actions: list[StabilityAction] = []
-        self._action_events_seen: dict[int, int] = {}
-        self._wrapped: list[tuple[Any, str]] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self.run_log = RunLog()
+        self._seen: dict[str, int] = {}
+        self._event_keys: set[tuple[str, int, str]] = set()
+        self._event_counts: dict[int, int] = {}
+        self._written: dict[str, tuple[int, float]] = {}  # tag -> last (step, value) written
+        self._step = -1
+        self._layout_written = False
+        self._lr: tuple[Any, float, float] | None = None  # at batch start: lr, backoff, stage
+        self._previous: tuple[float, float, float] | None = None
+        self._level = 0
+        self._rollbacks = 0
         self._ref_step = -1
+        self._bar: dict[str, str] = {}
+        self._seconds_in_callbacks: dict[str, float] = {}
 
     # ------------------------------------------------------------------ wiring
     @override
@@ -121,70 +182,128 @@ class StabilityDashboard(IdentifiedCallback):
         self._probes = [cb for cb in callbacks if isinstance(cb, StabilityProbe)]
         self._warning = next((cb for cb in callbacks if isinstance(cb, EarlyWarning)), None)
         self._actions = [cb for cb in callbacks if isinstance(cb, StabilityAction)]
-        if self.timing:
-            for cb in [*self._probes, *self._actions, self._warning]:
-                if cb is not None:
-                    self._time_hooks(cb)
-        bar = trainer.progress_bar_callback
-        if self.progress_bar and bar is not None:
-            self._wrap(bar, "get_metrics", self._with_stability_metrics)
 
-    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for obj, name in self._wrapped:
-            obj.__dict__.pop(name, None)
-        self._wrapped = []
+    def _of(self, cls: type) -> list[Any]:
+        return [cb for cb in (*self._probes, *self._actions) if isinstance(cb, cls)]
 
-    def _wrap(self, obj: Any, name: str, make: Callable[[Callable], Callable]) -> None:
-        # An instance attribute shadows the class method and is removed at teardown.
-        setattr(obj, name, make(getattr(obj, name)))
-        self._wrapped.append((obj, name))
+    def _parts(self, trainer: pl.Trainer) -> set[str]:
+        parts: set[str] = set()
+        for probe in self._of(SharpnessMonitor):
+            parts.add("sharpness")
+            if probe.directional:
+                parts.add("directional")
+                if probe.critical:
+                    parts.add("critical")
+            if (
+                probe.preconditioned
+                and trainer.optimizers
+                and preconditioned_edge(trainer.optimizers[0]) is not None
+            ):
+                parts.add("preconditioned")
+        for cls, name in (
+            (GradientMonitor, "gradients"),
+            (LossMonitor, "loss"),
+            (RepresentationDriftMonitor, "drift"),
+            (PerturbationAudit, "audit"),
+            (LRBackoff, "lr_backoff"),
+            (StagedTraining, "staged_training"),
+            (Rollback, "rollback"),
+            (LRGuard, "lr_guard"),
+        ):
+            if self._of(cls):
+                parts.add(name)
+        if self._warning is not None:
+            parts.add("warning")
+        clipping = trainer.gradient_clip_val or "staged_training" in parts
+        if "gradients" in parts and (
+            clipping or any(type(a).__name__ == "AdaptiveClip" for a in self._actions)
+        ):
+            parts.add("clipping")
+        return parts
 
-    def _time_hooks(self, cb: Callback) -> None:
-        label = type(cb).__name__
-        for hook in _TIMED_HOOKS:
-            if getattr(type(cb), hook, None) is getattr(Callback, hook, None):
-                continue  # not overridden: nothing to time
+    def _attached(self, trainer: pl.Trainer) -> list[str]:
+        return [
+            type(cb).__name__
+            for cb in trainer.callbacks
+            if type(cb).__module__.startswith("lightning_stability.")
+        ]
 
-            def make(fn: Callable, label: str = label) -> Callable:
-                def timed(*args: Any, **kwargs: Any) -> Any:
-                    start = time.perf_counter()
-                    try:
-                        return fn(*args, **kwargs)
-                    finally:
-                        self.seconds[label] = (
-                            self.seconds.get(label, 0.0) + time.perf_counter() - start
-                        )
+    def _write_setup(self, trainer: pl.Trainer) -> None:
+        """Once, at the first step: the layout and what is attached."""
+        self._layout_written = True
+        tag = self.loss_tag or find_loss_tag(trainer.callback_metrics)
+        if tag is None and self._of(LossMonitor):
+            tag = "stability/loss/value"
+        self.run_log.loss_tag = tag
+        self.run_log.attached = self._attached(trainer)
+        if not trainer.is_global_zero:
+            return
+        write_layout(trainer.loggers, stability_layout(self._parts(trainer), tag))
+        text = f"**Stability callbacks attached**: {', '.join(self.run_log.attached)}\n\n"
+        text += f"**Training loss tag**: `{tag}`" if tag else "**Training loss tag**: none found"
+        for writer in tensorboard_writers(trainer.loggers):
+            writer.add_text(TIMELINE.SETUP, text, _log_step(trainer))
 
-                return timed
+    # ------------------------------------------------------------------ writing
+    def _write(self, trainer: pl.Trainer, step: int, metrics: dict[str, float]) -> None:
+        """Write ``metrics`` at ``step`` (each tag only forward in steps) and record them."""
+        fresh = {}
+        for tag, value in metrics.items():
+            last = self._written.get(tag)
+            if last is not None and step <= last[0]:
+                continue
+            self._written[tag] = (step, value)
+            self._record(tag, step, value)
+            fresh[tag] = value
+        if fresh and trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics(fresh, step=step)
 
-            self._wrap(cb, hook, make)
+    def _record(self, tag: str, step: int, value: float) -> None:
+        """Keep ``value`` as an event file keeps it (float32), for the summary."""
+        self.run_log.scalars.setdefault(tag, []).append((step, _float32(value)))
 
-    def _with_stability_metrics(self, get_metrics: Callable) -> Callable:
-        def wrapped(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
-            metrics = get_metrics(trainer, pl_module)
-            if self._warning is not None:
-                metrics["stab"] = LEVEL_NAMES[self._warning.level]
-            ratio = self._latest("stability/sharpness/eos_ratio")
-            if ratio is None:
-                ratio = self._latest("stability/sharpness/directional_ratio")
-            if ratio is not None:
-                metrics["eos"] = f"{ratio:.2f}"
-            return metrics
-
-        return wrapped
-
-    def _latest(self, key: str) -> float | None:
-        for probe in self._probes:
-            reading = probe.readings.get(key)
-            if reading is not None:
-                return reading.value
-        return None
+    def _hold(
+        self, trainer: pl.Trainer, step: int, now: dict[str, float], before: dict[str, float]
+    ) -> None:
+        """Write step-function series: on a change, the value ``before`` one step earlier
+        (when nothing was written there yet), then the value ``now``."""
+        earlier = {
+            tag: value
+            for tag, value in before.items()
+            if step > 0 and (tag not in self._written or self._written[tag][0] < step - 1)
+        }
+        if earlier:
+            self._write(trainer, step - 1, earlier)
+        self._write(trainer, step, now)
 
     # ------------------------------------------------------------------ hooks
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.is_global_zero:
-            write_layout(trainer.loggers)
+        self._reset()
 
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # The learning rate this step will use, and the actions' factors in it; the
+        # guard's clamp is applied later, in on_before_optimizer_step, and undone after
+        # the step, so it is read from LRGuard.scale at the batch's end.
+        if not trainer.optimizers:
+            return
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        if isinstance(lr, torch.Tensor):
+            lr = lr.detach().clone()
+        backoff = 1.0
+        for action in self._of(LRBackoff):
+            if action.scales and action.scales[0]:
+                backoff *= action.scales[0][0]
+        stage = 1.0
+        for action in self._of(StagedTraining):
+            stage *= float(getattr(action, "_applied_scale", 1.0))
+        self._lr = (lr, backoff, stage)
+
+    @override
     def on_train_batch_end(
         self,
         trainer: pl.Trainer,
@@ -193,35 +312,133 @@ class StabilityDashboard(IdentifiedCallback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
-        # Only the readings the summary reports are followed, each once per new reading
-        # (probes stamp readings at their own step, which need not be this one).
-        fresh: dict[str, float] = {}
+        if trainer.global_step == self._step:
+            return  # inside an accumulation window: no optimizer step since last time
+        self._step = trainer.global_step
+        step = _log_step(trainer)
+        logging = logs_this_step(trainer)
+        if not self._layout_written:
+            self._write_setup(trainer)
+        fresh = self._follow_readings(trainer, step, logging)
+        entries = self._new_events(step)
+        self._timeline(trainer, step, logging, entries)
+        if entries:
+            loss = step_loss(trainer, pl_module, outputs)
+            if loss is not None:
+                self._write(trainer, step, {TIMELINE.EVENT_LOSS: float(loss)})
+            self.run_log.events += entries
+            if trainer.is_global_zero:
+                for writer in tensorboard_writers(trainer.loggers):
+                    writer.add_text(TIMELINE.TEXT, format_entries(entries), step)
+        if logging and self.run_log.loss_tag:
+            value = trainer.callback_metrics.get(self.run_log.loss_tag)
+            if value is not None and self.run_log.loss_tag != "stability/loss/value":
+                self._record(self.run_log.loss_tag, step, _as_float(value))
+        self._write_references(trainer, fresh, step, logging)
+        if self.progress_bar and trainer.progress_bar_callback is not None:
+            self._update_bar(trainer)
+
+    def _follow_readings(self, trainer: pl.Trainer, step: int, logging: bool) -> set[str]:
+        """Record each new reading that reached the loggers: sparse readings (curvature,
+        CKA, audit) at every reading, dense ones on logging steps. Returns the keys with a
+        new reading."""
+        fresh: set[str] = set()
         for probe in self._probes:
             for key in _PROBE_TAGS.intersection(probe.readings):
                 reading = probe.readings[key]
-                if self._seen.get(key) != reading.step:
-                    self._seen[key] = reading.step
-                    fresh[key] = reading.value
-        if self._warning is not None:
-            fresh["stability/meta/deviation"] = self._warning.deviation
-            fresh["stability/meta/level"] = float(self._warning.level)
-        for key in ("stability/action/lr_scale", "stability/action/stage"):
-            value = trainer.callback_metrics.get(key)
-            if value is not None:
-                fresh[key] = float(value)
-        for key, value in fresh.items():
-            self._peaks.setdefault(key, _Peak()).add(value)
-        if trainer.is_global_zero:
-            self._write_references(trainer, fresh, step)
-            self._write_action_events(trainer)
+                if self._seen.get(key) == reading.step:
+                    continue
+                self._seen[key] = reading.step
+                fresh.add(key)
+                if logging or key.startswith(_SPARSE):
+                    self._record(key, step, reading.value)
+        warning_event = self._warning is not None and len(self._warning.events) != (
+            self._event_counts.get(id(self._warning), 0)
+        )
+        if self._warning is not None and (logging or warning_event):
+            self._record("stability/meta/deviation", step, self._warning.deviation)
+        if logging:
+            for action in self._of(StagedTraining):
+                self._record("stability/action/stage", step, action.stage)
+        return fresh
 
-    def _write_references(self, trainer: pl.Trainer, fresh: dict[str, float], step: int) -> None:
+    def _new_events(self, step: int) -> list[TimelineEntry]:
+        """This step's new events of the warning layer and the actions, stamped with the
+        logging step they are written at. A rollback may restore an action's earlier
+        event list; events are recognised by source, step and message."""
+        entries: list[TimelineEntry] = []
+        sources: list[Any] = [self._warning] if self._warning is not None else []
+        for source in [*sources, *self._actions]:
+            events: list[InstabilityEvent] = source.events
+            if len(events) == self._event_counts.get(id(source), 0):
+                continue
+            self._event_counts[id(source)] = len(events)
+            for event in events:
+                key = (event.source, event.step, event.message)
+                if key in self._event_keys:
+                    continue
+                self._event_keys.add(key)
+                entries.append(TimelineEntry(step, event.source, int(event.level), event.message))
+        return sorted(entries, key=lambda e: e.source != WARNING_SOURCE)
+
+    def _timeline(
+        self, trainer: pl.Trainer, step: int, logging: bool, entries: list[TimelineEntry]
+    ) -> None:
+        now: dict[str, float] = {}
+        before: dict[str, float] = {}
+        changed = False
+        if self._warning is not None:
+            # a level raised and reset within the step (a rollback re-arms the warning
+            # layer at once) still shows at this step
+            level = max([int(self._warning.level)] + [e.level for e in entries if e.is_cause])
+            if TIMELINE.LEVEL not in self._written:
+                changed = True
+            elif level != self._level:
+                changed = True
+                before[TIMELINE.LEVEL] = float(self._level)
+            self._level = level
+            now[TIMELINE.LEVEL] = float(level)
+        rollbacks = self._of(Rollback)
+        if rollbacks:
+            count = sum(r.rollbacks for r in rollbacks)
+            if TIMELINE.ROLLBACKS not in self._written:
+                changed = True
+            elif count != self._rollbacks:
+                changed = True
+                before[TIMELINE.ROLLBACKS] = float(self._rollbacks)
+            self._rollbacks = count
+            now[TIMELINE.ROLLBACKS] = float(count)
+        lrs = self._learning_rates()
+        if lrs is not None:
+            factor = lrs[2]
+            if self._previous is None or factor != self._previous[2]:
+                changed = True
+                if self._previous is not None:
+                    before.update(zip(_LR_TAGS, self._previous))
+            self._previous = lrs
+            now.update(zip(_LR_TAGS, lrs))
+        if changed or logging or entries:
+            self._hold(trainer, step, now, before if changed else {})
+
+    def _learning_rates(self) -> tuple[float, float, float] | None:
+        if self._lr is None:
+            return None
+        lr, backoff, stage = self._lr
+        guard = 1.0
+        for action in self._of(LRGuard):
+            guard *= action.scale
+        lr = _as_float(lr)
+        factor = backoff * stage * guard
+        schedule = lr / (backoff * stage) if backoff * stage > 0 else math.nan
+        return lr * guard, schedule, factor
+
+    def _write_references(
+        self, trainer: pl.Trainer, fresh: set[str], step: int, logging: bool
+    ) -> None:
         if step == self._ref_step:
             return
         refs: dict[str, float] = {}
-        curvature = ("lambda_max", "directional", "preconditioned")
-        if any(f"stability/sharpness/{k}" in fresh for k in curvature):
+        if any(k in fresh for k in (*_CURVATURE, "stability/sharpness/preconditioned")):
             refs["stability/ref/edge"] = 1.0
             if trainer.optimizers:
                 optimizer = trainer.optimizers[0]
@@ -230,54 +447,73 @@ class StabilityDashboard(IdentifiedCallback):
                     "stability/ref/preconditioned_edge": preconditioned_edge(optimizer),
                 }
                 refs.update({k: v for k, v in edges.items() if v is not None and math.isfinite(v)})
-        if self._warning is not None and step % max(trainer.log_every_n_steps, 1) == 0:
+        if self._warning is not None and logging:
             refs["stability/ref/watch_threshold"] = self._warning.monitor.watch_threshold
         if refs:
             self._ref_step = step
-            write_to_loggers(trainer, refs)
+            self._write(trainer, step, refs)
 
-    def _write_action_events(self, trainer: pl.Trainer) -> None:
-        writers = tensorboard_writers(trainer.loggers)
-        for action in self._actions:
-            seen = self._action_events_seen.get(id(action), 0)
-            new: list[InstabilityEvent] = action.events[seen:]
-            self._action_events_seen[id(action)] = len(action.events)
-            for event in new:
-                for writer in writers:
-                    writer.add_text(
-                        "stability/actions", f"**{event.source}**: {event.message}", event.step
-                    )
+    def _update_bar(self, trainer: pl.Trainer) -> None:
+        """Progress-bar entries, written into the Trainer's progress-bar metrics (which
+        keep a value until it is replaced) only when they change."""
+        bar: dict[str, str] = {}
+        if self._warning is not None:
+            bar["stab"] = LEVEL_NAMES[self._warning.level]
+        for key in ("stability/sharpness/eos_ratio", "stability/sharpness/directional_ratio"):
+            reading = next((p.readings[key] for p in self._probes if key in p.readings), None)
+            if reading is not None:
+                bar["eos"] = f"{reading.value:.2f}"
+                break
+        if bar != self._bar:
+            self._bar = bar
+            trainer.progress_bar_metrics.update(bar)
 
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # readings taken at an epoch's end (representation drift) are logged there
+        self._follow_readings(trainer, _log_step(trainer), logging=False)
+
+    @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = _log_step(trainer)
+        self._follow_readings(trainer, step, logging=False)
+        entries = self._new_events(step)
+        if entries:
+            self.run_log.events += entries
+        if trainer.is_global_zero and entries:
+            for writer in tensorboard_writers(trainer.loggers):
+                writer.add_text(TIMELINE.TEXT, format_entries(entries), step)
+        self._seconds_in_callbacks = self._seconds(trainer)
         self.last_summary = self.build_summary()
         if trainer.is_global_zero:
-            self._write_action_events(trainer)
             for writer in tensorboard_writers(trainer.loggers):
-                writer.add_text(
-                    "stability/summary", render_markdown(self.last_summary), trainer.global_step
-                )
-            if self.summary:
-                self._print(self.last_summary)
+                writer.add_text(TIMELINE.SUMMARY, render_markdown(self.last_summary), step)
+        if self.summary:
+            rank_zero_info(render_text(self.last_summary))
 
-    @rank_zero_only
-    def _print(self, summary: RunSummary) -> None:
-        print_summary(summary)
+    def _seconds(self, trainer: pl.Trainer) -> dict[str, float]:
+        """Seconds in each stability callback's hooks, from a profiler that records
+        durations per action (``SimpleProfiler``: ``[Callback]<state_key>.<hook>``)."""
+        durations = getattr(trainer.profiler, "recorded_durations", None)
+        if not self.timing or not durations:
+            return {}
+        out: dict[str, float] = {}
+        for cb in trainer.callbacks:
+            if not type(cb).__module__.startswith("lightning_stability.") or cb is self:
+                continue
+            prefix = f"[Callback]{cb.state_key}."
+            total = sum(sum(d) for name, d in durations.items() if name.startswith(prefix))
+            if total:
+                name = type(cb).__name__
+                out[name] = out.get(name, 0.0) + total
+        return out
 
     def build_summary(self, name: str = "this run") -> RunSummary:
-        """The summary of what has been seen so far."""
-        rows = [
-            (label, self._peaks[tag].get(how))
-            for label, tag, how in SUMMARY_ROWS
-            if tag in self._peaks and self._peaks[tag].count
-        ]
-        events: list[tuple[int, str]] = []
-        if self._warning is not None:
-            events += [(e.step, e.message) for e in self._warning.events]
-        for action in self._actions:
-            events += [(e.step, f"{e.source}: {e.message}") for e in action.events]
-        return RunSummary(
-            name=name,
-            rows=rows,
-            events=sorted(events, key=lambda e: e[0]),
-            seconds_in_callbacks=dict(self.seconds),
-        )
+        """The summary of what has been logged so far (the report's
+        :func:`~lightning_stability.report.summarize`)."""
+        summary = summarize(name, self.run_log)
+        summary.seconds_in_callbacks = dict(self._seconds_in_callbacks)
+        return summary
+
+
+_LR_TAGS = (TIMELINE.LR_APPLIED, TIMELINE.LR_SCHEDULE, TIMELINE.LR_FACTOR)
