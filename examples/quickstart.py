@@ -20,11 +20,18 @@ import lightning.pytorch as pl
 from demo_run import demo_trainer, quiet_console
 from digits import DigitsClassifier, DigitsDataModule
 
+from lightning_stability import StabilityDashboard
+from lightning_stability.report import render_text
+
 
 def train(lr: float, epochs: int, logdir: str, guarded: bool) -> dict[str, float]:
     pl.seed_everything(0, verbose=False)
     trainer = demo_trainer(logdir, guarded, actions="backoff", max_epochs=epochs)
     trainer.fit(DigitsClassifier(lr=lr), DigitsDataModule())
+    dashboard = next((cb for cb in trainer.callbacks if isinstance(cb, StabilityDashboard)), None)
+    if dashboard is not None and dashboard.last_summary is not None:
+        # the end-of-fit summary (logged at INFO, which quiet_console silences)
+        print("\n" + render_text(dashboard.last_summary) + "\n")
     metrics = trainer.validate(trainer.lightning_module, DigitsDataModule(), verbose=False)[0]
     return {"val_loss": metrics["val_loss"], "val_acc": metrics["val_acc"]}
 
@@ -47,6 +54,7 @@ def main() -> None:
         f"with callbacks:    val_loss {guarded['val_loss']:.3f}, val_acc {guarded['val_acc']:.3f}"
     )
     print(f"\nTensorBoard logs: {args.logdir}  (tensorboard --logdir {args.logdir})")
+    print(f"The report of both runs: lightning-stability report {args.logdir}")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,10 @@ class StabilityDashboard(IdentifiedCallback):
         self._probes: list[StabilityProbe] = []
         self._warning: EarlyWarning | None = None
         self._actions: list[StabilityAction] = []
+        self._backoffs: list[LRBackoff] = []
+        self._stages: list[StagedTraining] = []
+        self._guards: list[LRGuard] = []
+        self._rollback_cbs: list[Rollback] = []
         self._reset()
 
     def _reset(self) -> None:
@@ -167,7 +171,7 @@ class StabilityDashboard(IdentifiedCallback):
         self._step = -1
         self._layout_written = False
         self._lr: tuple[Any, float, float] | None = None  # at batch start: lr, backoff, stage
-        self._previous: tuple[float, float, float] | None = None
+        self._previous: tuple[Any, float, float] | None = None
         self._level = 0
         self._rollbacks = 0
         self._ref_step = -1
@@ -182,6 +186,10 @@ class StabilityDashboard(IdentifiedCallback):
         self._probes = [cb for cb in callbacks if isinstance(cb, StabilityProbe)]
         self._warning = next((cb for cb in callbacks if isinstance(cb, EarlyWarning)), None)
         self._actions = [cb for cb in callbacks if isinstance(cb, StabilityAction)]
+        self._backoffs = self._of(LRBackoff)
+        self._stages = self._of(StagedTraining)
+        self._guards = self._of(LRGuard)
+        self._rollback_cbs = self._of(Rollback)
 
     def _of(self, cls: type) -> list[Any]:
         return [cb for cb in (*self._probes, *self._actions) if isinstance(cb, cls)]
@@ -295,11 +303,11 @@ class StabilityDashboard(IdentifiedCallback):
         if isinstance(lr, torch.Tensor):
             lr = lr.detach().clone()
         backoff = 1.0
-        for action in self._of(LRBackoff):
+        for action in self._backoffs:
             if action.scales and action.scales[0]:
                 backoff *= action.scales[0][0]
         stage = 1.0
-        for action in self._of(StagedTraining):
+        for action in self._stages:
             stage *= float(getattr(action, "_applied_scale", 1.0))
         self._lr = (lr, backoff, stage)
 
@@ -358,7 +366,7 @@ class StabilityDashboard(IdentifiedCallback):
         if self._warning is not None and (logging or warning_event):
             self._record("stability/meta/deviation", step, self._warning.deviation)
         if logging:
-            for action in self._of(StagedTraining):
+            for action in self._stages:
                 self._record("stability/action/stage", step, action.stage)
         return fresh
 
@@ -398,7 +406,7 @@ class StabilityDashboard(IdentifiedCallback):
                 before[TIMELINE.LEVEL] = float(self._level)
             self._level = level
             now[TIMELINE.LEVEL] = float(level)
-        rollbacks = self._of(Rollback)
+        rollbacks = self._rollback_cbs
         if rollbacks:
             count = sum(r.rollbacks for r in rollbacks)
             if TIMELINE.ROLLBACKS not in self._written:
@@ -408,29 +416,29 @@ class StabilityDashboard(IdentifiedCallback):
                 before[TIMELINE.ROLLBACKS] = float(self._rollbacks)
             self._rollbacks = count
             now[TIMELINE.ROLLBACKS] = float(count)
-        lrs = self._learning_rates()
-        if lrs is not None:
-            factor = lrs[2]
-            if self._previous is None or factor != self._previous[2]:
+        raw = self._raw_lr()
+        if raw is not None:
+            previous = self._previous
+            if previous is None or raw[1] != previous[1]:
                 changed = True
-                if self._previous is not None:
-                    before.update(zip(_LR_TAGS, self._previous))
-            self._previous = lrs
-            now.update(zip(_LR_TAGS, lrs))
+                if previous is not None:
+                    before.update(zip(_LR_TAGS, _learning_rates(*previous)))
+            self._previous = raw
         if changed or logging or entries:
+            if raw is not None:
+                now.update(zip(_LR_TAGS, _learning_rates(*raw)))
             self._hold(trainer, step, now, before if changed else {})
 
-    def _learning_rates(self) -> tuple[float, float, float] | None:
+    def _raw_lr(self) -> tuple[Any, float, float] | None:
+        """This step's requested learning rate (as the optimizer holds it), the actions'
+        factor on it, and the part of that factor the schedule's own value excludes."""
         if self._lr is None:
             return None
         lr, backoff, stage = self._lr
         guard = 1.0
-        for action in self._of(LRGuard):
+        for action in self._guards:
             guard *= action.scale
-        lr = _as_float(lr)
-        factor = backoff * stage * guard
-        schedule = lr / (backoff * stage) if backoff * stage > 0 else math.nan
-        return lr * guard, schedule, factor
+        return lr, backoff * stage * guard, backoff * stage
 
     def _write_references(
         self, trainer: pl.Trainer, fresh: set[str], step: int, logging: bool
@@ -517,3 +525,11 @@ class StabilityDashboard(IdentifiedCallback):
 
 
 _LR_TAGS = (TIMELINE.LR_APPLIED, TIMELINE.LR_SCHEDULE, TIMELINE.LR_FACTOR)
+
+
+def _learning_rates(lr: Any, factor: float, cut: float) -> tuple[float, float, float]:
+    """(applied, scheduled, factor) from the requested ``lr`` (the schedule's value times
+    ``cut``, the backoff and stage factors) and the total ``factor`` (with the guard's)."""
+    requested = _as_float(lr)
+    schedule = requested / cut if cut > 0 else math.nan
+    return requested * factor / cut if cut > 0 else math.nan, schedule, factor

@@ -617,7 +617,7 @@ def summarize(name: str, log: RunLog) -> RunSummary:
         verdict = "recovered" if recovered else "not recovered"
         headline = (
             f"Unstable from step {step} (highest level {highest_name}): "
-            f"{LEVEL_NAMES[level]} at step {step}: {cause}. {_what_was_done(log)} "
+            f"{LEVEL_NAMES[level]} at step {step}: {cause.rstrip('.')}. {_what_was_done(log)} "
             f"Result: {verdict}; {', '.join(result)}."
         )
     if healthy is not False:
@@ -705,6 +705,7 @@ def render_markdown(summary: RunSummary, figures: Iterable[Path] = ()) -> str:
 # ------------------------------------------------------------------ figures
 
 _EVENT_COLORS = {0: "tab:green", 1: "tab:olive", 2: "tab:orange", 3: "tab:red"}
+_ACTION_COLORS = {"lr_backoff": "tab:purple", "rollback": "k", "lr_guard": "tab:cyan"}
 
 
 def _spans_decades(values: Iterable[float]) -> bool:
@@ -741,7 +742,8 @@ def write_figures(log: RunLog, outdir: str | os.PathLike) -> list[Path]:
                 style = {"color": _EVENT_COLORS[e.level], "lw": 1.0, "alpha": 0.7}
             else:
                 label = f"action: {e.source}"
-                style = {"color": "k", "lw": 0.8, "ls": ":", "alpha": 0.8}
+                colour = _ACTION_COLORS.get(e.source, "k")
+                style = {"color": colour, "lw": 1.0, "ls": ":", "alpha": 0.9}
             ax.axvline(e.step, label=None if label in seen else label, **style)
             seen.add(label)
 

@@ -5,6 +5,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_stability.report import find_runs, load_run
+from lightning_stability.tensorboard import LAYOUT_TAG, read_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,3 +29,13 @@ def test_example_runs_and_logs(tmp_path, script, args):
     assert "without callbacks" in out.stdout and "with callbacks" in out.stdout
     for name in ("without", "with_callbacks"):
         assert list((tmp_path / name).rglob("events.out.tfevents.*")), name
+    if script == "quickstart.py":
+        # the tab's loss chart shows both runs: the bare run logs the same loss tag
+        (guarded,) = find_runs(tmp_path / "with_callbacks")
+        (bare,) = find_runs(tmp_path / "without")
+        acc = EventAccumulator(str(guarded))
+        acc.Reload()
+        (layout,) = acc.Tensors(LAYOUT_TAG)
+        loss_chart = read_layout(layout.tensor_proto.string_val[0])["Stability"][0]
+        assert loss_chart.tags[0] in load_run(bare).scalars
+        assert "summary: this run" in out.stdout
