@@ -124,6 +124,11 @@ class RunLog:
     attached: list[str] | None = None
     loss_tag: str | None = None
 
+    def __iter__(self):
+        """Unpacks as ``scalars, events``, as :func:`load_run`'s result did before it held
+        more."""
+        return iter((self.scalars, self.events))
+
 
 @dataclass
 class RunSummary:

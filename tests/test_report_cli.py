@@ -163,3 +163,42 @@ def test_a_single_outlier_does_not_set_the_peak():
     scalars = {"stability/sharpness/eos_ratio": [(0, 0.4), (1, 194.7), (2, 0.5), (3, 0.45)]}
     summary = summarize("outlier", RunLog(scalars=scalars))
     assert summary.values["peak edge-of-stability ratio"] == pytest.approx(0.5)
+
+
+def test_figures_have_titles_labels_log_scales_thresholds_and_events(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from lightning_stability.report import RunLog, write_figures
+
+    drawn = {}
+
+    def capture(fig, path, **kwargs):
+        (ax,) = fig.axes
+        drawn[Path(path).stem] = ax
+        Path(path).write_bytes(b"png")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+    steps = range(10)
+    log = RunLog(
+        scalars={
+            "train_loss": [(s, 2.0 - 0.1 * s) for s in steps],
+            "stability/sharpness/eos_ratio": [(s, 0.01 * 2.0**s) for s in steps],
+            TIMELINE.LEVEL: [(s, 3.0 if s == 5 else 0.0) for s in steps],
+        },
+        events=[
+            TimelineEntry(5, "early_warning", 3, "critical"),
+            TimelineEntry(5, "rollback", 3, "rolled back to step 2"),
+        ],
+        loss_tag="train_loss",
+    )
+    written = write_figures(log, tmp_path)
+    assert [p.stem for p in written] == ["loss", "edge_ratio", "level"]
+    for name, ax in drawn.items():
+        assert ax.get_title() and ax.get_xlabel() == "optimizer step" and ax.get_ylabel(), name
+        labels = ax.get_legend_handles_labels()[1]
+        assert "level -> critical" in labels and "action: rollback" in labels, name
+    assert drawn["edge_ratio"].get_yscale() == "log"  # 0.01 to 5: decades
+    assert drawn["loss"].get_yscale() == "linear"
+    assert "edge (1)" in drawn["edge_ratio"].get_legend_handles_labels()[1]
+    ticks = [t.get_text() for t in drawn["level"].get_yticklabels()]
+    assert ticks == ["ok", "watch", "warning", "critical"]
