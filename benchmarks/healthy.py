@@ -310,7 +310,7 @@ def _markdown(payload: dict[str, Any]) -> str:
         f"{', '.join(payload['modes'])}, {payload['wall_s']:.0f} s on {payload['workers']} "
         "worker(s)). Targets on both halves: no WARNING+ event, WATCH <= 1 per 1000 steps, no "
         "action fires, weights bit-identical to the bare run. Monitored runs are the "
-        "warning, actions and staged modes.",
+        "warning, actions, staged and guard modes.",
         "",
     ]
     if payload["quick"]:
