@@ -308,7 +308,7 @@ class StabilityDashboard(IdentifiedCallback):
                 backoff *= action.scales[0][0]
         stage = 1.0
         for action in self._stages:
-            stage *= float(getattr(action, "_applied_scale", 1.0))
+            stage *= float(getattr(action, "lr_scale", 1.0))
         self._lr = (lr, backoff, stage)
 
     @override

@@ -172,6 +172,12 @@ class StagedTraining(StabilityAction):
         self._user_accumulate = 1
         self._user_requires_grad: dict[str, bool] = {}
 
+    @property
+    def lr_scale(self) -> float:
+        """The learning-rate factor the ladder applies now (1.0 at stage 0; during a
+        de-escalation warm-up, the value the ramp has reached)."""
+        return self._applied_scale
+
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
