@@ -35,6 +35,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from benchmarks.reference import quiet_trainer
 from lightning_stability.probes.audit import PerturbationAudit
 
 OUT = Path(__file__).with_name("audit.json")
@@ -76,14 +77,8 @@ def audit_cost(epochs: int, audit_kwargs: dict[str, Any]) -> dict[str, Any]:
         audit = PerturbationAudit(**audit_kwargs) if use else None
         clock = _EpochClock(audit)
         callbacks: list[Callback] = [clock] if audit is None else [audit, clock]
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
+        trainer = quiet_trainer(
             max_epochs=epochs,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
             callbacks=callbacks,
         )
         trainer.fit(module, train_loader)

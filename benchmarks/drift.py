@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks import results_md
-from benchmarks.reference import reference_dataloader, reference_module
+from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
 from lightning_stability.probes.drift import RepresentationDriftMonitor
 
 HERE = Path(__file__).parent
@@ -70,15 +70,9 @@ class _StepTimer(Callback):
 
 def _fit(callbacks: list[Callback], epochs: int, batches: int, seed: int = 0) -> float:
     pl.seed_everything(seed, verbose=False)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_epochs=epochs,
         limit_train_batches=batches,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
     )
     start = time.perf_counter()

@@ -50,6 +50,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.profilers import SimpleProfiler
 
 from benchmarks import results_md
+from benchmarks.reference import quiet_trainer
 from benchmarks.scenarios.tasks import MLP, digits_data, seeded_loader
 
 OUT = Path(__file__).with_name("hot_path.json")
@@ -112,15 +113,10 @@ def fit(
     """Seconds spent in ``Trainer.fit`` for ``steps`` optimizer steps."""
     pl.seed_everything(seed, verbose=False)
     module, loader = _module_and_loader(seed)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_steps=steps,
         logger=CountingLogger(),
         log_every_n_steps=log_every_n_steps,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
         profiler=profiler,
     )

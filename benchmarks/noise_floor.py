@@ -35,7 +35,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks import results_md
-from benchmarks.reference import VOCAB, reference_dataloader, reference_module
+from benchmarks.reference import VOCAB, quiet_trainer, reference_dataloader, reference_module
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 HERE = Path(__file__).parent
@@ -88,14 +88,8 @@ def run(steps: int, repeats: int, k: int, seed: int) -> dict[str, Any]:
         loss_fn=_lm_loss,
     )
     keep = _KeepWeightsBefore(monitor)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[keep, monitor],
     )
     start = time.perf_counter()

@@ -23,7 +23,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from benchmarks.reference import reference_dataloader, reference_module
+from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
 
 OUT = Path(__file__).with_name("overhead.json")
 
@@ -69,14 +69,8 @@ def timed_fit(callbacks: list[Callback], steps: int, seed: int = 0) -> float:
     """Seconds spent in ``Trainer.fit`` for ``steps`` optimizer steps of the reference task."""
     pl.seed_everything(seed, verbose=False)
     module = reference_module()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=callbacks,
     )
     loader = reference_dataloader(seed=seed)

@@ -119,3 +119,18 @@ def reference_dataloader(batch_size: int = 32, seq_len: int = 64, seed: int = 0)
         drop_last=True,
         generator=torch.Generator().manual_seed(seed),
     )
+
+
+def quiet_trainer(**overrides: Any) -> pl.Trainer:
+    """A CPU Trainer for timing and measuring: one device, no logger, checkpoints, progress
+    bar or model summary unless ``overrides`` say otherwise."""
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    kwargs.update(overrides)
+    return pl.Trainer(**kwargs)

@@ -27,7 +27,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.overhead import measure, timed_fit
-from benchmarks.reference import reference_dataloader, reference_module
+from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 OUT = Path(__file__).with_name("sharpness.json")
@@ -58,14 +58,8 @@ def products_per_check(every: int, steps: int, warm: bool, preconditioned: bool)
     pl.seed_everything(0, verbose=False)
     monitor = _monitor(every, warm_start=warm, preconditioned=preconditioned)
     counter = _Products(monitor)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_steps=steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[monitor, counter],
     )
     trainer.fit(reference_module(), reference_dataloader(seed=0))

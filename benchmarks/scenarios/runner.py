@@ -38,6 +38,7 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, SpikeDetection
 from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 
+from benchmarks.reference import quiet_trainer
 from benchmarks.scenarios.divergence import divergence_step
 from benchmarks.scenarios.registry import Scenario
 
@@ -388,20 +389,14 @@ def run_scenario(
     spike = RecordingSpikeDetection()
     stopper = RecordingEarlyStopping("val_loss", scenario.divergence_threshold)
     recorder = _Recorder(warning)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    trainer = quiet_trainer(
         max_steps=max_steps,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         num_sanity_val_steps=0,
         val_check_interval=scenario.val_every,
         check_val_every_n_epoch=None,
         callbacks=[*extra, *ours, spike, stopper, recorder],
         deterministic=True,
-        default_root_dir=tempfile.mkdtemp(prefix="scenario-"),  # a rollback's stop checkpoint
+        default_root_dir=tempfile.mkdtemp(prefix="scenario-"),  # nothing lands in the cwd
         **scenario.trainer_kwargs,
     )
     start = time.perf_counter()
