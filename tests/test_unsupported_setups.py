@@ -5,6 +5,7 @@ what it cannot read, and the rest of the set goes on."""
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 from typing import Any
 
 import lightning.pytorch as pl
@@ -265,3 +266,39 @@ def test_audit_caches_only_batches_with_a_loss_and_their_batch_idx():
     assert t.current_epoch == 1
     assert not _stability_warnings(messages) and not audit.set_aside
     assert "stability/audit/signal/param_distance" in audit.readings
+
+
+class FrozenModule(TinyClassifier):
+    """Every parameter frozen; training moves a tensor outside the module, so that the
+    run trains while the module has nothing for the curvature probe to measure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.offset = torch.zeros((), requires_grad=True)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return super().training_step(batch, batch_idx) + self.offset**2
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([self.offset], lr=0.1)
+
+
+def test_a_module_without_trainable_parameters_runs_and_the_curvature_probe_says_so_once():
+    callbacks = stability_callbacks(
+        drift=False, sharpness={"every_n_steps": 2, "directional_every_n_steps": 2}
+    )
+    t, messages = _fit(FrozenModule(), callbacks, max_steps=10)
+    assert t.global_step == 10
+    said = [m for m in _stability_warnings(messages) if "no trainable parameter" in m]
+    assert len(said) == 1 and said[0].startswith("SharpnessMonitor")
+    assert not _curvature(_probe(callbacks, SharpnessMonitor).readings)
+
+
+def test_step_lr_reads_a_missing_learning_rate_as_zero():
+    from lightning_stability.probes.edge import step_lr
+
+    # optimizers such as Adafactor with relative steps keep lr None
+    own_step_size = SimpleNamespace(param_groups=[{"lr": None}, {"lr": 0.01}])
+    assert step_lr(own_step_size) == 0.01

@@ -34,7 +34,8 @@ it by a few percent a step, a broken warm-up or a manual change by much more."""
 def step_lr(optimizer: torch.optim.Optimizer) -> float:
     """The largest learning rate among the optimizer's param groups (the one whose edge is
     nearest)."""
-    return max((float(g.get("lr", 0.0)) for g in optimizer.param_groups), default=0.0)
+    # optimizers that pick their own step size (Adafactor with relative steps) keep lr None
+    return max((float(g.get("lr") or 0.0) for g in optimizer.param_groups), default=0.0)
 
 
 class EdgePrediction:

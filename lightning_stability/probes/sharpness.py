@@ -387,6 +387,15 @@ class SharpnessMonitor(StabilityProbe):
         directional = self.directional and step >= self._next_directional
         if not (check or directional):
             return
+        if not _trainable(pl_module):
+            # a fine-tuning schedule may unfreeze parameters later: skip, do not step aside
+            self.warn_once(
+                "frozen",
+                "the module has no trainable parameter (every requires_grad is False), so "
+                "there is no Hessian to measure; curvature checks are skipped until some "
+                "parameters train again.",
+            )
+            return
         if not self._batches:
             self.warn_once(
                 "no_batch",
