@@ -44,8 +44,8 @@ class LRGuard(StabilityAction):
 
     Opt-in and separate from the warning layer: the guard reacts to the learning rate the
     step will use, before the step, whatever the level. It needs a ``SharpnessMonitor``
-    in ``trainer.callbacks``; without one (or before the monitor's first reading) it warns
-    once and does nothing.
+    in ``trainer.callbacks``: without one it warns once and does nothing, and until the
+    monitor has taken ``confirm`` readings it does nothing.
 
     A single curvature reading can be an outlier (a probe batch unlike the rest, a
     Lanczos start that met a transient direction), so the prediction is confirmed: it is
@@ -60,14 +60,16 @@ class LRGuard(StabilityAction):
         max_age: readings older than this many optimizer steps are not trusted to clamp
             (the landscape has moved on); ``None`` trusts any age. Default ``None``.
 
-    Logs ``stability/action/lr_guard_scale`` (applied / requested learning rate of this
-    step, 1.0 = not clamped) every step. Each clamped stretch is an event in
+    Logs ``stability/action/lr_guard_scale`` (applied / requested learning rate of the
+    step, 1.0 = not clamped) on the steps Lightning writes step metrics. Each clamped stretch is an event in
     :attr:`events` with the requested and applied learning rate at its start, and one
     more when the schedule is given back; :attr:`clamped_steps` counts the steps clamped.
 
     Example::
 
-        trainer = Trainer(callbacks=[*stability_callbacks(), LRGuard()])
+        trainer = Trainer(callbacks=stability_callbacks(lr_guard=True))
+        # or, composed by hand after the probes:
+        trainer = Trainer(callbacks=[*stability_callbacks(), LRGuard(margin=1.0)])
     """
 
     source_name = "lr_guard"
