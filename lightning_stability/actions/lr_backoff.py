@@ -78,7 +78,7 @@ class LRBackoff(StabilityAction):
             ``AdamRepair()``.
 
     Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
-    no cut) every step and records each backoff in :attr:`events`; :attr:`ceiling` holds
+    no cut) on the steps Lightning writes step metrics and records each backoff in :attr:`events`; :attr:`ceiling` holds
     the per-group ceilings of the ramp.
     """
 
