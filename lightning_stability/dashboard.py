@@ -399,23 +399,12 @@ class StabilityDashboard(IdentifiedCallback):
             # a level raised and reset within the step (a rollback re-arms the warning
             # layer at once) still shows at this step
             level = max([int(self._warning.level)] + [e.level for e in entries if e.is_cause])
-            if TIMELINE.LEVEL not in self._written:
-                changed = True
-            elif level != self._level:
-                changed = True
-                before[TIMELINE.LEVEL] = float(self._level)
+            changed |= self._step_series(TIMELINE.LEVEL, level, self._level, now, before)
             self._level = level
-            now[TIMELINE.LEVEL] = float(level)
-        rollbacks = self._rollback_cbs
-        if rollbacks:
-            count = sum(r.rollbacks for r in rollbacks)
-            if TIMELINE.ROLLBACKS not in self._written:
-                changed = True
-            elif count != self._rollbacks:
-                changed = True
-                before[TIMELINE.ROLLBACKS] = float(self._rollbacks)
+        if self._rollback_cbs:
+            count = sum(r.rollbacks for r in self._rollback_cbs)
+            changed |= self._step_series(TIMELINE.ROLLBACKS, count, self._rollbacks, now, before)
             self._rollbacks = count
-            now[TIMELINE.ROLLBACKS] = float(count)
         raw = self._raw_lr()
         if raw is not None:
             previous = self._previous
@@ -428,6 +417,25 @@ class StabilityDashboard(IdentifiedCallback):
             if raw is not None:
                 now.update(zip(_LR_TAGS, _learning_rates(*raw)))
             self._hold(trainer, step, now, before if changed else {})
+
+    def _step_series(
+        self,
+        tag: str,
+        value: float,
+        previous: float,
+        now: dict[str, float],
+        before: dict[str, float],
+    ) -> bool:
+        """Put ``value`` in ``now``; ``True`` when the series must be written this step (its
+        first write, or a change, whose old value then goes in ``before`` so the chart
+        steps instead of sloping)."""
+        now[tag] = float(value)
+        if tag not in self._written:
+            return True
+        if value != previous:
+            before[tag] = float(previous)
+            return True
+        return False
 
     def _raw_lr(self) -> tuple[Any, float, float] | None:
         """This step's requested learning rate (as the optimizer holds it), the actions'

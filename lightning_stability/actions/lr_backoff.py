@@ -96,12 +96,7 @@ class LRBackoff(StabilityAction):
         optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
     ) -> None:
         super().__init__(level)
-        if optimizer_repair is not None and not isinstance(optimizer_repair, AdamRepair):
-            raise ValueError(
-                f"optimizer_repair must be an AdamRepair or None, got {optimizer_repair!r}"
-            )
         self.repair = RepairRung(optimizer_repair)
-        self._repaired_step = -1
         check_factor(factor, "factor")
         if (
             isinstance(min_lr, bool)
@@ -150,8 +145,8 @@ class LRBackoff(StabilityAction):
         step = int(trainer.global_step)
         if level is not None and level >= self.level:
             self._calm = 0
-            if step - self._last_backoff_step > self.cooldown and not self._repair(
-                trainer, level, f"{level.name} event"
+            if step - self._last_backoff_step > self.cooldown and not self.repair.answer(
+                self, trainer, level, f"{level.name} event"
             ):
                 self._backoff(trainer, level, f"{level.name} event")
         elif self.source_level >= self.level:
@@ -166,19 +161,11 @@ class LRBackoff(StabilityAction):
     def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
         self._calm = 0
         step = int(trainer.global_step)
-        if step in (self._last_backoff_step, self._repaired_step):
+        if step in (self._last_backoff_step, self.repair.step):
             return True  # this step's event was already answered: one answer per step
-        return self._repair(trainer, Level.CRITICAL, reason) or self._backoff(
+        return self.repair.answer(self, trainer, Level.CRITICAL, reason) or self._backoff(
             trainer, Level.CRITICAL, reason
         )
-
-    def _repair(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
-        message = self.repair.climb(trainer.optimizers)
-        if message is None:
-            return False
-        self._repaired_step = int(trainer.global_step)
-        self.record(trainer, level, f"optimizer repaired ({reason}): {message}")
-        return True
 
     # ------------------------------------------------------------- mechanics
     def _apply(self, trainer: pl.Trainer, new_scales: list[list[float]]) -> None:
@@ -270,8 +257,7 @@ class LRBackoff(StabilityAction):
         self._ramp_from = None
         self._ramp_done = 0
         self._raised = False
-        self.repair.merge(before.get("repair") or {})
-        self.repair.reapply(trainer.optimizers)
+        self.repair.restored(trainer.optimizers, before.get("repair") or {})
 
     # ---------------------------------------------------------------- resume
     @property

@@ -117,7 +117,11 @@ class RepairRung:
     state, or a resume re-applies it, and :meth:`undo` can give the user's values back."""
 
     def __init__(self, repair: AdamRepair | None) -> None:
+        if repair is not None and not isinstance(repair, AdamRepair):
+            raise ValueError(f"optimizer_repair must be an AdamRepair or None, got {repair!r}")
         self.repair = repair
+        self.step = -1
+        """The optimizer step of the latest repair (-1: none in this fit)."""
         self.changes: dict[int, dict[int, dict[str, Any]]] = {}  # optimizer -> group -> change
         self.originals: dict[int, dict[int, dict[str, Any]]] = {}
 
@@ -149,6 +153,22 @@ class RepairRung:
             AdamRepair.apply(opt, plan)
             self.changes.setdefault(k, {}).update(plan)
         return "; ".join(parts) or None
+
+    def answer(self, action: Any, trainer: Any, level: Any, reason: str) -> bool:
+        """Repair what needs it as ``action``'s answer to an event at ``level``, recorded
+        in its events with why; ``False`` when there was nothing to repair."""
+        message = self.climb(trainer.optimizers)
+        if message is None:
+            return False
+        self.step = int(trainer.global_step)
+        action.record(trainer, level, f"optimizer repaired ({reason}): {message}")
+        return True
+
+    def restored(self, optimizers: list[torch.optim.Optimizer], before: dict[str, Any]) -> None:
+        """After a rollback: keep the repairs of ``before`` (the rung's state from just
+        before it) and write them back into the reloaded optimizers."""
+        self.merge(before)
+        self.reapply(optimizers)
 
     def reapply(self, optimizers: list[torch.optim.Optimizer]) -> None:
         """Write the repairs made so far back into the optimizers (after a rollback or a

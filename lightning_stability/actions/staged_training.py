@@ -151,12 +151,7 @@ class StagedTraining(StabilityAction):
         optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
     ) -> None:
         super().__init__(level)
-        if optimizer_repair is not None and not isinstance(optimizer_repair, AdamRepair):
-            raise ValueError(
-                f"optimizer_repair must be an AdamRepair or None, got {optimizer_repair!r}"
-            )
         self.repair = RepairRung(optimizer_repair)
-        self._repaired_step = -1
         self.stages = _validate_stages(copy.deepcopy(DEFAULT_STAGES) if stages is None else stages)
         check_positive_int(calm_steps, "calm_steps", allow_none=True)
         check_nonnegative_int(cooldown, "cooldown")
@@ -247,7 +242,7 @@ class StagedTraining(StabilityAction):
 
     def escalate(self, trainer: pl.Trainer, pl_module: pl.LightningModule, reason: str) -> bool:
         self._calm = 0
-        if self._repaired_step == int(trainer.global_step):
+        if self.repair.step == int(trainer.global_step):
             return True  # this step's event was answered by the repair
         return self._repair(trainer, Level.CRITICAL, reason) or self._move(
             trainer, pl_module, +1, reason, Level.CRITICAL
@@ -274,16 +269,13 @@ class StagedTraining(StabilityAction):
             self._ramp = None
             scale = min(self.stages[kept]["lr_scale"], float(before["applied_scale"]))
             self._set_scale(trainer, scale)
-        self.repair.merge(before.get("repair") or {})
-        self.repair.reapply(trainer.optimizers)
+        self.repair.restored(trainer.optimizers, before.get("repair") or {})
         self._apply_knobs(trainer, pl_module)
 
     def _repair(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
-        message = self.repair.climb(trainer.optimizers)
-        if message is None:
+        if not self.repair.answer(self, trainer, level, reason):
             return False
-        self._last_change_step = self._repaired_step = int(trainer.global_step)
-        self.record(trainer, level, f"optimizer repaired ({reason}): {message}")
+        self._last_change_step = self.repair.step  # a change of the run, for the cooldown
         return True
 
     # ------------------------------------------------------------- mechanics
