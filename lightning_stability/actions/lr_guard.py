@@ -92,13 +92,11 @@ class LRGuard(StabilityAction):
         self.scale = 1.0
         """Applied / requested learning rate of the latest step."""
         self._edge: EdgePrediction | None = None
-        self._monitor: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
         self._handle: Any = None
         self._requested: list[Any] | None = None  # per group, while a clamp is applied
         self._episode_start = -1
         self._episode_min = 1.0
-        self._warned = False
 
     # ----------------------------------------------------------------- wiring
     @override
@@ -108,7 +106,7 @@ class LRGuard(StabilityAction):
         IdentifiedCallback.setup(self, trainer, pl_module, stage)
         if stage != "fit":
             return
-        self._monitor = next(
+        monitor = next(
             (
                 cb
                 for cb in trainer.callbacks
@@ -116,9 +114,9 @@ class LRGuard(StabilityAction):
             ),
             None,
         )
-        self._edge = None if self._monitor is None else self._monitor.edge
-        if self._edge is None:
-            self._warn_once(
+        self._edge = None if monitor is None else monitor.edge
+        if self._edge is None:  # setup runs once per fit: this warns once
+            rank_zero_warn(
                 "LRGuard found no SharpnessMonitor in trainer.callbacks, so it has no edge "
                 "to guard and does nothing; add SharpnessMonitor() (or use "
                 "stability_callbacks()) to enable it"
@@ -240,11 +238,6 @@ class LRGuard(StabilityAction):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
     ) -> None:
         self.log_value(pl_module, GUARD_SCALE_KEY, self.scale)
-
-    def _warn_once(self, message: str) -> None:
-        if not self._warned:
-            self._warned = True
-            rank_zero_warn(message)
 
     # ---------------------------------------------------------------- resume
     @property
