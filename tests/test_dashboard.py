@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
 )
 from test_actions_lr_guard import FixedEdge, LinearRegression, full_batch, regression_data
 
-from lightning_stability import LRGuard, StabilityDashboard, stability_callbacks
+from lightning_stability import EarlyWarning, LRGuard, StabilityDashboard, stability_callbacks
 from lightning_stability.report import (
     confirmed_max,
     find_runs,
@@ -197,7 +197,8 @@ def test_bad_options_are_rejected():
 
 
 def nan_batch_run(tmp_path, name="with_callbacks", **trainer_kwargs):
-    """The 8th batch of each epoch is NaN: CRITICAL, a backoff and a rollback at step 7."""
+    """The 8th batch of each epoch is NaN: CRITICAL, a backoff and a rollback at step 7.
+    Returns the model, the dashboard, the log directory and the warning callback."""
     data = classification_data(n=320)
     x, y = data.tensors
     x = x.clone()
@@ -214,17 +215,24 @@ def nan_batch_run(tmp_path, name="with_callbacks", **trainer_kwargs):
     t = trainer(max_steps=10, log_every_n_steps=1, logger=tb, callbacks=callbacks, **trainer_kwargs)
     model = TinyClassifier()
     t.fit(model, loader(torch.utils.data.TensorDataset(x, y), shuffle=False))
-    return model, _dashboard(callbacks), tb.log_dir
+    warning = next(cb for cb in callbacks if isinstance(cb, EarlyWarning))
+    return model, _dashboard(callbacks), tb.log_dir, warning
 
 
 def test_events_of_a_step_are_one_text_entry_and_step_series(tmp_path):
-    model, dashboard, log_dir = nan_batch_run(tmp_path)
+    model, dashboard, log_dir, warning = nan_batch_run(tmp_path)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     acc = _read(log_dir)
 
-    # one text entry per step, with every event of the step, the cause first
+    # one text entry per step, with every event of the step, the cause first; it is the
+    # only text record of events, and holds each warning's whole message
     texts = _texts(acc, TIMELINE.TEXT)
     assert len({step for step, _ in texts}) == len(texts)
+    text_tags = {tag.removesuffix("/text_summary") for tag in acc.Tags()["tensors"]}
+    assert text_tags - {LAYOUT_TAG} == {TIMELINE.TEXT, TIMELINE.SETUP, TIMELINE.SUMMARY}
+    written = [e for s, t in texts for e in parse_entries(s, t) if e.is_cause]
+    assert warning.events
+    assert [e.text for e in written] == [" ".join(e.message.split()) for e in warning.events]
     (step, text) = next((s, t) for s, t in texts if "rollback" in t)
     sources = [e.source for e in parse_entries(step, text)]
     assert sources == ["early_warning", "lr_backoff", "rollback"]

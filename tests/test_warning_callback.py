@@ -111,7 +111,7 @@ class ScriptedProbe(StabilityProbe):
 
 
 @pytest.mark.parametrize(("kwargs", "expected"), [({}, 20), ({"eos_sustain": 2}, 16)])
-def test_edge_of_stability_rule_from_a_probe_and_tensorboard_text(tmp_path, kwargs, expected):
+def test_edge_of_stability_rule_from_a_probe_and_no_text_of_its_own(tmp_path, kwargs, expected):
     texts = []
     logger = TensorBoardLogger(tmp_path)
     logger.experiment.add_text = lambda tag, text, global_step=None: texts.append(
@@ -126,7 +126,7 @@ def test_edge_of_stability_rule_from_a_probe_and_tensorboard_text(tmp_path, kwar
     # default 3: step 20; 2: step 16), a rule is evidence, entered at once (no patience)
     assert ew.events[0].step == expected
     assert ew.events[0].signals[0] == "stability/sharpness/eos_ratio"
-    assert texts and texts[0][0] == "stability/events" and texts[0][2] == expected
+    assert not texts  # events reach TensorBoard's text through the dashboard's timeline
 
 
 class BeyondEdgeProbe(StabilityProbe):

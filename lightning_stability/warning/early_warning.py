@@ -7,7 +7,6 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from typing_extensions import override
 
@@ -72,8 +71,9 @@ class EarlyWarning(IdentifiedCallback):
     repeated at most every ``cooldown`` steps; a WARNING that the evidence still holds
     is repeated every ``repeat_every`` steps while the evidence grows, so that an action
     such as :class:`~lightning_stability.actions.LRBackoff` cuts again while the run keeps
-    getting worse, and not while it recovers): logged as ``stability/meta/level``, written as TensorBoard text when a
-    :class:`TensorBoardLogger` is attached, warned as an :class:`InstabilityWarning`
+    getting worse, and not while it recovers): logged as ``stability/meta/level``, written to TensorBoard's text by
+    :class:`~lightning_stability.StabilityDashboard` (one entry per step with the actions
+    it triggered), warned as an :class:`InstabilityWarning`
     (levels >= ``warn_level``), and delivered to every listener (:meth:`subscribe`) and
     to ``on_event``, on every rank. ``stability/meta/deviation`` and
     ``stability/meta/<dimension>`` are logged at Lightning's log cadence.
@@ -368,10 +368,6 @@ class EarlyWarning(IdentifiedCallback):
             details=details,
         )
         self.events.append(event)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                if isinstance(logger, TensorBoardLogger):
-                    logger.experiment.add_text("stability/events", message, global_step=step)
         if level >= self.warn_level and level > Level.OK:
             rank_zero_warn(message, category=InstabilityWarning)
         for listener in self.listeners:
