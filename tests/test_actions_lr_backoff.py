@@ -151,11 +151,74 @@ class _Scheduled(TinyClassifier):
 def test_cut_survives_the_trainers_scheduler(kind):
     """Same run with and without a WARNING at step 4: from then on the lr is exactly
     half of the reference run's, while the scheduler keeps stepping."""
-    lrs, _ = _fit(LRBackoff(), {4: "warning"}, max_steps=15, model=_Scheduled(kind))
-    ref, _ = _fit(LRBackoff(), {}, max_steps=15, model=_Scheduled(kind))
+    # without the memory of rises: the warm-ups here would otherwise be held (see below)
+    lrs, _ = _fit(LRBackoff(lr_memory=None), {4: "warning"}, max_steps=15, model=_Scheduled(kind))
+    ref, _ = _fit(LRBackoff(lr_memory=None), {}, max_steps=15, model=_Scheduled(kind))
     assert lrs[3] == ref[3]
     for step in range(4, 16):
         assert lrs[step] == pytest.approx(0.5 * ref[step], rel=1e-12)
+
+
+class _Jumping(TinyClassifier):
+    """lr 0.1, x10 at step 5, then rising 10% per step (a broken warm-up)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        rule = lambda s: 1.0 if s < 5 else 10.0 * 1.1 ** (s - 5)  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_trouble_after_a_rise_goes_back_to_the_calm_rate_and_holds_it():
+    action = LRBackoff(factor=0.5)
+    lrs, _ = _fit(action, {7: "warning"}, max_steps=14, model=_Jumping())
+    ref, _ = _fit(LRBackoff(), {}, max_steps=14, model=_Jumping())
+    assert lrs[6] == pytest.approx(ref[6]) and ref[6] > 1.0
+    # not one factor (0.5x the risen rate) but back to the rate before the rise, held
+    # there while the schedule keeps rising
+    for step in range(7, 15):
+        assert lrs[step] == pytest.approx(0.1, rel=1e-9)
+    assert action.rise_step == 7 and action.backoffs == 1
+    assert "before a rise" in action.events[0].message
+
+
+def test_a_held_rate_is_probed_higher_by_one_factor_after_calm():
+    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    lrs, _ = _fit(action, {7: "warning", 8: "ok"}, max_steps=16, model=_Jumping())
+    assert lrs[8] == pytest.approx(0.1, rel=1e-9)
+    # calm 8-9, then the probe: ramp at 9-10 to twice the held rate, never beyond it
+    # while the schedule keeps rising
+    assert 0.1 < lrs[9] < 0.2
+    for step in (10, 11):
+        assert lrs[step] == pytest.approx(0.2, rel=1e-9)
+    assert lrs[13] == pytest.approx(0.4, rel=1e-9)
+
+
+def test_a_steady_rate_is_cut_by_one_factor_as_before():
+    # constant schedule: no rise, so the memory changes nothing
+    with_memory, _ = _fit(LRBackoff(), {3: "warning", 6: "warning"})
+    without, _ = _fit(LRBackoff(lr_memory=None), {3: "warning", 6: "warning"})
+    assert with_memory == without
+    assert with_memory[6] == pytest.approx(0.025)
+
+
+def test_the_memory_of_rises_survives_a_resume(tmp_path):
+    def run(max_steps, ckpt=None):
+        torch.manual_seed(0)
+        rec, action = LrRecorder(), LRBackoff()
+        t = trainer(max_steps=max_steps, callbacks=[ScriptedSource({7: "warning"}), action, rec])
+        t.fit(_Jumping(), loader(classification_data(256), shuffle=False), ckpt_path=ckpt)
+        return rec.lrs, action, t
+
+    whole, _, _ = run(10)
+    _, _, first = run(6)  # stops after the rise, before the warning
+    path = tmp_path / "mid.ckpt"
+    first.save_checkpoint(path)
+    resumed, action, _ = run(10, ckpt=str(path))
+    # without the remembered rates before step 6 the warning would cut one factor only
+    assert resumed[7] == pytest.approx(whole[7]) == pytest.approx(0.1)
+    assert resumed[10] == pytest.approx(whole[10])
+    assert action.rise_step == 7
 
 
 def _lr_and_weights(trainer, pl_module):

@@ -334,3 +334,36 @@ def test_a_rollback_never_loosens_the_stage():
     assert staged.stage == 3  # the top of the default ladder: the rollback's escalation is a no-op
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.1)
     assert t.gradient_clip_val == 0.25 and t.accumulate_grad_batches == 4
+
+
+class _Jumping(TinyClassifier):
+    """lr 0.05, x20 from step 7 on (a broken warm-up)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.05)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 7 else 20.0)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+@pytest.mark.parametrize("jump", [True, False])
+def test_a_warning_after_a_rise_of_the_rate_rolls_back_before_it(jump):
+    """A WARNING that LRBackoff puts down to a rise of the learning rate rolls the weights
+    back to the good state before the rise; the same WARNING without a rise does not."""
+    before, after = StateRecorder(), StateRecorder()
+    backoff, rollback = LRBackoff(), Rollback(every=3)
+    cbs = [ScriptedSource({9: "warning"}), before, backoff, rollback, after]
+    t = trainer(max_steps=16, callbacks=cbs)
+    model = _Jumping() if jump else TinyClassifier(lr=0.05)
+    t.fit(model, loader(classification_data(512), shuffle=False))
+    if jump:
+        # step 3 is the good state (promoted at 6, calm since); 6 was taken but not proven
+        assert rollback.rollbacks == 1
+        assert torch.equal(after.states[9][0], before.states[3][0])
+        assert "rise of the learning rate" in rollback.events[0].message
+        # the restored schedule replays its jump; the rate stays held at the calm 0.05
+        lrs = {s: st[1]["param_groups"][0]["lr"] for s, st in after.states.items()}
+        assert all(lrs[s] <= 0.05 * (1 + 1e-9) for s in range(9, 17))
+        assert lrs[16] == pytest.approx(0.05)
+    else:
+        assert rollback.rollbacks == 0 and not rollback.events
+        assert torch.equal(after.states[9][0], before.states[9][0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,6 +19,7 @@ from lightning_stability.actions.base import (
 )
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
 from lightning_stability.actions.optimizer_repair import DEFAULT_REPAIR, AdamRepair, RepairRung
+from lightning_stability.probes.edge import LR_JUMP
 from lightning_stability.warning.events import Level
 
 __all__ = ["LRBackoff"]
@@ -50,7 +52,17 @@ class LRBackoff(StabilityAction):
     at the ceiling it is raised by ``1 / factor`` (never above 1.0) and the run ramps up
     to it, so a transient incident costs a slow, staged return rather than the rest of
     the run's learning rate, and a learning rate that is really too high is found again
-    one step below where it failed. A rollback
+    one step below where it failed.
+
+    Trouble that follows a rise of the learning rate is put down to that rise: when the
+    rate a group's schedule sets (before this callback's cut) is more than ``LR_JUMP``
+    (1.5x) the lowest it set in the last ``lr_memory`` steps (a schedule's jump, a warm-up
+    overshooting, a ramp), the cut goes back to that lowest rate, where the run was calm,
+    if that is lower than one ``factor``, and the rate is held there however the schedule
+    moves: returning to the rate that caused the trouble would only repeat it. Later
+    probes above it follow the ceiling rule, raising the held rate by ``1 / factor`` each.
+    A :class:`Rollback` in the Trainer also takes the weights back to before the rise. A
+    rollback
     (:class:`Rollback`) restores this callback's state with the weights, but keeps the
     lower of the restored and the pre-rollback scale and ceiling: the weights go back,
     what the run learned about its learning rate does not.
@@ -76,6 +88,8 @@ class LRBackoff(StabilityAction):
             :class:`~lightning_stability.actions.AdamRepair`'s safe values instead of
             cutting; kept through rollbacks and resumes. ``None`` disables it. Default
             ``AdamRepair()``.
+        lr_memory: steps of applied learning rates remembered to tell trouble that
+            follows a rise of the rate (see above); ``None`` disables it. Default 50.
 
     Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
     no cut) on the steps Lightning writes step metrics and records each backoff in :attr:`events`; :attr:`ceiling` holds
@@ -94,6 +108,7 @@ class LRBackoff(StabilityAction):
         patience: int | None = None,
         recovery_steps: int = 100,
         optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
+        lr_memory: int | None = 50,
     ) -> None:
         super().__init__(level)
         self.repair = RepairRung(optimizer_repair)
@@ -109,16 +124,24 @@ class LRBackoff(StabilityAction):
         check_nonnegative_int(max_backoffs, "max_backoffs", allow_none=True)
         check_positive_int(patience, "patience", allow_none=True)
         check_positive_int(recovery_steps, "recovery_steps")
+        check_positive_int(lr_memory, "lr_memory", allow_none=True)
         self.factor = float(factor)
         self.min_lr = float(min_lr)
         self.cooldown = cooldown
         self.max_backoffs = max_backoffs
         self.patience = patience
         self.recovery_steps = recovery_steps
+        self.lr_memory = lr_memory
+        # scheduled learning rate of every group (flattened over optimizers), latest last
+        self._recent_lrs: deque[list[float]] = deque(maxlen=lr_memory or 1)
         self.scales: list[list[float]] = []  # per optimizer, per param group
         self.ceiling: list[list[float]] = []
+        # absolute learning rate each group is held at after trouble that followed a rise
+        # of its rate (inf: not held), so a schedule still rising cannot undo the cut
+        self.caps: list[list[float]] = []
         self._raised = False  # a ramp raised the scales since the last cut
         self.backoffs = 0
+        self.rise_step = -1  # step of the latest cut that answered a rise of the rate
         self._last_backoff_step = -(10**12)
         self._calm = 0
         self._ramp_from: list[list[float]] | None = None
@@ -132,6 +155,8 @@ class LRBackoff(StabilityAction):
             self.scales = [[1.0] * n for n in shape]
         if [len(s) for s in self.ceiling] != shape:
             self.ceiling = [[1.0] * n for n in shape]
+        if [len(s) for s in self.caps] != shape:
+            self.caps = [[math.inf] * n for n in shape]
         self.repair.reapply(trainer.optimizers)
         if not any(s for s in self.scales):
             rank_zero_warn(
@@ -143,6 +168,10 @@ class LRBackoff(StabilityAction):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
     ) -> None:
         step = int(trainer.global_step)
+        if self.lr_memory is not None:
+            self._recent_lrs.append(self._schedule_rates(trainer))
+        if any(c < math.inf for row in self.caps for c in row):
+            self._apply(trainer, self.scales)  # hold the capped rates as the schedule moves
         if level is not None and level >= self.level:
             self._calm = 0
             if step - self._last_backoff_step > self.cooldown and not self.repair.answer(
@@ -169,54 +198,113 @@ class LRBackoff(StabilityAction):
 
     # ------------------------------------------------------------- mechanics
     def _apply(self, trainer: pl.Trainer, new_scales: list[list[float]]) -> None:
+        """Move every group to its new scale, never above its cap."""
         all_schedulers = schedulers(trainer)
+        new_scales = [
+            [self._capped(g, o, n, c) for g, o, n, c in zip(opt.param_groups, *rows)]
+            for opt, *rows in zip(trainer.optimizers, self.scales, new_scales, self.caps)
+        ]
         for opt, old, new in zip(trainer.optimizers, self.scales, new_scales):
             factors = [n / o if o > 0 else 1.0 for o, n in zip(old, new)]
             if any(f != 1.0 for f in factors):
                 scale_learning_rates(opt, factors, schedulers_of(opt, all_schedulers))
         self.scales = [list(s) for s in new_scales]
 
+    @staticmethod
+    def _capped(group: dict[str, Any], old: float, new: float, cap: float) -> float:
+        """``new`` lowered so that the group's rate, ``lr * new / old``, stays within ``cap``."""
+        lr = float(group["lr"])
+        if old <= 0 or lr <= 0 or lr * new / old <= cap:
+            return new
+        return old * cap / lr
+
     def _backoff(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
         if self.max_backoffs is not None and self.backoffs >= self.max_backoffs:
             return False
         new_scales = []
-        for opt, scales in zip(trainer.optimizers, self.scales):
+        calm = self._calm_rates()
+        after_rise = False
+        index = 0
+        for opt, scales, caps in zip(trainer.optimizers, self.scales, self.caps):
             row = []
-            for group, s in zip(opt.param_groups, scales):
+            for i, (group, s) in enumerate(zip(opt.param_groups, scales)):
                 original = _reference_lr(group) / s if s > 0 else 0.0
                 floor = self.min_lr / original if original > 0 else 0.0
-                row.append(min(s, max(s * self.factor, floor)))
+                target = s * self.factor
+                lr = float(group["lr"])
+                scheduled = lr / s if s > 0 else 0.0
+                if calm is not None and scheduled > LR_JUMP * calm[index] > 0:
+                    after_rise = True
+                    target = min(target, s * calm[index] / scheduled)
+                new = min(s, max(target, floor))
+                if after_rise and s > 0:
+                    caps[i] = min(caps[i], lr * new / s)
+                row.append(new)
+                index += 1
             new_scales.append(row)
         if new_scales == self.scales:
             return False  # every group already sits at min_lr
         self._apply(trainer, new_scales)
-        if self._raised or level >= Level.CRITICAL:
+        if self._raised or after_rise or level >= Level.CRITICAL:
             self.ceiling = [
                 [min(c, s) for c, s in zip(*rows)] for rows in zip(self.ceiling, new_scales)
             ]
             self._raised = False
         self.backoffs += 1
         self._last_backoff_step = int(trainer.global_step)
+        if after_rise:
+            self.rise_step = self._last_backoff_step
         self._ramp_from = None
         self._ramp_done = 0
         lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self.record(
             trainer,
             level,
-            f"learning rate backed off to {self.scales[0][0]:.4g}x ({reason}); lr now {lr:.4g}",
+            f"learning rate backed off to {self.scales[0][0]:.4g}x ({reason}"
+            + ("; back to its rate before a rise, held there" if after_rise else "")
+            + f"); lr now {lr:.4g}",
             signals=(LR_SCALE_KEY,),
             details={"lr_scale": self.scales[0][0], "lr": lr, "backoffs": float(self.backoffs)},
         )
         return True
 
+    def _schedule_rates(self, trainer: pl.Trainer) -> list[float]:
+        """Each group's learning rate as its schedule sets it, before this callback's cut."""
+        return [
+            float(g["lr"]) / s if s > 0 else 0.0
+            for opt, scales in zip(trainer.optimizers, self.scales)
+            for g, s in zip(opt.param_groups, scales)
+        ]
+
+    def _calm_rates(self) -> list[float] | None:
+        """The lowest scheduled learning rate of each group over the remembered steps."""
+        if not self._recent_lrs:
+            return None
+        return [min(rates) for rates in zip(*self._recent_lrs)]
+
     def _recover(self, trainer: pl.Trainer) -> None:
-        pairs = [zip(s, c) for s, c in zip(self.scales, self.ceiling)]
-        if all(s >= c for row in pairs for s, c in row):
+        limits = [
+            [min(c, self._capped(g, s, c, cap)) for g, s, c, cap in zip(opt.param_groups, *rows)]
+            for opt, *rows in zip(trainer.optimizers, self.scales, self.ceiling, self.caps)
+        ]
+        pairs = [zip(s, c) for s, c in zip(self.scales, limits)]
+        if all(s >= c * (1 - 1e-9) for row in pairs for s, c in row):  # rounding of the cap
             self._ramp_from = None
-            if all(c >= 1.0 for row in self.ceiling for c in row):
+            binding = [
+                [self._capped(g, s, 1.0, cap) < 1.0 for g, s, cap in zip(opt.param_groups, *rows)]
+                for opt, *rows in zip(trainer.optimizers, self.scales, self.caps)
+            ]
+            # a cap the schedule no longer reaches holds nothing: drop it
+            self.caps = [
+                [cap if b else math.inf for cap, b in zip(*rows)]
+                for rows in zip(self.caps, binding)
+            ]
+            held = any(b for row in binding for b in row)
+            if not held and all(c >= 1.0 for row in self.ceiling for c in row):
                 return
             # calm for `patience` steps at the ceiling: probe one step (1/factor) higher
             self.ceiling = [[min(1.0, c / self.factor) for c in row] for row in self.ceiling]
+            self.caps = [[c / self.factor for c in row] for row in self.caps]
         if self._ramp_from is None:
             self._ramp_from = [list(row) for row in self.scales]
             self._ramp_done = 0
@@ -251,9 +339,12 @@ class LRBackoff(StabilityAction):
         self.ceiling = [
             [min(a, float(b)) for a, b in zip(*rows)] for rows in zip(self.ceiling, ceiling)
         ]
+        caps = before.get("caps") or self.caps
+        self.caps = [[min(a, float(b)) for a, b in zip(*rows)] for rows in zip(self.caps, caps)]
         self._apply(trainer, lower)
         self.backoffs = max(self.backoffs, int(before["backoffs"]))
         self._last_backoff_step = max(self._last_backoff_step, int(before["last_backoff_step"]))
+        self.rise_step = max(self.rise_step, int(before.get("rise_step", -1)))
         self._ramp_from = None
         self._ramp_done = 0
         self._raised = False
@@ -272,14 +363,17 @@ class LRBackoff(StabilityAction):
         return {
             "scales": [list(row) for row in self.scales],
             "ceiling": [list(row) for row in self.ceiling],
+            "caps": [list(row) for row in self.caps],
             "raised": self._raised,
             "backoffs": self.backoffs,
             "last_backoff_step": self._last_backoff_step,
+            "rise_step": self.rise_step,
             "calm": self._calm,
             "source_level": int(self.source_level),
             "ramp_from": self._ramp_from,
             "ramp_done": self._ramp_done,
             "repair": self.repair.state_dict(),
+            "recent_lrs": [list(rates) for rates in self._recent_lrs],
             "events": self._events_state(),
         }
 
@@ -292,13 +386,24 @@ class LRBackoff(StabilityAction):
             if ceiling is None
             else [[float(c) for c in row] for row in ceiling]
         )
+        caps = state_dict.get("caps")
+        self.caps = (
+            [[math.inf] * len(r) for r in self.scales]
+            if caps is None
+            else [[float(c) for c in row] for row in caps]
+        )
         self._raised = bool(state_dict.get("raised", False))
         self.backoffs = int(state_dict["backoffs"])
         self._last_backoff_step = int(state_dict["last_backoff_step"])
+        self.rise_step = int(state_dict.get("rise_step", -1))
         self._calm = int(state_dict["calm"])
         self.source_level = Level(int(state_dict.get("source_level", Level.OK)))
         ramp = state_dict.get("ramp_from")
         self._ramp_from = None if ramp is None else [[float(s) for s in row] for row in ramp]
         self._ramp_done = int(state_dict.get("ramp_done", 0))
         self.repair.load_state_dict(state_dict.get("repair"))
+        self._recent_lrs.clear()
+        self._recent_lrs.extend(
+            [float(r) for r in rates] for rates in state_dict.get("recent_lrs", [])
+        )
         self._load_events(state_dict.get("events", []))

@@ -71,7 +71,10 @@ class Rollback(StabilityAction):
     the same weights. The skip then ends and training resumes from the restored weights
     at the reduced learning rate; later critical events that would return to that same
     state make training safer without restoring it (they are not counted as rollbacks),
-    until a newer good state replaces it. Every
+    until a newer good state replaces it. An event below ``level`` that an
+    :class:`LRBackoff` answered as the damage of a rise of the learning rate (a schedule's
+    jump or ramp; see there) also rolls back: the updates taken at the risen rate are
+    what hurt the weights, and going back before them costs only the steps since. Every
     callback with a ``rearm`` method (:class:`EarlyWarning`, the probes' rolling
     windows) is re-armed at a rollback, so that renewed trouble is reported at once, and
     the other actions ignore the events of the skipped steps. After
@@ -202,7 +205,8 @@ class Rollback(StabilityAction):
         if self.source_level >= self.calm_below:
             self._calm_since_pending = False
         step = int(trainer.global_step)
-        if level is not None and level >= self.level:
+        risen = level is not None and level < self.level and self._after_rise(trainer, step)
+        if level is not None and (level >= self.level or risen):
             # a batch that was skipped left the restored weights as they were
             skipped = step <= self._skip_until
             bounded = step + self.skip_steps <= self._skip_from + 5 * self.skip_steps
@@ -217,7 +221,7 @@ class Rollback(StabilityAction):
             elif self.snapshot is None:
                 self._decline(trainer, level, "no known-good state to return to")
             else:
-                self._roll_back(trainer, pl_module, level)
+                self._roll_back(trainer, pl_module, level, risen)
         elif step % self.every == 0:
             self._advance(trainer, pl_module)
         self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
@@ -281,7 +285,21 @@ class Rollback(StabilityAction):
         self.pending = fresh
         self._calm_since_pending = fresh is not None
 
-    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level) -> None:
+    def _after_rise(self, trainer: pl.Trainer, step: int) -> bool:
+        """An :class:`LRBackoff` answered this step's event as the damage of a rise of the
+        learning rate: the updates taken at the risen rate are what the weights must lose."""
+        return any(
+            isinstance(action, LRBackoff) and action.rise_step == step
+            for action in action_callbacks(trainer)
+        )
+
+    def _roll_back(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        level: Level,
+        risen: bool = False,
+    ) -> None:
         step = int(trainer.global_step)
         others = self._others(trainer)
         for action in others.values():
@@ -306,7 +324,9 @@ class Rollback(StabilityAction):
         self.record(
             trainer,
             level,
-            f"rolled back to step {target.step} after a {level.name} event; {safer}",
+            f"rolled back to step {target.step} after a {level.name} event"
+            + (" that followed a rise of the learning rate" if risen else "")
+            + f"; {safer}",
             signals=(ROLLBACKS_KEY,),
             details={"to_step": float(target.step), "rollbacks": float(self.rollbacks)},
         )
