@@ -37,6 +37,9 @@ def _fit(action, script, max_steps=12, model=None, **kw):
         ({"min_lr": -1.0}, "min_lr"),
         ({"patience": 0}, "patience"),
         ({"level": "loud"}, "level"),
+        ({"lr_memory": 0}, "lr_memory"),
+        ({"ineffective_cuts": 0}, "ineffective_cuts"),
+        ({"ineffective_cuts": 1.5}, "ineffective_cuts"),
     ],
 )
 def test_bad_arguments_are_rejected(kwargs, match):
@@ -219,6 +222,42 @@ def test_the_memory_of_rises_survives_a_resume(tmp_path):
     assert resumed[7] == pytest.approx(whole[7]) == pytest.approx(0.1)
     assert resumed[10] == pytest.approx(whole[10])
     assert action.rise_step == 7
+
+
+class _Drifting(TinyClassifier):
+    """A training loss that grows (``trend`` > 0) or shrinks with the step whatever the
+    learning rate, as when the data moves."""
+
+    def __init__(self, trend: float) -> None:
+        super().__init__(lr=0.1)
+        self.trend = trend
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        step = float(self.trainer.global_step)
+        return loss + (0.05 * step if self.trend > 0 else 5.0 / (1.0 + 0.1 * step))
+
+
+@pytest.mark.parametrize("trend", [1.0, -1.0])
+def test_cuts_that_leave_the_loss_where_it_was_are_not_repeated(trend):
+    script = {20: "warning", 40: "warning", 60: "warning", 70: "warning", 80: "critical"}
+    action = LRBackoff()
+    lrs, _ = _fit(action, script, max_steps=82, model=_Drifting(trend))
+    assert lrs[20] == pytest.approx(0.05) and lrs[40] == pytest.approx(0.025)
+    if trend > 0:
+        # two cuts, and the loss at 60 is above the loss at the first: no more WARNING
+        # cuts (said once); the critical event still cuts
+        assert lrs[60] == pytest.approx(0.025) and lrs[79] == pytest.approx(0.025)
+        assert lrs[80] == pytest.approx(0.0125)
+        declined = [e for e in action.events if "not cut further" in e.message]
+        assert [e.step for e in declined] == [60]
+    else:
+        assert lrs[60] == pytest.approx(0.0125) and lrs[70] == pytest.approx(0.00625)
+        assert not any("not cut further" in e.message for e in action.events)
+    # without the rule every event cuts
+    plain = LRBackoff(ineffective_cuts=None)
+    lrs, _ = _fit(plain, script, max_steps=82, model=_Drifting(trend))
+    assert lrs[80] == pytest.approx(0.1 * 0.5**5)
 
 
 def _lr_and_weights(trainer, pl_module):

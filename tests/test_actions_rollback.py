@@ -367,3 +367,27 @@ def test_a_warning_after_a_rise_of_the_rate_rolls_back_before_it(jump):
     else:
         assert rollback.rollbacks == 0 and not rollback.events
         assert torch.equal(after.states[9][0], before.states[9][0])
+
+
+def test_when_the_restored_state_is_no_refuge_training_goes_back_to_the_abandoned_one():
+    """A critical event at step 31 (ordinary data, finite weights) rolls back to step 25;
+    from batch 32 on the labels are wrong and confidently mispredicted, so the skipped
+    batches' loss on the restored weights grows past twice the first one's. The weights
+    the rollback left had a lower loss at step 31 than the restored ones have now: the
+    critical event at 34 ends the skip and training goes back to them."""
+    rollback = Rollback(every=5, skip_steps=5, skip_growth=2.0)
+    before, after = StateRecorder(), StateRecorder()
+    script = {31: "critical", 34: "critical"}
+    t = trainer(max_steps=36, callbacks=[ScriptedSource(script), before, rollback, after])
+    ds = classification_data(2048)
+    x, y = ds.tensors[0].clone(), ds.tensors[1].clone()
+    x[32 * 32 :] *= 1000.0
+    y[32 * 32 :] = (y[32 * 32 :] + 1) % 3
+    t.fit(TinyClassifier(lr=0.1), loader(TensorDataset(x, y), shuffle=False))
+    assert [e.step for e in rollback.events] == [31, 34]
+    assert torch.equal(after.states[31][0], before.states[25][0])  # rolled back
+    assert "before the rollback" in rollback.events[1].message
+    # step 34 returns to the weights of step 31 as they were before the rollback
+    assert torch.equal(after.states[34][0], before.states[31][0])
+    assert _same_optimizer_state(after.states[34][1], before.states[31][1])
+    assert rollback.abandoned is None

@@ -7,6 +7,7 @@ from collections import deque
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
@@ -19,12 +20,15 @@ from lightning_stability.actions.base import (
 )
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
 from lightning_stability.actions.optimizer_repair import DEFAULT_REPAIR, AdamRepair, RepairRung
+from lightning_stability.probes.base import step_loss
 from lightning_stability.probes.edge import LR_JUMP
 from lightning_stability.warning.events import Level
 
 __all__ = ["LRBackoff"]
 
 LR_SCALE_KEY = "stability/action/lr_scale"
+LOSS_WINDOW = 20
+"""Training steps whose median loss stands for the loss at a cut."""
 
 
 def _reference_lr(group: dict[str, Any]) -> float:
@@ -61,8 +65,15 @@ class LRBackoff(StabilityAction):
     if that is lower than one ``factor``, and the rate is held there however the schedule
     moves: returning to the rate that caused the trouble would only repeat it. Later
     probes above it follow the ceiling rule, raising the held rate by ``1 / factor`` each.
-    A :class:`Rollback` in the Trainer also takes the weights back to before the rise. A
-    rollback
+    A :class:`Rollback` in the Trainer also takes the weights back to before the rise.
+
+    Cuts that do not work are not repeated: a step size that is too large shows in the
+    loss within a few steps of a cut (the unstable directions stop growing), so when the
+    median training loss of the last 20 steps is no lower than it was
+    ``ineffective_cuts`` WARNING cuts ago, the learning rate is not what drives the loss
+    (the data moves, labels are noisy) and further WARNING events are recorded without a
+    cut until the run has been calm for ``patience`` steps (or 100). Critical events
+    still cut. A rollback
     (:class:`Rollback`) restores this callback's state with the weights, but keeps the
     lower of the restored and the pre-rollback scale and ceiling: the weights go back,
     what the run learned about its learning rate does not.
@@ -90,6 +101,9 @@ class LRBackoff(StabilityAction):
             ``AdamRepair()``.
         lr_memory: steps of applied learning rates remembered to tell trouble that
             follows a rise of the rate (see above); ``None`` disables it. Default 50.
+        ineffective_cuts: WARNING cuts in a row that left the loss where it was, after
+            which WARNING events no longer cut (see above); ``None`` disables it.
+            Default 2.
 
     Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
     no cut) on the steps Lightning writes step metrics and records each backoff in :attr:`events`; :attr:`ceiling` holds
@@ -109,6 +123,7 @@ class LRBackoff(StabilityAction):
         recovery_steps: int = 100,
         optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
         lr_memory: int | None = 50,
+        ineffective_cuts: int | None = 2,
     ) -> None:
         super().__init__(level)
         self.repair = RepairRung(optimizer_repair)
@@ -125,6 +140,7 @@ class LRBackoff(StabilityAction):
         check_positive_int(patience, "patience", allow_none=True)
         check_positive_int(recovery_steps, "recovery_steps")
         check_positive_int(lr_memory, "lr_memory", allow_none=True)
+        check_positive_int(ineffective_cuts, "ineffective_cuts", allow_none=True)
         self.factor = float(factor)
         self.min_lr = float(min_lr)
         self.cooldown = cooldown
@@ -132,6 +148,11 @@ class LRBackoff(StabilityAction):
         self.patience = patience
         self.recovery_steps = recovery_steps
         self.lr_memory = lr_memory
+        self.ineffective_cuts = ineffective_cuts
+        self._losses: deque[torch.Tensor] = deque(maxlen=LOSS_WINDOW)
+        # median training loss at each WARNING cut since the run was last calm
+        self._cut_losses: list[float] = []
+        self._declined = False  # a WARNING was left uncut since the last calm stretch
         # scheduled learning rate of every group (flattened over optimizers), latest last
         self._recent_lrs: deque[list[float]] = deque(maxlen=lr_memory or 1)
         self.scales: list[list[float]] = []  # per optimizer, per param group
@@ -164,6 +185,21 @@ class LRBackoff(StabilityAction):
                 "returned none), so there is no learning rate to back off; it does nothing"
             )
 
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.ineffective_cuts is not None:
+            loss = step_loss(trainer, pl_module, outputs)
+            if loss is not None:
+                self._losses.append(loss)  # kept on the device: read only at a cut
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
     def on_step_boundary(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level | None
     ) -> None:
@@ -177,11 +213,13 @@ class LRBackoff(StabilityAction):
             if step - self._last_backoff_step > self.cooldown and not self.repair.answer(
                 self, trainer, level, f"{level.name} event"
             ):
-                self._backoff(trainer, level, f"{level.name} event")
+                self._cut_unless_ineffective(trainer, level)
         elif self.source_level >= self.level:
             self._calm = 0  # the level is still high, though no event says so again
         else:
             self._calm += 1
+            if self._calm >= (self.patience or 100):
+                self._cut_losses, self._declined = [], False
             if self.patience is not None and self._calm >= self.patience:
                 self._recover(trainer)
         if self.scales and self.scales[0]:
@@ -197,6 +235,34 @@ class LRBackoff(StabilityAction):
         )
 
     # ------------------------------------------------------------- mechanics
+    def _recent_loss(self, trainer: pl.Trainer) -> float:
+        """Median training loss of the last steps, averaged over ranks (every rank
+        decides at the same step boundary, so every rank joins the reduction)."""
+        local = torch.stack(list(self._losses)).median() if self._losses else torch.tensor(0.0)
+        return float(trainer.strategy.reduce(local.float(), reduce_op="mean"))
+
+    def _cut_unless_ineffective(self, trainer: pl.Trainer, level: Level) -> None:
+        if self.ineffective_cuts is None or level >= Level.CRITICAL:
+            self._backoff(trainer, level, f"{level.name} event")
+            return
+        loss = self._recent_loss(trainer)
+        n = self.ineffective_cuts
+        if len(self._cut_losses) >= n and not loss < self._cut_losses[-n]:
+            if not self._declined:
+                self._declined = True
+                self.record(
+                    trainer,
+                    level,
+                    f"learning rate not cut further ({level.name} event): the last {n} cuts "
+                    f"left the loss where it was (median {self._cut_losses[-n]:.4g} then, "
+                    f"{loss:.4g} now), so the learning rate is not what drives it",
+                    signals=(LR_SCALE_KEY,),
+                    details={"lr_scale": self.scales[0][0] if self.scales else 1.0},
+                )
+            return
+        if self._backoff(trainer, level, f"{level.name} event"):
+            self._cut_losses.append(loss)
+
     def _apply(self, trainer: pl.Trainer, new_scales: list[list[float]]) -> None:
         """Move every group to its new scale, never above its cap."""
         all_schedulers = schedulers(trainer)
@@ -374,6 +440,9 @@ class LRBackoff(StabilityAction):
             "ramp_done": self._ramp_done,
             "repair": self.repair.state_dict(),
             "recent_lrs": [list(rates) for rates in self._recent_lrs],
+            "losses": [float(x) for x in self._losses],
+            "cut_losses": list(self._cut_losses),
+            "declined": self._declined,
             "events": self._events_state(),
         }
 
@@ -402,6 +471,10 @@ class LRBackoff(StabilityAction):
         self._ramp_from = None if ramp is None else [[float(s) for s in row] for row in ramp]
         self._ramp_done = int(state_dict.get("ramp_done", 0))
         self.repair.load_state_dict(state_dict.get("repair"))
+        self._losses.clear()
+        self._losses.extend(torch.tensor(float(x)) for x in state_dict.get("losses", []))
+        self._cut_losses = [float(x) for x in state_dict.get("cut_losses", [])]
+        self._declined = bool(state_dict.get("declined", False))
         self._recent_lrs.clear()
         self._recent_lrs.extend(
             [float(r) for r in rates] for rates in state_dict.get("recent_lrs", [])

@@ -68,8 +68,10 @@ class Rollback(StabilityAction):
     value at the first of them. With the weights frozen, a loss that keeps growing means
     the data moves with the model (a feedback loop) or away from it: waiting does not end
     the trouble, and the restored state is no refuge, since restoring it again would give
-    the same weights. The skip then ends and training resumes from the restored weights
-    at the reduced learning rate; later critical events that would return to that same
+    the same weights. The skip then ends and training resumes at the reduced learning
+    rate, from the weights the rollback left (kept for the skip's length) if their
+    training loss at the rollback was lower than the restored weights' loss now (they fit
+    the data as it is now better), else from the restored ones; later critical events that would return to that same
     state make training safer without restoring it (they are not counted as rollbacks),
     until a newer good state replaces it. An event below ``level`` that an
     :class:`LRBackoff` answered as the damage of a rise of the learning rate (a schedule's
@@ -160,6 +162,11 @@ class Rollback(StabilityAction):
         self.rollbacks = 0
         self.good: TrainingSnapshot | None = None
         self.pending: TrainingSnapshot | None = None
+        # the state a rollback left, kept while skipping: if the restored weights prove no
+        # refuge from the data, training goes back to it
+        self.abandoned: TrainingSnapshot | None = None
+        self._abandoned_loss = math.nan  # its training loss at the rollback, over ranks
+        self._latest_loss: torch.Tensor | None = None
         self._calm_since_pending = False
         self._declined: list[str] = []  # why critical events were left to the others
         self._loaded_snapshots = False
@@ -191,6 +198,7 @@ class Rollback(StabilityAction):
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if not isinstance(loss, torch.Tensor):
             loss = None
+        self._latest_loss = None if loss is None else loss.detach()
         if loss is not None and self.skip_growth is not None and self._skipping(trainer):
             # every rank skips the same steps, so every rank joins this reduction
             mean = float(trainer.strategy.reduce(loss.detach().float(), reduce_op="mean"))
@@ -205,13 +213,15 @@ class Rollback(StabilityAction):
         if self.source_level >= self.calm_below:
             self._calm_since_pending = False
         step = int(trainer.global_step)
+        if self.abandoned is not None and step > self._skip_until:
+            self.abandoned = None  # the skip ended without proving the restored state wrong
         risen = level is not None and level < self.level and self._after_rise(trainer, step)
         if level is not None and (level >= self.level or risen):
             # a batch that was skipped left the restored weights as they were
             skipped = step <= self._skip_until
             bounded = step + self.skip_steps <= self._skip_from + 5 * self.skip_steps
             if skipped and self._skipped_loss_grew():
-                self._resume(trainer, level, step)
+                self._resume(trainer, pl_module, level, step)
             elif skipped and bounded:
                 self._extend_skip(trainer, level, step)
             elif self.snapshot is not None and self.snapshot.step == self._no_refuge_step:
@@ -312,6 +322,12 @@ class Rollback(StabilityAction):
             self.pending = None
         self._calm_since_pending = False
         before = {key: action.state_dict() for key, action in others.items()}
+        if self.skip_growth is not None and self.skip_steps > 0:
+            self.abandoned = TrainingSnapshot.take(trainer, pl_module, others, offload=self.offload)
+            latest = self._latest_loss
+            local = latest.float().mean() if latest is not None else torch.tensor(math.nan)
+            # every rank rolls back at this boundary, so every rank joins the reduction
+            self._abandoned_loss = float(trainer.strategy.reduce(local, reduce_op="mean"))
         target.restore(trainer, pl_module, others)
         for key, action in others.items():
             action.restored(trainer, pl_module, before[key])
@@ -342,20 +358,34 @@ class Rollback(StabilityAction):
             action.sources_rearmed()
             action.mark_handled(step, until=self._skip_until)
 
-    def _resume(self, trainer: pl.Trainer, level: Level, step: int) -> None:
-        """End the skip: the restored weights meet growing trouble on fresh data."""
+    def _resume(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level, step: int
+    ) -> None:
+        """End the skip: the restored weights meet growing trouble on fresh data, so they
+        are no refuge. When the weights the rollback left had a lower (finite) training
+        loss then than the restored ones have now, they fit the data as it is now better:
+        go back to those."""
         snapshot = self.snapshot
         self._no_refuge_step = snapshot.step if snapshot is not None else -1
         first, latest = self._skip_losses
         self._skip_until = step
-        for action in self._others(trainer).values():
+        others = self._others(trainer)
+        for action in others.values():
             action.mark_handled(step)  # the next events are theirs again
+        back = ""
+        if self.abandoned is not None and self._abandoned_loss < latest:
+            before = {key: action.state_dict() for key, action in others.items()}
+            self.abandoned.restore(trainer, pl_module, others)
+            for key, action in others.items():
+                action.restored(trainer, pl_module, before[key])  # cuts taken since stay
+            back = f" from the weights of step {self.abandoned.step}, before the rollback"
+            self.abandoned = None
         self.record(
             trainer,
             level,
             f"{level.name} event while skipping, and the skipped batches' loss grew from "
             f"{first:.4g} to {latest:.4g} on the restored weights: the state of step "
-            f"{self._no_refuge_step} is no refuge from this data; training resumes",
+            f"{self._no_refuge_step} is no refuge from this data; training resumes{back}",
             signals=(SKIPPED_KEY,),
             details={"first_loss": first, "latest_loss": latest},
         )
@@ -438,6 +468,8 @@ class Rollback(StabilityAction):
             "events": self._events_state(),
             "good": _snapshot_state(self.good),
             "pending": _snapshot_state(self.pending),
+            "abandoned": _snapshot_state(self.abandoned),
+            "abandoned_loss": self._abandoned_loss,
             "calm_since_pending": self._calm_since_pending,
         }
 
@@ -455,6 +487,8 @@ class Rollback(StabilityAction):
         if "good" in state_dict:
             self.good = _snapshot_from(state_dict["good"])
             self.pending = _snapshot_from(state_dict.get("pending"))
+            self.abandoned = _snapshot_from(state_dict.get("abandoned"))
+            self._abandoned_loss = float(state_dict.get("abandoned_loss", math.nan))
             self._calm_since_pending = bool(state_dict.get("calm_since_pending", False))
             self._loaded_snapshots = True
 
