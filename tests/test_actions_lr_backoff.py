@@ -185,6 +185,22 @@ def test_trouble_after_a_rise_goes_back_to_the_calm_rate_and_holds_it():
     assert "before a rise" in action.events[0].message
 
 
+class _WarmUpFromNearZero(TinyClassifier):
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 1000))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_one_cut_after_a_rise_goes_down_at_most_factor_to_the_fourth():
+    # at step 40 the warm-up's rate is 41x its lowest in the window: the cut stops at 1/16
+    action = LRBackoff(factor=0.5)
+    lrs, _ = _fit(action, {40: "warning"}, max_steps=42, model=_WarmUpFromNearZero())
+    ref, _ = _fit(LRBackoff(), {}, max_steps=42, model=_WarmUpFromNearZero())
+    assert lrs[40] == pytest.approx(ref[40] / 16, rel=1e-9)
+    assert action.rise_step == 40
+
+
 def test_a_held_rate_is_probed_higher_by_one_factor_after_calm():
     action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
     lrs, _ = _fit(action, {7: "warning", 8: "ok"}, max_steps=16, model=_Jumping())

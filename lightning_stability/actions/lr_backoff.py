@@ -62,7 +62,9 @@ class LRBackoff(StabilityAction):
     rate a group's schedule sets (before this callback's cut) is more than ``LR_JUMP``
     (1.5x) the lowest it set in the last ``lr_memory`` steps (a schedule's jump, a warm-up
     overshooting, a ramp), the cut goes back to that lowest rate, where the run was calm,
-    if that is lower than one ``factor``, and the rate is held there however the schedule
+    if that is lower than one ``factor`` (but not below ``factor**4`` in one cut, so a
+    warm-up that starts near zero is not sent back there), and the rate is held there
+    however the schedule
     moves: returning to the rate that caused the trouble would only repeat it. Later
     probes above it follow the ceiling rule, raising the held rate by ``1 / factor`` each.
     A :class:`Rollback` in the Trainer also takes the weights back to before the rise.
@@ -301,7 +303,10 @@ class LRBackoff(StabilityAction):
                 scheduled = lr / s if s > 0 else 0.0
                 if calm is not None and scheduled > LR_JUMP * calm[index] > 0:
                     after_rise = True
-                    target = min(target, s * calm[index] / scheduled)
+                    # at most factor**4 in one cut: a warm-up that starts near zero
+                    # must not be sent back there by one event
+                    back = max(calm[index] / scheduled, self.factor**4)
+                    target = min(target, s * back)
                 new = min(s, max(target, floor))
                 if after_rise and s > 0:
                     caps[i] = min(caps[i], lr * new / s)
