@@ -14,7 +14,10 @@ Charts of named tags are TensorBoard "margin" charts (value, lower and upper are
 tag): TensorBoard never smooths them and draws a marker at every point, so a level reads
 0, 1, 2 or 3 and a lone spike is not averaged away, whatever the Smoothing slider says.
 Charts of tag families (``stability/cka/<layer>``) are regular-expression "multiline"
-charts, which the slider smooths.
+charts, which the slider smooths. TensorBoard shows a category's multiline charts before
+its margin charts, each in layout order. Its "Ignore outliers in chart scaling" box (on by
+default) applies to every chart of the tab: neither the layout nor the page's URL can turn
+it off for one chart.
 
 The timeline series (``stability/timeline/...``) are written by
 :class:`~lightning_stability.dashboard.StabilityDashboard` as step functions: at each change
@@ -255,13 +258,28 @@ def chart_tags(chart: Chart, tags: Iterable[str]) -> list[str]:
     return [t for t in tags if t in wanted]
 
 
+def _reverse_margin_charts(charts: list[Chart]) -> list[Chart]:
+    """``charts`` with the margin charts in reverse order among their own places (the
+    multiline charts stay where they are). Its own inverse.
+
+    Why: TensorBoard's custom-scalars page (seen in 2.21) inserts each margin chart of a
+    category ahead of the earlier ones (each chart's place holds two template elements and
+    the page counts elements, not places), so it shows the margin charts of a category in
+    reverse of their order in the layout, after the multiline charts. Written reversed,
+    they show in the order :func:`stability_layout` gives them
+    (``tests/test_dashboard_browser.py`` checks this in a browser).
+    """
+    margins = iter([c for c in charts if not c.regex][::-1])
+    return [c if c.regex else next(margins) for c in charts]
+
+
 def _layout_proto(layout: dict[str, list[Chart]]) -> Any:
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     categories = []
     for title, charts in layout.items():
         protos = []
-        for chart in charts:
+        for chart in _reverse_margin_charts(charts):
             if chart.regex:
                 content = layout_pb2.MultilineChartContent(tag=list(chart.tags))
                 protos.append(layout_pb2.Chart(title=chart.title, multiline=content))
@@ -277,7 +295,9 @@ def _layout_proto(layout: dict[str, list[Chart]]) -> Any:
 
 
 def read_layout(serialized: bytes) -> dict[str, list[Chart]]:
-    """A layout back from the bytes TensorBoard stores under :data:`LAYOUT_TAG`."""
+    """A layout back from the bytes TensorBoard stores under :data:`LAYOUT_TAG`, its
+    charts in the order :func:`stability_layout` gave them (margin charts are written
+    reversed, see :func:`_reverse_margin_charts`)."""
     from tensorboard.plugins.custom_scalar import layout_pb2
 
     proto = layout_pb2.Layout.FromString(serialized)
@@ -289,7 +309,7 @@ def read_layout(serialized: bytes) -> dict[str, list[Chart]]:
                 charts.append(Chart(chart.title, tuple(s.value for s in chart.margin.series)))
             else:
                 charts.append(Chart(chart.title, tuple(chart.multiline.tag), regex=True))
-        layout[category.title] = charts
+        layout[category.title] = _reverse_margin_charts(charts)
     return layout
 
 

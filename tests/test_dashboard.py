@@ -14,6 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import (
     STORE_EVERYTHING_SIZE_GUIDANCE,
     EventAccumulator,
 )
+from tensorboard.plugins.custom_scalar import layout_pb2
 from test_actions_lr_guard import FixedEdge, LinearRegression, full_batch, regression_data
 
 from lightning_stability import EarlyWarning, LRGuard, StabilityDashboard, stability_callbacks
@@ -45,6 +46,21 @@ def _read(log_dir):
 def _layout(acc):
     (event,) = acc.Tensors(LAYOUT_TAG)  # written once: TensorBoard reads a run's first
     return read_layout(event.tensor_proto.string_val[0])
+
+
+def _written_and_shown(acc):
+    """Each category's chart titles as written, and in the order TensorBoard's custom-scalars
+    page shows them: its multiline charts in written order, then its margin charts in
+    reverse written order (what ``test_dashboard_browser`` sees TensorBoard 2.21 do)."""
+    (event,) = acc.Tensors(LAYOUT_TAG)
+    proto = layout_pb2.Layout.FromString(event.tensor_proto.string_val[0])
+    written, shown = {}, {}
+    for category in proto.category:
+        written[category.title] = [c.title for c in category.chart]
+        margins = [c.title for c in category.chart if c.HasField("margin")]
+        multilines = [c.title for c in category.chart if c.HasField("multiline")]
+        shown[category.title] = multilines + margins[::-1]
+    return written, shown
 
 
 def _series(acc, tag):
@@ -114,6 +130,14 @@ def test_default_set_writes_the_stability_tab_and_readings(tmp_path, caplog):
     assert "stability/ref/edge" in head[1].tags and "1 = edge" in head[1].title
     assert "0 ok, 1 watch, 2 warning, 3 critical" in head[2].title
     assert not any(c.regex for c in head)  # margin charts: never smoothed
+    # TensorBoard shows a category's margin charts in reverse of the written order, so they
+    # are written reversed and shown in the layout's order
+    written, shown = _written_and_shown(acc)
+    assert written["Stability"] == [c.title for c in reversed(head)]
+    assert shown["Stability"] == [c.title for c in head]
+    for title, charts in layout.items():  # multiline charts show first in any category
+        in_layout = [c.title for c in charts if c.regex] + [c.title for c in charts if not c.regex]
+        assert shown[title] == in_layout, title
     assert "Stability: perturbation audit" not in layout  # no audit attached
     assert "Stability: actions" not in layout  # actions="none"
     for charts in layout.values():

@@ -23,6 +23,7 @@ from lightning_stability.tensorboard import TIMELINE
 
 pytestmark = pytest.mark.browser
 
+# the first row, left to right
 FIRST_ROW = {
     "train_loss": "training loss (train_loss)",
     "stability/sharpness/eos_ratio": "edge-of-stability ratio",
@@ -57,10 +58,14 @@ return {
   smoothing: dashboard ? dashboard._smoothingWeight : null,
   categories: all.filter(e => e.localName === 'tf-category-paginated-view')
     .map(e => e.category.name),
+  // in document order, which is the order the page lays the cards out in
   cards: cards.map(c => {
     const inner = deep(c.shadowRoot || c, []);
+    const box = c.getBoundingClientRect();
     return {
       kind: c.localName,
+      top: Math.round(box.top),
+      left: Math.round(box.left),
       title: c.title,
       category: category(c),
       text: text(c).replace(/\\s+/g, ' '),
@@ -142,7 +147,7 @@ def _chromium(chromium: str, chromedriver: str):
         "--no-sandbox",
         "--disable-gpu",
         "--disable-dev-shm-usage",
-        "--window-size=1600,1200",
+        "--window-size=1920,1200",
     ):
         options.add_argument(arg)
     driver = webdriver.Chrome(options=options, service=Service(chromedriver))
@@ -190,6 +195,15 @@ def test_stability_tab_in_a_browser(tmp_path):
 
     assert page["categories"][0] == "Stability"
     assert "Stability: curvature" in page["categories"]
+    # the first row shows in its order: document order, and reading order on the screen
+    # (TensorBoard 2.21 shows a category's margin charts in reverse of the written order;
+    # the layout writes them reversed to compensate, so a TensorBoard that changes this fails)
+    shown = [c["title"] for c in page["cards"] if c["category"] == "Stability"]
+    assert len(shown) == len(FIRST_ROW), shown
+    for title, expected in zip(shown, FIRST_ROW.values()):
+        assert title.startswith(expected), f"first row shown as {shown}"
+    on_screen = sorted(page["cards"], key=lambda c: (c["top"], c["left"]))
+    assert [c["title"] for c in on_screen] == [c["title"] for c in page["cards"]]
     for tag, card in row.items():
         assert card["category"] == "Stability", card
         assert FIRST_ROW[tag] in card["text"], f"title not drawn: {card['title']}"
