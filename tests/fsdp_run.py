@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_stability import stability_callbacks
 from lightning_stability.actions import Rollback
-from lightning_stability.estimators.sharding import local_shard
+from lightning_stability.estimators.sharding import all_finite, local_shard
 from lightning_stability.probes import GradientMonitor, SharpnessMonitor
 
 GLOBAL_BATCH = 32
@@ -185,6 +185,16 @@ class Record(Callback):
         elif step % self.every == 0:
             self.states[step] = local_state(trainer, pl_module)
 
+    @staticmethod
+    def _finite_checks(pl_module) -> list[bool]:
+        """``all_finite`` of the weights, then of a copy with one NaN in rank 0's shard
+        only: every rank must give the same answers."""
+        clean = [p.detach().clone() for p in pl_module.parameters()]
+        damaged = [p.detach().clone() for p in pl_module.parameters()]
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            local_shard(damaged[0]).view(-1)[0] = float("nan")
+        return [all_finite(clean), all_finite(damaged)]
+
     def on_fit_end(self, trainer, pl_module) -> None:
         readings = {}
         for cb in trainer.callbacks:
@@ -201,6 +211,7 @@ class Record(Callback):
             "rollbacks": self.rollbacks,
             "readings": readings,
             "published": self.published,
+            "all_finite": self._finite_checks(pl_module),
             "weights": [full(p.detach()).reshape(-1).tolist() for p in pl_module.parameters()],
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))

@@ -83,7 +83,11 @@ def test_the_default_set_with_staged_actions_runs_to_the_end_sharded(runs):
             assert r["published"][str(step)] == ref["published"][str(step)]
         wanted = {"lambda_max", "eos_ratio", "preconditioned", "directional", "critical"}
         assert wanted <= {k.rsplit("/", 1)[1] for k in r["published"][str(CHECKS[0])]}
-        assert any("/cka/" in k for k in r["readings"])
+        cka = [k for k in ref["readings"] if "/cka" in k]
+        assert cka
+        for key in cka:  # gathered activations: every rank agrees, and with one process
+            assert r["readings"][key] == runs["fsdp"][0]["readings"][key]
+            assert abs(r["readings"][key] - ref["readings"][key]) < 1e-6, key
 
 
 def test_grad_norm_over_shards_equals_the_single_process_norm(runs):
@@ -115,6 +119,13 @@ def test_a_forced_rollback_restores_sharded_weights_and_optimizer_state_exactly(
         assert [(x["step"], x["to_step"]) for x in r["rollbacks"]] == [(NAN_AT + 1, 10)]
         assert r["rollbacks"][0]["weights_equal"]
         assert r["rollbacks"][0]["optimizer_equal"]
+
+
+def test_finiteness_of_sharded_weights_is_decided_over_all_shards(runs):
+    # a NaN in rank 0's shard only: both ranks must see it (rollback's snapshot rule)
+    assert runs["single"]["all_finite"] == [True, False]
+    for r in runs["fsdp"]:
+        assert r["all_finite"] == [True, False]
 
 
 def test_every_rank_logs_the_same_events(runs):

@@ -22,6 +22,7 @@ from lightning_stability.actions.lr_backoff import LRBackoff
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
 from lightning_stability.actions.snapshot import TrainingSnapshot
 from lightning_stability.actions.staged_training import StagedTraining
+from lightning_stability.estimators.sharding import all_finite
 from lightning_stability.warning.events import Level
 
 __all__ = ["Rollback"]
@@ -263,7 +264,7 @@ class Rollback(StabilityAction):
 
     def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainingSnapshot | None:
         # Weights are identical on every rank under DDP, so this check agrees everywhere.
-        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
+        if not all_finite(pl_module.parameters()):
             return None
         return TrainingSnapshot.take(
             trainer, pl_module, self._others(trainer), offload=self.offload
@@ -273,9 +274,7 @@ class Rollback(StabilityAction):
         """Snapshot time: promote ``pending`` if the interval since it was calm, then take
         a new ``pending`` if the run is calm now."""
         fresh = self._take(trainer, pl_module) if self.source_level < self.calm_below else None
-        finite_now = fresh is not None or all(
-            bool(torch.isfinite(p).all()) for p in pl_module.parameters()
-        )
+        finite_now = fresh is not None or all_finite(pl_module.parameters())
         if self.pending is not None and self._calm_since_pending and finite_now:
             self.good = self.pending
         self.pending = fresh

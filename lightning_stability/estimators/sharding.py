@@ -29,6 +29,7 @@ except ImportError:  # pragma: no cover - older torch has no DTensor
     Shard = None  # type: ignore[assignment,misc]
 
 __all__ = [
+    "all_finite",
     "any_sharded",
     "full_tensor",
     "full_to_local",
@@ -177,6 +178,16 @@ def global_count_nonfinite(tensors: Sequence[Tensor]) -> int:
             count = _all_reduce(count.to(device), key[1], dist.ReduceOp.SUM).cpu()
         total += int(count)
     return total
+
+
+def all_finite(tensors: Iterable[Tensor]) -> bool:
+    """Whether every entry of every tensor is finite, over all shards: the same answer
+    on every rank (a collective when some tensor is sharded, so every rank must call
+    it). For plain tensors, ``all(bool(torch.isfinite(t).all()) for t in tensors)``."""
+    tensors = list(tensors)
+    if not any_sharded(tensors):
+        return all(bool(torch.isfinite(t).all()) for t in tensors)
+    return global_count_nonfinite(tensors) == 0
 
 
 def snapshot_local(obj: Any) -> Any:
