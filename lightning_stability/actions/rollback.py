@@ -84,7 +84,10 @@ class Rollback(StabilityAction):
 
     Memory: two snapshots, i.e. about twice the weights plus the optimizer state (about
     6x the parameters for Adam, 4x for SGD with momentum); ``offload`` keeps them in host
-    (CPU) memory instead of on the accelerator.
+    (CPU) memory instead of on the accelerator. Under sharding (FSDP2, ``DTensor``
+    parameters) the module and optimizer state dicts hold each rank's local shards, so
+    each rank keeps and restores its own part; whether the weights are finite (a
+    snapshot is taken only then) is decided over all shards, so every rank agrees.
 
     Args:
         every: snapshot interval in optimizer steps. Default 50.

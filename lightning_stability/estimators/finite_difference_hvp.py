@@ -41,8 +41,14 @@ class FiniteDifferenceHessian:
     ``u_mach * ||g|| / h`` (``u_mach`` the unit roundoff of the parameter dtype), so ``h``
     balances the two: the default ``h`` is ``1e-3`` for float32 parameters and ``1e-5``
     for float64 (about ``u_mach^(1/3)`` scaled to weights of order one). Gradients are
-    differenced in float64. ``benchmarks/RESULTS.md`` has the measured error against the
-    exact operator.
+    differenced in float64. Piecewise-linear activations (ReLU) are the exception: their
+    second derivative is zero almost everywhere, which is what double backward returns,
+    but a unit whose pre-activation changes sign between ``w - h u`` and ``w + h u``
+    makes the gradient jump, and the difference quotient counts that jump divided by
+    ``2 h``; the product is then the curvature of the loss over the step, not the
+    Hessian at ``w``, and the two can differ by far more than the error above. Smooth
+    activations (GELU, tanh, SiLU) do not have this. ``benchmarks/RESULTS.md`` has the
+    measured error against the exact operator for both kinds.
 
     Sharded parameters (``DTensor``): vectors are full-length and identical on every rank
     (what Lanczos keeps); a product moves each rank's local shard by its slice of ``h u``

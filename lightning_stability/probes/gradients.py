@@ -85,7 +85,10 @@ class GradientMonitor(StabilityProbe):
     pass (so after DDP's gradient all-reduce: every rank sees the same norm), after AMP's
     ``unscale_`` (norms of the true gradients) and before ``configure_gradient_clipping``
     (so the norm is the pre-clip norm). All values are computed as tensors and brought to
-    the host with one synchronisation per step.
+    the host with one synchronisation per step. Sharded parameters (``DTensor``, as under
+    FSDP2) are measured over all their shards: each rank's local squares are summed over
+    the ranks with one all-reduce per quantity (gradient norms, weight norms, update
+    size), so every rank sees the norm a single process would.
 
     Readings (``stability/grad/...``, every optimizer step):
 

@@ -30,7 +30,7 @@ from lightning_stability.estimators.preconditioned import (
     adam_state_scale,
 )
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
-from lightning_stability.estimators.sharding import full_tensor, is_sharded, local_view
+from lightning_stability.estimators.sharding import any_sharded, full_tensor, local_view
 from lightning_stability.estimators.subspace import log_flattening, subspace_shift
 from lightning_stability.estimators.trace import hutchpp_trace
 from lightning_stability.probes.base import (
@@ -159,6 +159,13 @@ class SharpnessMonitor(StabilityProbe):
     rank uses its own probe batches and products are averaged over ranks, so every rank
     sees the Hessian of the union.
 
+    Sharded parameters (``DTensor``: FSDP2's ``fully_shard``, e.g. through
+    ``ModelParallelStrategy``): double backward does not reach the shards, so products
+    are finite differences of gradients (``hvp="auto"``), two forward and backward passes
+    each, with the gradients reduce-scattered by the sharding wrapper itself. Lanczos
+    vectors are full-length and identical on every rank (up to ``max_iter`` of them per
+    eigenproblem, as for one process); ``params=`` bounds them with the subset.
+
     Resume: the cadence, step counters, previous eigenvectors and last readings are
     checkpointed, and so are the probe batches of a single-process run (when they hold
     only tensors, numbers, strings, lists and dicts), so a resumed run measures the same
@@ -227,9 +234,11 @@ class SharpnessMonitor(StabilityProbe):
             ``"finite_difference"``: central differences of gradients
             (:class:`~lightning_stability.estimators.finite_difference_hvp.FiniteDifferenceHessian`;
             two forward and backward passes per product, error of order the step squared
-            times the third derivative plus rounding over the step). ``"auto"``
+            times the third derivative plus rounding over the step; with ReLU-like
+            activations it also counts units that cross their kink within the step, see
+            its docstring). ``"auto"``
             (default): finite differences when the parameters are sharded (``DTensor``,
-            as under FSDP2 or ``FSDPStrategy``, where double backward does not reach the
+            as under FSDP2's ``fully_shard``, where double backward does not reach the
             shards) or when double backward fails on the model; exact otherwise.
     """
 
@@ -551,7 +560,7 @@ class SharpnessMonitor(StabilityProbe):
             raise
         except (RuntimeError, NotImplementedError) as error:
             params = self._measured(pl_module)
-            if self.hvp != "auto" or self._fd_fallback or not params or is_sharded(params[0]):
+            if self.hvp != "auto" or self._fd_fallback or not params or any_sharded(params):
                 raise
             self._fd_fallback = True
             self.warn_once(
