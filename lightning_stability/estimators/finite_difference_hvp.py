@@ -38,17 +38,19 @@ class FiniteDifferenceHessian:
 
     Error: the central difference is exact on a quadratic; otherwise its truncation error
     is ``h^2 / 6`` times the third derivative along ``u``, and its rounding error about
-    ``u_mach * ||g|| / h`` (``u_mach`` the unit roundoff of the parameter dtype), so ``h``
-    balances the two: the default ``h`` is ``1e-3`` for float32 parameters and ``1e-5``
-    for float64 (about ``u_mach^(1/3)`` scaled to weights of order one). Gradients are
-    differenced in float64. Piecewise-linear activations (ReLU) are the exception: their
-    second derivative is zero almost everywhere, which is what double backward returns,
-    but a unit whose pre-activation changes sign between ``w - h u`` and ``w + h u``
-    makes the gradient jump, and the difference quotient counts that jump divided by
-    ``2 h``; the product is then the curvature of the loss over the step, not the
-    Hessian at ``w``, and the two can differ by far more than the error above. Smooth
-    activations (GELU, tanh, SiLU) do not have this. ``benchmarks/RESULTS.md`` has the
-    measured error against the exact operator for both kinds.
+    ``u_mach * ||g|| / h`` (``u_mach`` the unit roundoff of the parameter dtype). The
+    default ``h = 1e-3`` (weights of order one) balances the two for float32; for float64
+    the rounding term is negligible and the same step keeps the quotient comparable
+    across dtypes. Gradients are differenced in float64. Piecewise-linear activations
+    (ReLU) are the exception: their second derivative is zero almost everywhere, which is
+    what double backward returns, but a unit whose pre-activation changes sign between
+    ``w - h u`` and ``w + h u`` makes the gradient jump, and the difference quotient
+    counts that jump divided by ``2 h``. The product is then the curvature of the loss
+    over the step, not the Hessian at ``w``, and the two can differ by far more than the
+    error above; a smaller ``h`` makes crossings rarer but weighs each one more, so it
+    does not help. Smooth activations (GELU, tanh, SiLU) do not have this.
+    ``benchmarks/RESULTS.md`` has the measured error against the exact operator for both
+    kinds.
 
     Sharded parameters (``DTensor``): vectors are full-length and identical on every rank
     (what Lanczos keeps); a product moves each rank's local shard by its slice of ``h u``
@@ -70,8 +72,8 @@ class FiniteDifferenceHessian:
         params: parameters to differentiate with respect to (those without
             ``requires_grad`` are skipped).
         reduce: averages a flat tensor over data-parallel ranks, for plain parameters.
-        step: the difference step ``h`` in parameter units along the unit direction;
-            ``None`` picks it from the parameter dtype as above.
+        step: the difference step ``h`` in parameter units along the unit direction.
+            Default ``1e-3``.
 
     Attributes:
         num_products: Hessian-vector products computed so far.
@@ -82,17 +84,17 @@ class FiniteDifferenceHessian:
         loss_closure: LossClosure,
         params: Sequence[Tensor],
         reduce: Reducer | None = None,
-        step: float | None = None,
+        step: float = 1e-3,
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("params: no parameter requires grad")
-        if step is not None and not step > 0:
+        if not (isinstance(step, (int, float)) and step > 0):
             raise ValueError(f"step must be > 0, got {step!r}")
         self._closure = loss_closure
         self._reduce = reduce
         self._sharded = [is_sharded(p) for p in self.params]
-        self.step = step if step is not None else (1e-5 if self.dtype == torch.float64 else 1e-3)
+        self.step = float(step)
         self._saved_grads: list[Tensor | None] | None = None
         self._saved_weights: list[Tensor] | None = None
         self._loss: float | None = None

@@ -31,6 +31,7 @@ except ImportError:  # pragma: no cover - older torch has no DTensor
 __all__ = [
     "all_finite",
     "any_sharded",
+    "flat_sharded",
     "full_tensor",
     "full_to_local",
     "global_count_nonfinite",
@@ -55,6 +56,19 @@ def is_sharded(t: Any) -> bool:
 def any_sharded(tensors: Iterable[Any]) -> bool:
     """Whether any of ``tensors`` is sharded (see :func:`is_sharded`)."""
     return any(is_sharded(t) for t in tensors)
+
+
+def flat_sharded(tensors: Iterable[Any]) -> bool:
+    """Whether any of ``tensors`` is a parameter that FSDP1 (``FullyShardedDataParallel``,
+    Lightning's ``FSDPStrategy``) has flattened into a ``FlatParameter``: a plain tensor
+    holding this rank's flattened piece, whose layout across ranks the tensor does not
+    record. Under more than one process such parameters are not supported by the
+    helpers here (only ``DTensor`` shards are)."""
+    return any(
+        getattr(t, "_fsdp_flattened", False)
+        and not (DTensor is not None and isinstance(t, DTensor))
+        for t in tensors
+    )
 
 
 def local_shard(t: Tensor) -> Tensor:
@@ -183,11 +197,19 @@ def global_count_nonfinite(tensors: Sequence[Tensor]) -> int:
 def all_finite(tensors: Iterable[Tensor]) -> bool:
     """Whether every entry of every tensor is finite, over all shards: the same answer
     on every rank (a collective when some tensor is sharded, so every rank must call
-    it). For plain tensors, ``all(bool(torch.isfinite(t).all()) for t in tensors)``."""
+    it; also for FSDP1's flattened pieces, see :func:`flat_sharded`). For plain tensors,
+    ``all(bool(torch.isfinite(t).all()) for t in tensors)``."""
     tensors = list(tensors)
-    if not any_sharded(tensors):
-        return all(bool(torch.isfinite(t).all()) for t in tensors)
-    return global_count_nonfinite(tensors) == 0
+    if any_sharded(tensors):
+        return global_count_nonfinite(tensors) == 0
+    if flat_sharded(tensors) and dist.is_available() and dist.is_initialized():
+        # FSDP1 pieces: any rank's non-finite entry counts, whichever rank holds it
+        count = sum(int((~torch.isfinite(t)).sum()) for t in tensors)
+        device = tensors[0].device if tensors else torch.device("cpu")
+        total = torch.tensor(float(count), device=device)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return float(total) == 0
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
 def snapshot_local(obj: Any) -> Any:

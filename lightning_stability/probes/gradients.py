@@ -15,6 +15,7 @@ from typing_extensions import override
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.estimators.sharding import (
     any_sharded,
+    flat_sharded,
     global_count_nonfinite,
     global_max,
     global_sq_norms,
@@ -217,6 +218,13 @@ class GradientMonitor(StabilityProbe):
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
         self._sharded = any_sharded(self._params)
+        if trainer.world_size > 1 and flat_sharded(self._params):
+            rank_zero_warn(
+                "GradientMonitor: the parameters are FSDP1 flattened shards (FSDPStrategy), "
+                "which are not supported: the gradient readings are of each rank's own "
+                "shard, not of the model. Shard with FSDP2's fully_shard (e.g. through "
+                "ModelParallelStrategy) for norms over all shards."
+            )
         self._groups, self._group_of = [], []
         index: dict[str, int] = {}
         for name in self._names:

@@ -30,7 +30,12 @@ from lightning_stability.estimators.preconditioned import (
     adam_state_scale,
 )
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
-from lightning_stability.estimators.sharding import any_sharded, full_tensor, local_view
+from lightning_stability.estimators.sharding import (
+    any_sharded,
+    flat_sharded,
+    full_tensor,
+    local_view,
+)
 from lightning_stability.estimators.subspace import log_flattening, subspace_shift
 from lightning_stability.estimators.trace import hutchpp_trace
 from lightning_stability.probes.base import (
@@ -582,6 +587,11 @@ class SharpnessMonitor(StabilityProbe):
         if not self._batches:
             raise ValueError("probe_batch: no probe batch yet (none given and none cached)")
         params = self._measured(pl_module)
+        if self._world_size > 1 and flat_sharded(params):
+            raise ValueError(
+                "FSDP1 flattened parameter shards (FSDPStrategy) are not supported; shard "
+                "with FSDP2's fully_shard (e.g. through ModelParallelStrategy) instead"
+            )
         dtype = resolve_compute_dtype(params, self.dtype)
         reduce = _reducer(trainer)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
