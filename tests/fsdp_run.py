@@ -151,6 +151,9 @@ class Record(Callback):
         self.states: dict[int, dict[str, Any]] = {}
         self.rollbacks: list[dict[str, Any]] = []
         self.published: dict[int, list[str]] = {}
+        self.subset_lambdas: dict[int, float] = {}
+        self.grads_kept: dict[int, bool] = {}
+        self._grads: list[Any] = []
         self.seen = 0
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -161,6 +164,9 @@ class Record(Callback):
         reading = mon.readings.get("stability/grad/norm")
         if reading is not None and reading.step == trainer.global_step:
             self.grad_norms[trainer.global_step] = reading.value
+        self._grads = [
+            None if p.grad is None else local_shard(p.grad).clone() for p in pl_module.parameters()
+        ]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -176,6 +182,16 @@ class Record(Callback):
         ]
         if keys:
             self.published[step] = sorted(set(self.published.get(step, [])) | set(keys))
+        subset = [cb for cb in trainer.callbacks if isinstance(cb, SharpnessMonitor)][1]
+        reading = subset.readings.get("stability/sharpness/lambda_max")
+        if reading is not None:
+            self.subset_lambdas[reading.step] = reading.value
+        if step % self.every == 0:  # the monitors measured at this step: .grad as it was
+            now = [None if p.grad is None else local_shard(p.grad) for p in pl_module.parameters()]
+            self.grads_kept[step] = all(
+                (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+                for a, b in zip(now, self._grads)
+            )
         rb = next(cb for cb in trainer.callbacks if isinstance(cb, Rollback))
         if rb.rollbacks > self.seen:
             self.seen = rb.rollbacks
@@ -207,6 +223,8 @@ class Record(Callback):
             "sharded": any(hasattr(p, "to_local") for p in pl_module.parameters()),
             "grad_norms": self.grad_norms,
             "lambdas": self.lambdas,
+            "subset_lambdas": self.subset_lambdas,
+            "grads_kept": self.grads_kept,
             "events": event_list(trainer),
             "rollbacks": self.rollbacks,
             "readings": readings,
@@ -250,6 +268,17 @@ def main() -> None:
         drift={"every_n_steps": args.check_every, "min_steps": 0},
         rollback={"every": args.rollback_every},
         dashboard=False,
+    )
+    # a second monitor on a curvature subset (the last layer), beside the full one
+    callbacks.insert(
+        1,
+        SharpnessMonitor(
+            every_n_steps=args.check_every,
+            directional=False,
+            adaptive=False,
+            tol=1e-4,
+            params=["net.4"],
+        ),
     )
     callbacks.append(Record(out, args.rollback_every))
     sharded = args.mode == "fsdp"

@@ -112,6 +112,21 @@ def test_lambda_max_from_finite_differences_is_within_one_percent(runs):
             assert abs(got - want) <= 0.01 * want, (step, got, want)
 
 
+def test_a_curvature_subset_beside_the_full_monitor(runs):
+    ref = runs["single"]["subset_lambdas"]
+    for r in runs["fsdp"]:
+        for step in CHECKS:
+            want, got = ref[str(step)], r["subset_lambdas"][str(step)]
+            assert 0 < want <= runs["single"]["lambdas"][str(step)] * (1 + 1e-6)
+            assert abs(got - want) <= 0.01 * want, (step, got, want)
+
+
+def test_curvature_checks_leave_the_sharded_gradients_as_they_were(runs):
+    for r in [runs["single"], *runs["fsdp"]]:
+        assert set(r["grads_kept"]) >= {str(s) for s in CHECKS}
+        assert all(r["grads_kept"].values())
+
+
 def test_a_forced_rollback_restores_sharded_weights_and_optimizer_state_exactly(runs):
     ref = runs["single"]["rollbacks"]
     assert [(x["step"], x["to_step"]) for x in ref] == [(NAN_AT + 1, 10)]

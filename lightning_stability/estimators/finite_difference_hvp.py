@@ -62,9 +62,12 @@ class FiniteDifferenceHessian:
     gradients are averaged with ``reduce`` (one call per gradient), as a module's own
     backward outside the data-parallel wrapper does not average them.
 
-    ``.grad``: the backward passes write gradients; the ``.grad`` of every parameter in
-    ``params`` is saved on first use and put back by :meth:`close` (wrappers such as FSDP
-    accumulate into an existing ``.grad``, so it is cleared before each pass).
+    ``.grad``: with only plain parameters the gradients come from ``torch.autograd.grad``
+    and no ``.grad`` is touched. With sharded ones the module's own backward pass is
+    needed (the sharding wrapper's hooks reduce-scatter the gradient into ``.grad``), and
+    it writes the ``.grad`` of every parameter of the module, so the ``.grad`` of
+    ``params`` and ``guard`` is saved on first use, cleared before each pass (FSDP
+    accumulates into an existing ``.grad``) and put back by :meth:`close`.
 
     Args:
         loss_closure: returns the scalar loss at the current parameters; called once per
@@ -74,6 +77,8 @@ class FiniteDifferenceHessian:
         reduce: averages a flat tensor over data-parallel ranks, for plain parameters.
         step: the difference step ``h`` in parameter units along the unit direction.
             Default ``1e-3``.
+        guard: the module's other parameters, whose ``.grad`` a backward pass may write
+            (a curvature subset leaves them out of ``params``).
 
     Attributes:
         num_products: Hessian-vector products computed so far.
@@ -85,6 +90,7 @@ class FiniteDifferenceHessian:
         params: Sequence[Tensor],
         reduce: Reducer | None = None,
         step: float = 1e-3,
+        guard: Sequence[Tensor] = (),
     ) -> None:
         self.params = [p for p in params if p.requires_grad]
         if not self.params:
@@ -94,6 +100,9 @@ class FiniteDifferenceHessian:
         self._closure = loss_closure
         self._reduce = reduce
         self._sharded = [is_sharded(p) for p in self.params]
+        self._backward = any(self._sharded)
+        ids = {id(p) for p in self.params}
+        self._guarded = self.params + [t for t in guard if id(t) not in ids]
         self.step = float(step)
         self._saved_grads: list[Tensor | None] | None = None
         self._saved_weights: list[Tensor] | None = None
@@ -116,7 +125,7 @@ class FiniteDifferenceHessian:
 
     def _open(self) -> None:
         if self._saved_weights is None:
-            self._saved_grads = [p.grad for p in self.params]
+            self._saved_grads = [p.grad for p in self._guarded]
             self._saved_weights = [local_shard(p).detach().clone() for p in self.params]
 
     def _restore_weights(self) -> None:
@@ -127,27 +136,32 @@ class FiniteDifferenceHessian:
 
     def _grad(self) -> tuple[Tensor, float]:
         """The flat float64 gradient at the current weights (rank-averaged) and the loss."""
-        for p in self.params:
-            p.grad = None
+        if self._backward:
+            for p in self._guarded:
+                p.grad = None
         with torch.enable_grad():
             loss = self._closure()
             if not isinstance(loss, Tensor) or loss.numel() != 1:
                 raise ValueError("loss_closure must return a scalar tensor")
             if not loss.requires_grad:
                 raise ValueError("loss_closure returned a loss that does not depend on params")
-            loss.backward()
+            if self._backward:
+                loss.backward()
+                grads = [p.grad for p in self.params]
+            else:
+                grads = list(torch.autograd.grad(loss, self.params, allow_unused=True))
         parts: list[Tensor] = []
         plain: list[int] = []
-        for i, (p, sharded) in enumerate(zip(self.params, self._sharded)):
-            g = p.grad
+        for i, (p, g, sharded) in enumerate(zip(self.params, grads, self._sharded)):
             if g is None:
                 g = torch.zeros(p.shape, dtype=torch.float64, device=self.device)
             g = full_tensor(g.detach()).reshape(-1).to(torch.float64)
             if not sharded:
                 plain.append(i)
             parts.append(g)
-        for p in self.params:
-            p.grad = None
+        if self._backward:
+            for p in self._guarded:
+                p.grad = None
         if self._reduce is not None and plain:
             for i in plain:
                 parts[i] = self._reduce(parts[i])
@@ -207,7 +221,7 @@ class FiniteDifferenceHessian:
         if self._saved_weights is not None:
             self._restore_weights()
             assert self._saved_grads is not None
-            for p, g in zip(self.params, self._saved_grads):
+            for p, g in zip(self._guarded, self._saved_grads):
                 p.grad = g
         self._saved_weights = None
         self._saved_grads = None

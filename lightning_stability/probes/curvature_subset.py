@@ -77,12 +77,17 @@ def select_parameters(module: nn.Module, patterns: Sequence[str] | None) -> list
 
 
 def make_operator(
-    mode: HvpMode, closure: LossClosure, params: list[Tensor], reduce: Reducer | None
+    mode: HvpMode,
+    closure: LossClosure,
+    params: list[Tensor],
+    reduce: Reducer | None,
+    module_params: Sequence[Tensor] = (),
 ) -> HessianOperator | FiniteDifferenceHessian:
     """The Hessian operator for ``params``: finite differences of gradients when ``mode``
     is ``"finite_difference"``, or ``"auto"`` and some parameter is sharded (a
     ``DTensor``, where double backward does not reach the shards); else the exact double
-    backward operator."""
+    backward operator. ``module_params``: all parameters of the module, whose ``.grad``
+    the finite-difference operator keeps as it was."""
     if mode == "finite_difference" or (mode == "auto" and any_sharded(params)):
-        return FiniteDifferenceHessian(closure, params, reduce=reduce)
+        return FiniteDifferenceHessian(closure, params, reduce=reduce, guard=module_params)
     return HessianOperator(closure, params, reduce=reduce)

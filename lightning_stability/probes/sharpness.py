@@ -615,7 +615,9 @@ class SharpnessMonitor(StabilityProbe):
                 return torch.stack(losses).mean()
 
             grad: Tensor | None = None
-            with make_operator(self._hvp_mode(), closure, params, reduce) as op:
+            with make_operator(
+                self._hvp_mode(), closure, params, reduce, list(pl_module.parameters())
+            ) as op:
                 if check:
                     values.update(self._check(trainer, pl_module, op, closure, optimizer, dtype))
                 if directional:
@@ -865,8 +867,11 @@ class SharpnessMonitor(StabilityProbe):
     @property
     @override
     def state_key(self) -> str:
+        # a subset is part of the identity (a full and a subset monitor side by side);
+        # without one the key is what it always was, so older checkpoints still load
+        subset = {"params": self.params} if self.params is not None else {}
         return self._generate_state_key(
-            every_n_steps=self.every_n_steps, k=self.k, backend=self.backend
+            every_n_steps=self.every_n_steps, k=self.k, backend=self.backend, **subset
         )
 
     @override
