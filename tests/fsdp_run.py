@@ -147,6 +147,7 @@ class Record(Callback):
         self.out = out
         self.every = every
         self.grad_norms: dict[int, float] = {}
+        self.clip_events: dict[int, float] = {}
         self.lambdas: dict[int, float] = {}
         self.states: dict[int, dict[str, Any]] = {}
         self.rollbacks: list[dict[str, Any]] = []
@@ -164,6 +165,9 @@ class Record(Callback):
         reading = mon.readings.get("stability/grad/norm")
         if reading is not None and reading.step == trainer.global_step:
             self.grad_norms[trainer.global_step] = reading.value
+        clip = mon.readings.get("stability/grad/clip_event")
+        if clip is not None and clip.step == trainer.global_step:
+            self.clip_events[trainer.global_step] = clip.value
         self._grads = [
             None if p.grad is None else local_shard(p.grad).clone() for p in pl_module.parameters()
         ]
@@ -222,6 +226,7 @@ class Record(Callback):
             "global_step": trainer.global_step,
             "sharded": any(hasattr(p, "to_local") for p in pl_module.parameters()),
             "grad_norms": self.grad_norms,
+            "clip_events": self.clip_events,
             "lambdas": self.lambdas,
             "subset_lambdas": self.subset_lambdas,
             "grads_kept": self.grads_kept,
@@ -251,6 +256,7 @@ def main() -> None:
     parser.add_argument("--check-every", type=int, default=10)
     parser.add_argument("--nan-at", type=int, default=-1)
     parser.add_argument("--rollback-every", type=int, default=10)
+    parser.add_argument("--clip-value", type=float, default=0.0)
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +307,8 @@ def main() -> None:
         enable_model_summary=False,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
+        gradient_clip_val=args.clip_value or None,
+        gradient_clip_algorithm="value" if args.clip_value else None,
         callbacks=callbacks,
     )
     trainer.fit(Model(sharded, args.nan_at))
