@@ -8,13 +8,12 @@ counts) reduce each rank's local part with one ``all_reduce`` per group of tenso
 share a mesh and sharded mesh dimensions, over those dimensions only, so that a
 replicated tensor is not counted once per rank.
 
-Snapshots of sharded state are clones of the local shards (every rank keeps its own
-part), restored with ``copy_`` into the same storage: bit-identical, no communication.
+Snapshots of sharded state need nothing from here: the state dicts of an FSDP2 module
+and of its optimizer hold ``DTensor``s, whose clones keep each rank's own shard.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -40,8 +39,6 @@ __all__ = [
     "is_sharded",
     "local_shard",
     "local_view",
-    "restore_local",
-    "snapshot_local",
     "sum_over_shards",
 ]
 
@@ -210,22 +207,3 @@ def all_finite(tensors: Iterable[Tensor]) -> bool:
         dist.all_reduce(total, op=dist.ReduceOp.SUM)
         return float(total) == 0
     return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def snapshot_local(obj: Any) -> Any:
-    """A deep copy of ``obj`` (a state dict, a list of tensors, ...) in which every
-    ``DTensor`` is replaced by a clone of its local shard (a plain tensor) and every other
-    tensor by a detached clone."""
-    if isinstance(obj, Tensor):
-        return local_shard(obj).detach().clone()
-    if isinstance(obj, dict):
-        return {k: snapshot_local(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(snapshot_local(v) for v in obj)
-    return copy.deepcopy(obj)
-
-
-@torch.no_grad()
-def restore_local(target: Tensor, saved: Tensor) -> None:
-    """Copy a :func:`snapshot_local` clone back into ``target``'s local storage."""
-    local_shard(target).copy_(saved)
