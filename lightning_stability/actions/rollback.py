@@ -22,6 +22,7 @@ from lightning_stability.actions.lr_backoff import LRBackoff
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
 from lightning_stability.actions.snapshot import TrainingSnapshot
 from lightning_stability.actions.staged_training import StagedTraining
+from lightning_stability.estimators.sharding import all_finite
 from lightning_stability.warning.events import Level
 
 __all__ = ["Rollback"]
@@ -88,7 +89,10 @@ class Rollback(StabilityAction):
 
     Memory: two snapshots, i.e. about twice the weights plus the optimizer state (about
     6x the parameters for Adam, 4x for SGD with momentum); ``offload`` keeps them in host
-    (CPU) memory instead of on the accelerator.
+    (CPU) memory instead of on the accelerator. Under sharding (FSDP2, ``DTensor``
+    parameters) the module and optimizer state dicts hold each rank's local shards, so
+    each rank keeps and restores its own part; whether the weights are finite (a
+    snapshot is taken only then) is decided over all shards, so every rank agrees.
 
     Args:
         every: snapshot interval in optimizer steps. Default 50.
@@ -277,7 +281,7 @@ class Rollback(StabilityAction):
 
     def _take(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> TrainingSnapshot | None:
         # Weights are identical on every rank under DDP, so this check agrees everywhere.
-        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
+        if not all_finite(pl_module.parameters()):
             return None
         return TrainingSnapshot.take(
             trainer, pl_module, self._others(trainer), offload=self.offload
@@ -287,9 +291,7 @@ class Rollback(StabilityAction):
         """Snapshot time: promote ``pending`` if the interval since it was calm, then take
         a new ``pending`` if the run is calm now."""
         fresh = self._take(trainer, pl_module) if self.source_level < self.calm_below else None
-        finite_now = fresh is not None or all(
-            bool(torch.isfinite(p).all()) for p in pl_module.parameters()
-        )
+        finite_now = fresh is not None or all_finite(pl_module.parameters())
         if self.pending is not None and self._calm_since_pending and finite_now:
             self.good = self.pending
         self.pending = fresh

@@ -13,6 +13,15 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.estimators.online_stats import RollingWindow
+from lightning_stability.estimators.sharding import (
+    any_sharded,
+    flat_sharded,
+    global_count_nonfinite,
+    global_max,
+    global_sq_norms,
+    local_shard,
+    sum_over_shards,
+)
 from lightning_stability.probes.base import StabilityProbe, logs_this_step
 
 __all__ = ["GradientMonitor", "unbounded_adam_groups"]
@@ -77,7 +86,10 @@ class GradientMonitor(StabilityProbe):
     pass (so after DDP's gradient all-reduce: every rank sees the same norm), after AMP's
     ``unscale_`` (norms of the true gradients) and before ``configure_gradient_clipping``
     (so the norm is the pre-clip norm). All values are computed as tensors and brought to
-    the host with one synchronisation per step.
+    the host with one synchronisation per step. Sharded parameters (``DTensor``, as under
+    FSDP2) are measured over all their shards: each rank's local squares are summed over
+    the ranks with one all-reduce per quantity (gradient norms, weight norms, update
+    size), so every rank sees the norm a single process would.
 
     Readings (``stability/grad/...``, every optimizer step):
 
@@ -168,6 +180,7 @@ class GradientMonitor(StabilityProbe):
 
         self._names: list[str] = []
         self._params: list[Tensor] = []
+        self._sharded = False
         self._group_of: list[int] = []
         self._groups: list[str] = []
         self._sample_idx: list[Tensor | None] = []
@@ -204,6 +217,14 @@ class GradientMonitor(StabilityProbe):
             )
         self._names = [n for n, _ in named]
         self._params = [p for _, p in named]
+        self._sharded = any_sharded(self._params)
+        if trainer.world_size > 1 and flat_sharded(self._params):
+            rank_zero_warn(
+                "GradientMonitor: the parameters are FSDP1 flattened shards (FSDPStrategy), "
+                "which are not supported: the gradient readings are of each rank's own "
+                "shard, not of the model. Shard with FSDP2's fully_shard (e.g. through "
+                "ModelParallelStrategy) for norms over all shards."
+            )
         self._groups, self._group_of = [], []
         index: dict[str, int] = {}
         for name in self._names:
@@ -228,21 +249,21 @@ class GradientMonitor(StabilityProbe):
 
     def _build_sample(self) -> None:
         self._sample_idx = []
-        total = sum(p.numel() for p in self._params)
+        total = sum(local_shard(p).numel() for p in self._params)
         self._sample_scale = torch.ones(len(self._params))
         if self.update_ratio != "sample" or total <= self.update_sample:
             self._sample_idx = [None] * len(self._params)
             return
         gen = torch.Generator().manual_seed(self.seed)
         for p in self._params:
-            n = p.numel()
+            n = local_shard(p).numel()
             k = min(n, max(1, round(self.update_sample * n / total)))
             idx = torch.randperm(n, generator=gen)[:k].sort().values
             self._sample_idx.append(None if k == n else idx.to(p.device))
         # Each tensor's sampled squared change times numel/samples: unbiased for its total.
         self._sample_scale = torch.tensor(
             [
-                1.0 if i is None else p.numel() / i.numel()
+                1.0 if i is None else local_shard(p).numel() / i.numel()
                 for p, i in zip(self._params, self._sample_idx)
             ]
         )
@@ -256,10 +277,21 @@ class GradientMonitor(StabilityProbe):
             return logs_this_step(trainer)
         return trainer.global_step % self.log_every_n_steps == 0
 
+    def _norms(self, tensors: list[Tensor], device: torch.device) -> Tensor:
+        """Per-tensor L2 norms (float32 vector on ``device``); over all shards of sharded
+        parameters and gradients (FSDP), whose local parts alone are not the norm."""
+        if self._sharded:
+            return global_sq_norms(tensors, device).sqrt()
+        return _stacked_f32(torch._foreach_norm(tensors, 2.0), device)
+
+    def _sum_over_shards(self, per_param: Tensor) -> Tensor:
+        """Per-parameter values computed on local shards, summed over the shards."""
+        return sum_over_shards(self._params, per_param)
+
     def _take_snapshot(self) -> list[Tensor]:
         out = []
         for p, idx in zip(self._params, self._sample_idx):
-            flat = p.detach().reshape(-1)
+            flat = local_shard(p).detach().reshape(-1)
             out.append(flat.clone() if idx is None else flat.index_select(0, idx))
         return out
 
@@ -278,16 +310,18 @@ class GradientMonitor(StabilityProbe):
             return self._latest
         grads = [self._params[i].grad for i in with_grad]
         device = grads[0].device
-        per = _stacked_f32(torch._foreach_norm(grads, 2.0), device)
+        per = self._norms(grads, device)
         out: dict[str, Tensor] = {"norm": torch.linalg.vector_norm(per), "per": per}
         if self._with_grad[0] != with_grad:
             self._with_grad = (with_grad, torch.tensor(with_grad))
         out["with_grad"] = self._with_grad[1]
         # under no_grad the parameters themselves (no detached views needed)
-        wper = _stacked_f32(torch._foreach_norm(self._params, 2.0), device)
+        wper = self._norms(self._params, device)
         out["wper"] = wper
         out["weight_norm"] = torch.linalg.vector_norm(wper)
-        if self._clip_algorithm(trainer) == "value":
+        if self._clip_algorithm(trainer) == "value" and self._sharded:
+            out["maxabs"] = global_max(grads, device)
+        elif self._clip_algorithm(trainer) == "value":
             out["maxabs"] = torch.stack(
                 [
                     n.to(device=device, dtype=torch.float32)
@@ -300,6 +334,8 @@ class GradientMonitor(StabilityProbe):
                 diff = torch._foreach_sub(now, self._snapshot)
                 dsq = _stacked_f32(torch._foreach_norm(diff, 2.0), device).square()
                 out["dsq"] = dsq * self._sample_scale.to(device)
+                if self._sharded:
+                    out["dsq"] = self._sum_over_shards(out["dsq"])
                 self._snapshot = now
             else:
                 self._snapshot = self._take_snapshot()
@@ -340,7 +376,10 @@ class GradientMonitor(StabilityProbe):
         nonfinite = 0
         if not math.isfinite(norm):
             grads = [self._params[i].grad for i in out["with_grad"].tolist()]
-            nonfinite = int(sum(int((~torch.isfinite(g)).sum()) for g in grads))
+            if self._sharded:
+                nonfinite = global_count_nonfinite(grads)
+            else:
+                nonfinite = int(sum(int((~torch.isfinite(g)).sum()) for g in grads))
         elif self.accumulating(trainer):
             self.norm_window.update(norm)
         values["grad/nonfinite"] = float(nonfinite)
@@ -402,14 +441,17 @@ class GradientMonitor(StabilityProbe):
             return
         pre, self._pending_post = self._pending_post, None
         grads = [p.grad for p in self._params if p.grad is not None]
-        post = torch.linalg.vector_norm(
-            torch.stack(
-                [
-                    n.to(device=pre.device, dtype=torch.float32)
-                    for n in torch._foreach_norm(grads, 2.0)
-                ]
+        if self._sharded:
+            post = torch.linalg.vector_norm(self._norms(grads, pre.device))
+        else:
+            post = torch.linalg.vector_norm(
+                torch.stack(
+                    [
+                        n.to(device=pre.device, dtype=torch.float32)
+                        for n in torch._foreach_norm(grads, 2.0)
+                    ]
+                )
             )
-        )
         pre_f, post_f = torch.stack([pre, post]).tolist()
         # A non-finite norm that became finite was clipped too.
         engaged = post_f < pre_f * (1.0 - 1e-6) if math.isfinite(pre_f) else math.isfinite(post_f)

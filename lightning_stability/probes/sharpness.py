@@ -30,6 +30,12 @@ from lightning_stability.estimators.preconditioned import (
     adam_state_scale,
 )
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
+from lightning_stability.estimators.sharding import (
+    any_sharded,
+    flat_sharded,
+    full_tensor,
+    local_view,
+)
 from lightning_stability.estimators.subspace import log_flattening, subspace_shift
 from lightning_stability.estimators.trace import hutchpp_trace
 from lightning_stability.probes.base import (
@@ -43,6 +49,14 @@ from lightning_stability.probes.base import (
     module_loss,
     needs_loss_fn,
     step_loss,
+)
+from lightning_stability.probes.curvature_subset import (
+    HVP_MODES,
+    HvpMode,
+    check_patterns,
+    make_operator,
+    select_parameters,
+    unmatched_patterns,
 )
 from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, lambda_edge, step_lr
 
@@ -150,6 +164,13 @@ class SharpnessMonitor(StabilityProbe):
     rank uses its own probe batches and products are averaged over ranks, so every rank
     sees the Hessian of the union.
 
+    Sharded parameters (``DTensor``: FSDP2's ``fully_shard``, e.g. through
+    ``ModelParallelStrategy``): double backward does not reach the shards, so products
+    are finite differences of gradients (``hvp="auto"``), two forward and backward passes
+    each, with the gradients reduce-scattered by the sharding wrapper itself. Lanczos
+    vectors are full-length and identical on every rank (up to ``max_iter`` of them per
+    eigenproblem, as for one process); ``params=`` bounds them with the subset.
+
     Resume: the cadence, step counters, previous eigenvectors and last readings are
     checkpointed, and so are the probe batches of a single-process run (when they hold
     only tensors, numbers, strings, lists and dicts), so a resumed run measures the same
@@ -204,6 +225,26 @@ class SharpnessMonitor(StabilityProbe):
         dtype: ``"float32"`` or ``"float64"``; ``None`` = float64 for float64 models, else
             float32.
         seed: seed of Lanczos' random start vectors (identical on every rank).
+        params: a curvature subset: parameter-name patterns (``fnmatch`` globs such as
+            ``"blocks.11.*"`` or ``"*norm*"``, exact names, or module prefixes such as
+            ``"head"``); every reading is then taken on the Hessian block of the
+            selected parameters, the others held fixed, so a check's cost and memory are
+            bounded by the subset. Its top eigenvalue is a lower bound of the full
+            ``lambda_max`` (Cauchy interlacing), equal when the top eigenvector lies in
+            the subset; curvature along directions that mix in other parameters is
+            missed. A pattern that selects no parameter is a ``ValueError`` at ``setup``.
+            ``None`` (default): all trainable parameters.
+        hvp: how Hessian-vector products are computed. ``"exact"``: double backward
+            (:class:`~lightning_stability.estimators.hvp.HessianOperator`).
+            ``"finite_difference"``: central differences of gradients
+            (:class:`~lightning_stability.estimators.finite_difference_hvp.FiniteDifferenceHessian`;
+            two forward and backward passes per product, error of order the step squared
+            times the third derivative plus rounding over the step; with ReLU-like
+            activations it also counts units that cross their kink within the step, see
+            its docstring). ``"auto"``
+            (default): finite differences when the parameters are sharded (``DTensor``,
+            as under FSDP2's ``fully_shard``, where double backward does not reach the
+            shards) or when double backward fails on the model; exact otherwise.
     """
 
     def __init__(
@@ -232,6 +273,8 @@ class SharpnessMonitor(StabilityProbe):
         adaptive_factor: int = 4,
         dtype: Literal["float32", "float64"] | None = None,
         seed: int = 0,
+        params: list[str] | None = None,
+        hvp: HvpMode = "auto",
     ) -> None:
         super().__init__()
         _positive_int("every_n_steps", every_n_steps)
@@ -248,6 +291,11 @@ class SharpnessMonitor(StabilityProbe):
             )
         if backend not in _BACKENDS:
             raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if hvp not in HVP_MODES:
+            raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
+        self.params = check_patterns(params)
+        self.hvp: HvpMode = hvp
+        self._fd_fallback = False
         if dtype is not None and dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)} or None, got {dtype!r}")
         if not (0.0 <= tol < 1.0):
@@ -319,6 +367,15 @@ class SharpnessMonitor(StabilityProbe):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
         self._world_size = trainer.world_size
+        if self.params is not None:
+            missing = unmatched_patterns((n for n, _ in pl_module.named_parameters()), self.params)
+            if missing:
+                names = [n for n, _ in pl_module.named_parameters()]
+                shown = names[:20] + (["..."] if len(names) > 20 else [])
+                raise ValueError(
+                    f"params: pattern(s) {missing} match no parameter of "
+                    f"{type(pl_module).__name__}; its parameters are {shown}"
+                )
         if self.backend == "pyhessian" and trainer.world_size > 1:
             raise ValueError(
                 "backend: 'pyhessian' does not average Hessian-vector products over ranks; "
@@ -351,7 +408,7 @@ class SharpnessMonitor(StabilityProbe):
         if trainer.optimizers and optimizer is trainer.optimizers[0]:
             self._predict(trainer, pl_module, optimizer)
         if self.directional and self.critical and trainer.global_step + 1 >= self._next_directional:
-            self._weights_before = [p.detach().clone() for p in _trainable(pl_module)]
+            self._weights_before = [p.detach().clone() for p in self._measured(pl_module)]
 
     @override
     def on_train_batch_end(
@@ -479,6 +536,16 @@ class SharpnessMonitor(StabilityProbe):
                 self._next_check = min(self._next_check, step + 1)
 
     # ------------------------------------------------------------ measurement
+    def _measured(self, pl_module: pl.LightningModule) -> list[Tensor]:
+        """The parameters the curvature is taken over: the trainable ones, restricted to
+        the ``params`` subset when given."""
+        if self.params is None:
+            return _trainable(pl_module)
+        return select_parameters(pl_module, self.params)
+
+    def _hvp_mode(self) -> HvpMode:
+        return "finite_difference" if self._fd_fallback else self.hvp
+
     def measure(
         self,
         trainer: pl.Trainer,
@@ -488,10 +555,43 @@ class SharpnessMonitor(StabilityProbe):
         directional: bool = True,
     ) -> dict[str, float]:
         """Take one measurement now on the cached probe batches and return the readings
-        (keys relative to ``stability/``), without publishing them."""
+        (keys relative to ``stability/``), without publishing them.
+
+        With ``hvp="auto"``, a measurement whose exact (double backward) products fail is
+        taken again with finite differences, which the rest of the run then uses."""
+        try:
+            return self._measure(trainer, pl_module, check=check, directional=directional)
+        except (FloatingPointError, torch.linalg.LinAlgError, NoProbeLoss):
+            raise
+        except (RuntimeError, NotImplementedError) as error:
+            params = self._measured(pl_module)
+            if self.hvp != "auto" or self._fd_fallback or not params or any_sharded(params):
+                raise
+            self._fd_fallback = True
+            self.warn_once(
+                "finite_difference",
+                f"double backward failed on this model ({type(error).__name__}: {error}); "
+                "curvature is measured from here on with finite differences of gradients "
+                "(two forward and backward passes per Hessian-vector product).",
+            )
+            return self._measure(trainer, pl_module, check=check, directional=directional)
+
+    def _measure(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        *,
+        check: bool = True,
+        directional: bool = True,
+    ) -> dict[str, float]:
         if not self._batches:
             raise ValueError("probe_batch: no probe batch yet (none given and none cached)")
-        params = _trainable(pl_module)
+        params = self._measured(pl_module)
+        if self._world_size > 1 and flat_sharded(params):
+            raise ValueError(
+                "FSDP1 flattened parameter shards (FSDPStrategy) are not supported; shard "
+                "with FSDP2's fully_shard (e.g. through ModelParallelStrategy) instead"
+            )
         dtype = resolve_compute_dtype(params, self.dtype)
         reduce = _reducer(trainer)
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
@@ -515,7 +615,9 @@ class SharpnessMonitor(StabilityProbe):
                 return torch.stack(losses).mean()
 
             grad: Tensor | None = None
-            with HessianOperator(closure, params, reduce=reduce) as op:
+            with make_operator(
+                self._hvp_mode(), closure, params, reduce, list(pl_module.parameters())
+            ) as op:
                 if check:
                     values.update(self._check(trainer, pl_module, op, closure, optimizer, dtype))
                 if directional:
@@ -626,6 +728,7 @@ class SharpnessMonitor(StabilityProbe):
             if scaled is None:
                 return {}
             scale, edge = scaled
+            scale = full_tensor(scale)
             sop = ScaledOperator(op.matvec, scale.to(device=op.device, dtype=dtype))
             warm = self._pre_eigvecs if self.warm_start else None
             if warm is not None and warm.shape[0] != op.dim:
@@ -667,7 +770,9 @@ class SharpnessMonitor(StabilityProbe):
         is within the rounding of the loss), where ``2 / eta_c`` would read noise as a
         huge curvature."""
         assert self._weights_before is not None
-        step = flatten([p.detach() for p in params], dtype) - flatten(self._weights_before, dtype)
+        step = flatten([full_tensor(p.detach()) for p in params], dtype) - flatten(
+            [full_tensor(w) for w in self._weights_before], dtype
+        )
         if float(step.norm()) == 0.0 or lr <= 0:
             return None
         direction = step / lr
@@ -677,7 +782,7 @@ class SharpnessMonitor(StabilityProbe):
             value = closure().detach().reshape(1)
             return reduce(value) if reduce is not None else value
 
-        with LineLoss(params, direction, loss) as line:
+        with LineLoss(*local_view(params, direction), loss) as line:
             loss0 = line(0.0)
             result = critical_step_size(line, loss0, self._eta_c or lr, rtol=0.05, slope=slope)
         if not result.defined:
@@ -762,8 +867,11 @@ class SharpnessMonitor(StabilityProbe):
     @property
     @override
     def state_key(self) -> str:
+        # a subset is part of the identity (a full and a subset monitor side by side);
+        # without one the key is what it always was, so older checkpoints still load
+        subset = {"params": self.params} if self.params is not None else {}
         return self._generate_state_key(
-            every_n_steps=self.every_n_steps, k=self.k, backend=self.backend
+            every_n_steps=self.every_n_steps, k=self.k, backend=self.backend, **subset
         )
 
     @override
