@@ -137,6 +137,21 @@ def test_planted_nan_batch_run_finishes_with_finite_weights(escalation):
         assert extra["staged"][0].stage == 1
 
 
+def test_skipping_under_clipping_by_value_does_not_end_the_run():
+    rollback = Rollback(every=2, skip_steps=3)
+    t = trainer(
+        max_steps=12,
+        callbacks=[ScriptedSource({}), rollback],
+        gradient_clip_val=0.05,
+        gradient_clip_algorithm="value",
+    )
+    model = TinyClassifier(lr=0.1)
+    t.fit(model, loader(_data_with_nan_batches((5,)), shuffle=False))
+    assert t.global_step == 12
+    assert rollback.rollbacks == 1 and rollback.skipped == 3
+    assert torch.isfinite(flat_weights(model)).all()
+
+
 def test_nonfinite_loss_is_critical_without_a_source_saying_so():
     rollback = Rollback(every=2)
     t = trainer(max_steps=12, callbacks=[ScriptedSource({}), rollback])
@@ -337,11 +352,11 @@ def test_a_rollback_never_loosens_the_stage():
 
 
 class _Jumping(TinyClassifier):
-    """lr 0.05, x20 from step 7 on (a broken warm-up)."""
+    """lr 0.05, x10 from step 7 on (a broken warm-up)."""
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 7 else 20.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 if s < 7 else 10.0)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

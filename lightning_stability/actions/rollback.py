@@ -60,7 +60,9 @@ class Rollback(StabilityAction):
     The data loader is not rewound: the batches seen since the snapshot, the offending
     ones among them, are not replayed, and ``trainer.global_step`` keeps counting. The
     next ``skip_steps`` batches are skipped too (their gradients are dropped before the
-    optimizer step, so neither the weights nor the optimizer's moments change), since a
+    optimizer step, so neither the weights nor the optimizer's moments change; with a
+    gradient scaler or clipping by value they are zeroed instead, so momentum still
+    moves the weights), since a
     bad stretch of data often outlasts the batch that raised the alarm (PaLM skipped 200
     to 500 batches after restarting, Chowdhery et al., 2022). A critical event while
     skipping cannot come from the restored weights' updates, so it extends the skip
@@ -248,13 +250,16 @@ class Rollback(StabilityAction):
         if int(trainer.global_step) >= self._skip_until:
             return
         self.skipped += 1
-        # A gradient scaler asserts that it saw gradients: give it zeros, not None.
+        # A gradient scaler asserts that it saw gradients, and clipping by value fails on
+        # a model without any: give them zeros, not None (the optimizer's momentum then
+        # still moves the weights; without either, nothing changes).
         scaler = getattr(trainer.precision_plugin, "scaler", None)
+        by_value = bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "value"
         for group in optimizer.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if scaler is None:
+                if scaler is None and not by_value:
                     p.grad = None
                 else:
                     p.grad.zero_()
