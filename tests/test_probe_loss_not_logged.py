@@ -13,6 +13,7 @@ from helpers import TinyClassifier, classification_data, loader, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_stability import AuditConfig, SharpnessCadence, SharpnessEstimator
 from lightning_stability.probes import PerturbationAudit, SharpnessMonitor
 
 
@@ -44,8 +45,10 @@ def test_the_probe_loss_is_never_logged(tmp_path):
     # every step re-runs training_step on the first batch (a curvature check and a
     # directional reading); the audit re-runs it on a forked copy at the epoch's end
     probes = [
-        SharpnessMonitor(every_n_steps=1, max_iter=3),
-        PerturbationAudit(horizon=2, num_batches=1, dimensions=("signal",)),
+        SharpnessMonitor(
+            cadence=SharpnessCadence(every_n_steps=1), estimator=SharpnessEstimator(max_iter=3)
+        ),
+        PerturbationAudit(audit=AuditConfig(horizon=2, dimensions=("signal",)), num_batches=1),
     ]
     losses = Losses()
     t = trainer(

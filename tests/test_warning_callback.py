@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import TensorDataset
 
+from lightning_stability import LevelPolicy
 from lightning_stability.probes.base import StabilityProbe
 from lightning_stability.warning import EarlyWarning, InstabilityWarning, Level
 
@@ -145,7 +146,7 @@ def test_persisting_edge_warning_is_repeated_and_backoff_cuts_each_time():
 
     from lightning_stability.actions import LRBackoff
 
-    ew = EarlyWarning(use_step_loss=False, repeat_every=5)
+    ew = EarlyWarning(levels=LevelPolicy(repeat_every=5), use_step_loss=False)
     backoff = LRBackoff()
     rec = LrRecorder()
     t = trainer(max_steps=20, callbacks=[BeyondEdgeProbe(), ew, backoff, rec])
