@@ -183,12 +183,12 @@ def test_layer_selection_and_errors():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"probe_size": 2}, "probe_size"),
-        ({"every_n_steps": 0}, "every_n_steps"),
-        ({"every_n_epochs": -1}, "every_n_epochs"),
-        ({"source": "test"}, "source"),
-        ({"max_features": 0}, "max_features"),
-        ({"every_n_steps": True}, "every_n_steps"),
+        ({"probe": DriftProbe(probe_size=2)}, "probe_size"),
+        ({"cadence": DriftCadence(every_n_steps=0)}, "every_n_steps"),
+        ({"cadence": DriftCadence(every_n_epochs=-1)}, "every_n_epochs"),
+        ({"probe": DriftProbe(source="test")}, "source"),
+        ({"limits": DriftLimits(max_features=0)}, "max_features"),
+        ({"cadence": DriftCadence(every_n_steps=True)}, "every_n_steps"),
         ({"input_fn": 3}, "input_fn"),
         ({"max_layers": 0}, "max_layers"),
         ({"probe_inputs": torch.zeros(3, 2)}, "probe_inputs"),

@@ -16,7 +16,8 @@ import random
 import pytest
 import torch
 
-from lightning_stability import BandDamage, BandShape
+from lightning_stability import BandDamage, BandLeaving, BandShape
+from lightning_stability.warning.config import BAND_FLAT_ALIASES
 from lightning_stability.warning.loss_band import BandEvidence, LossBand
 
 
@@ -558,5 +559,8 @@ def test_a_loaded_band_has_the_saved_history_and_goes_on_like_it():
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
+    (field,) = kwargs
+    group, _ = BAND_FLAT_ALIASES[field]
+    config = {"shape": BandShape, "leaving": BandLeaving, "damage": BandDamage}[group]
     with pytest.raises(ValueError, match=f"band {name} must"):
-        LossBand(**kwargs)
+        LossBand(**{group: config(**kwargs)})

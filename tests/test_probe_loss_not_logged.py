@@ -48,7 +48,9 @@ def test_the_probe_loss_is_never_logged(tmp_path):
         SharpnessMonitor(
             cadence=SharpnessCadence(every_n_steps=1), estimator=SharpnessEstimator(max_iter=3)
         ),
-        PerturbationAudit(audit=AuditConfig(horizon=2, dimensions=("signal",)), num_batches=1),
+        PerturbationAudit(
+            audit=AuditConfig(horizon=2, dimensions=("learning_signal",)), num_batches=1
+        ),
     ]
     losses = Losses()
     t = trainer(
@@ -60,7 +62,7 @@ def test_the_probe_loss_is_never_logged(tmp_path):
     )
     t.fit(LogsStepAndEpoch(), loader(classification_data(256), shuffle=False))
     assert "stability/sharpness/lambda_max" in probes[0].readings
-    assert "stability/audit/signal/param_distance" in probes[1].readings
+    assert "stability/audit/learning_signal/param_distance" in probes[1].readings
     step = _logged(tmp_path, "train_loss_step")
     assert len(step) == 8 and step == {s: losses.losses[s] for s in step}
     (epoch,) = _logged(tmp_path, "train_loss_epoch").values()

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_stability import SharpnessCadence, SharpnessEstimator, SharpnessMeasures
 from lightning_stability.estimators.hvp import unflatten
+from lightning_stability.probes.config import SHARPNESS_FLAT_ALIASES
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 KEY = "stability/sharpness/"
@@ -318,8 +319,11 @@ def test_bf16_mixed_measures_in_float32():
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
+    (field,) = kwargs
+    group, _ = SHARPNESS_FLAT_ALIASES[field]
+    config = {"cadence": SharpnessCadence, "estimator": SharpnessEstimator}[group]
     with pytest.raises(ValueError, match=name):
-        SharpnessMonitor(**kwargs)
+        SharpnessMonitor(**{group: config(**kwargs)})
 
 
 def test_shuffled_probe_loader_without_generator_is_refused():

@@ -66,7 +66,7 @@ def _drift(every: int) -> RepresentationDriftMonitor:
 
 def _audit(horizon: int) -> PerturbationAudit:
     return PerturbationAudit(
-        audit=AuditConfig(horizon=horizon, dimensions=("optimisation",)), num_batches=1
+        audit=AuditConfig(horizon=horizon, dimensions=("optimization",)), num_batches=1
     )
 
 

@@ -267,11 +267,13 @@ def test_drift_monitor_measures_dict_batches_and_steps_aside_without_an_input():
 
 
 def test_audit_caches_only_batches_with_a_loss_and_their_batch_idx():
-    audit = PerturbationAudit(audit=AuditConfig(horizon=2, dimensions=("signal",)), num_batches=2)
+    audit = PerturbationAudit(
+        audit=AuditConfig(horizon=2, dimensions=("learning_signal",)), num_batches=2
+    )
     t, messages = _fit(SkipsEveryThird(), [audit], max_steps=-1, max_epochs=1)
     assert t.current_epoch == 1
     assert not _stability_warnings(messages) and not audit.set_aside
-    assert "stability/audit/signal/param_distance" in audit.readings
+    assert "stability/audit/learning_signal/param_distance" in audit.readings
 
 
 class FrozenModule(TinyClassifier):
