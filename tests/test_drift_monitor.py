@@ -183,20 +183,20 @@ def test_layer_selection_and_errors():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"probe": DriftProbe(probe_size=2)}, "probe_size"),
-        ({"cadence": DriftCadence(every_n_steps=0)}, "every_n_steps"),
-        ({"cadence": DriftCadence(every_n_epochs=-1)}, "every_n_epochs"),
-        ({"probe": DriftProbe(source="test")}, "source"),
-        ({"limits": DriftLimits(max_features=0)}, "max_features"),
-        ({"cadence": DriftCadence(every_n_steps=True)}, "every_n_steps"),
-        ({"input_fn": 3}, "input_fn"),
-        ({"max_layers": 0}, "max_layers"),
-        ({"probe_inputs": torch.zeros(3, 2)}, "probe_inputs"),
+        (lambda: {"probe": DriftProbe(probe_size=2)}, "probe_size"),
+        (lambda: {"cadence": DriftCadence(every_n_steps=0)}, "every_n_steps"),
+        (lambda: {"cadence": DriftCadence(every_n_epochs=-1)}, "every_n_epochs"),
+        (lambda: {"probe": DriftProbe(source="test")}, "source"),
+        (lambda: {"limits": DriftLimits(max_features=0)}, "max_features"),
+        (lambda: {"cadence": DriftCadence(every_n_steps=True)}, "every_n_steps"),
+        (lambda: {"input_fn": 3}, "input_fn"),
+        (lambda: {"max_layers": 0}, "max_layers"),
+        (lambda: {"probe_inputs": torch.zeros(3, 2)}, "probe_inputs"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        RepresentationDriftMonitor(**kwargs)
+        RepresentationDriftMonitor(**kwargs())
 
 
 def test_default_input_fn():
