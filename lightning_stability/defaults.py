@@ -26,6 +26,7 @@ from lightning_stability.probes.config import (
     SharpnessEstimator,
     SharpnessMeasures,
 )
+from lightning_stability.vocabulary import check_choice
 from lightning_stability.warning import EarlyWarning
 from lightning_stability.warning.config import (
     WARNING_FLAT_ALIASES,
@@ -115,8 +116,7 @@ def stability_callbacks(
             callback option is neither a bool nor a dict, or a dict names an argument the
             callback does not take.
     """
-    if actions not in _ACTIONS:
-        raise ValueError(f"actions must be one of {_ACTIONS}, got {actions!r}")
+    check_choice(actions, "actions", _ACTIONS)
 
     def build(option: bool | dict[str, Any], name: str, cls: type[Callback]) -> list[Callback]:
         if option is False:
