@@ -35,9 +35,7 @@ def demo_trainer(logdir: str, guarded: bool, actions: str, **trainer_kwargs: Any
     callbacks = (
         stability_callbacks(
             actions=actions,
-            sharpness={
-                "cadence": SharpnessCadence(every_n_steps=50, directional_every_n_steps=10)
-            },
+            sharpness={"cadence": SharpnessCadence(every_n_steps=50, directional_every_n_steps=10)},
             warning={"on_event": print_event},
         )
         if guarded
