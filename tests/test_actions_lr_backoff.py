@@ -35,7 +35,7 @@ def _fit(action, script, max_steps=12, model=None, **kw):
         ({"cooldown": -1}, "cooldown"),
         ({"max_backoffs": -1}, "max_backoffs"),
         ({"min_lr": -1.0}, "min_lr"),
-        ({"patience": 0}, "patience"),
+        ({"calm_steps": 0}, "calm_steps"),
         ({"level": "loud"}, "level"),
     ],
 )

@@ -444,8 +444,10 @@ def test_configurable_from_yaml():
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(SharpnessMonitor, "monitor")
     cfg = parser.parse_string(
-        "monitor:\n  every_n_steps: 7\n  k: 3\n  backend: pyhessian\n  dtype: float64\n"
-        "  directional_every_n_steps: 2\n  ratio_threshold: 0.5\n"
+        "monitor:\n"
+        "  cadence:\n    every_n_steps: 7\n    directional_every_n_steps: 2\n"
+        "    ratio_threshold: 0.5\n"
+        "  estimator:\n    k: 3\n    backend: pyhessian\n    dtype: float64\n"
     )
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes
     cb = build(cfg).monitor

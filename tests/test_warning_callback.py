@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import TensorDataset
 
-from lightning_stability import LevelPolicy
+from lightning_stability import EdgeRule, LevelPolicy
 from lightning_stability.probes.base import StabilityProbe
 from lightning_stability.warning import EarlyWarning, InstabilityWarning, Level
 
@@ -111,7 +111,7 @@ class ScriptedProbe(StabilityProbe):
             self.publish(trainer, pl_module, {"sharpness/eos_ratio": ratio})
 
 
-@pytest.mark.parametrize(("kwargs", "expected"), [({}, 20), ({"eos_sustain": 2}, 16)])
+@pytest.mark.parametrize(("kwargs", "expected"), [({}, 20), ({"edge": EdgeRule(sustain=2)}, 16)])
 def test_edge_of_stability_rule_from_a_probe_and_tensorboard_text(tmp_path, kwargs, expected):
     texts = []
     logger = TensorBoardLogger(tmp_path)

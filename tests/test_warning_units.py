@@ -212,7 +212,8 @@ def test_configurable_from_yaml_like_lightning_cli():
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(EarlyWarning, "ew")
     cfg = parser.parse_string(
-        "ew:\n  watch_threshold: 7.0\n  eos_margin: 0.4\n  warn_level: critical\n  signals:\n"
+        "ew:\n  deviation:\n    watch_threshold: 7.0\n  edge:\n    margin: 0.4\n"
+        "  warn_level: critical\n  signals:\n"
         "    - pattern: stability/loss/value\n      dimension: learning_signal\n"
         "      transform: identity\n      trend: true\n"
     )
