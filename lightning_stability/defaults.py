@@ -103,8 +103,9 @@ def stability_callbacks(
             arguments: the grouped configs (``{"cadence": SharpnessCadence(every_n_steps=500)}``)
             or the names of their fields (``{"every_n_steps": 500}``), which are folded
             into their group without a deprecation warning. Representation drift
-            (:class:`RepresentationDriftMonitor`) runs the module's own ``training_step`` on a fixed probe batch of 64 samples, so it needs
-            neither ``forward`` nor a known batch layout. It checks at epoch ends at least
+            (:class:`RepresentationDriftMonitor`) runs the module's own ``training_step``
+            on a fixed probe batch of 64 samples, so it needs neither ``forward`` nor a
+            known batch layout. It checks at epoch ends at least
             500 optimizer steps apart (and at the end of the last epoch), or every 1000 steps
             where epochs are longer. A check costs about one forward pass of the probe
             batch, on the order of a training step, which is why checks are hundreds of

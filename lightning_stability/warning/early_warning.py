@@ -98,7 +98,8 @@ class EarlyWarning(IdentifiedCallback):
 
     Args:
         deviation: when the meta-state's deviation and its CUSUM propose WATCH, and the
-            exit ratio of every level (:class:`~lightning_stability.warning.config.DeviationThresholds`).
+            exit ratio of every level
+            (:class:`~lightning_stability.warning.config.DeviationThresholds`).
         levels: how the level rises, dwells, cools down and repeats
             (:class:`~lightning_stability.warning.config.LevelPolicy`).
         baselines: the rolling robust baselines and the staleness of readings
