@@ -9,7 +9,7 @@ ratio from above; on a tiny model a fork step is cheaper than a Trainer step, wh
 per-step overhead dominates).
 
 Lead time: each scenario of ``benchmarks/scenarios`` runs with only the audit attached
-(optimisation dimension). An alarm is the first audit whose learning-rate margin falls below
+(optimization dimension). An alarm is the first audit whose learning-rate margin falls below
 ``--alarm`` (default 1.5: half again the run's own step size would already diverge within the
 horizon). For diverging scenarios the lead time is ``divergence_step - alarm_step`` (positive:
 the alarm came first); for stable ones any alarm is a false alarm. Audits happen only at epoch
@@ -36,10 +36,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.reference import quiet_trainer
+from lightning_stability.estimators.perturbation import AuditConfig
 from lightning_stability.probes.audit import PerturbationAudit
 
 OUT = Path(__file__).with_name("audit.json")
-MARGIN = "stability/audit/optimisation/lr_margin"
+MARGIN = "stability/audit/optimization/lr_margin"
 QUICK_SCENARIOS = ("stable_digits_sgd", "lr_too_high", "lr_spike")
 
 
@@ -65,6 +66,14 @@ class _EpochClock(Callback):
             self.audits.append(self.audit.last_seconds)
 
 
+def _audit(kwargs: dict[str, Any]) -> PerturbationAudit:
+    """A ``PerturbationAudit`` from one flat dict (the form the results record): its own
+    arguments, and the rest as its ``AuditConfig``."""
+    own = {k: v for k, v in kwargs.items() if k in ("every_n_epochs", "num_batches", "seed")}
+    config = AuditConfig(**{k: v for k, v in kwargs.items() if k not in own})
+    return PerturbationAudit(audit=config, **own)
+
+
 def audit_cost(epochs: int, audit_kwargs: dict[str, Any]) -> dict[str, Any]:
     """Median audit time over median bare-epoch time on the digits MLP."""
     from benchmarks.scenarios.registry import SCENARIOS
@@ -74,7 +83,7 @@ def audit_cost(epochs: int, audit_kwargs: dict[str, Any]) -> dict[str, Any]:
     for use in (False, True):
         pl.seed_everything(0, verbose=False)
         module, train_loader, _, _, _ = scenario.make(0)
-        audit = PerturbationAudit(**audit_kwargs) if use else None
+        audit = _audit(audit_kwargs) if use else None
         clock = _EpochClock(audit)
         callbacks: list[Callback] = [clock] if audit is None else [audit, clock]
         trainer = quiet_trainer(
@@ -107,7 +116,7 @@ def lead_times(
         for seed in seeds:
 
             def factory(mode: str, sc: Any) -> tuple[list[Callback], list[str]]:
-                return [PerturbationAudit(**audit_kwargs)], []
+                return [_audit(audit_kwargs)], []
 
             record = run_scenario(scenario, seed, "bare", factory, keep_history=True)
             series = record.history.get(MARGIN, [])  # type: ignore[attr-defined]
@@ -179,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scenario_kwargs = {
             "every_n_epochs": 1,
             "horizon": 10,
-            "dimensions": ("optimisation",),
+            "dimensions": ("optimization",),
             "bisection_steps": 2,
             "num_batches": 2,
         }

@@ -35,6 +35,7 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks import results_md
 from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
+from lightning_stability.probes.config import DriftProbe
 from lightning_stability.probes.drift import RepresentationDriftMonitor
 
 HERE = Path(__file__).parent
@@ -140,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = 10 if args.quick else 20
     repeats = args.repeats or (2 if args.quick else 3)
     steps_per_epoch = len(reference_dataloader())
-    kwargs = {} if args.probe_size is None else {"probe_size": args.probe_size}
+    kwargs = {} if args.probe_size is None else {"probe": DriftProbe(probe_size=args.probe_size)}
 
     _fit([], epochs=1, batches=3)  # warm-up: imports, allocator, first-call costs
     bare_s, with_s, step_s, check_s = [], [], [], []

@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks import results_md
 from benchmarks.reference import VOCAB, quiet_trainer, reference_dataloader, reference_module
+from lightning_stability import SharpnessCadence, SharpnessEstimator
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 HERE = Path(__file__).parent
@@ -80,11 +81,10 @@ def run(steps: int, repeats: int, k: int, seed: int) -> dict[str, Any]:
     module = reference_module()
     loader = reference_dataloader(seed=seed)
     monitor = SharpnessMonitor(
-        every_n_steps=steps,
-        directional_every_n_steps=steps,
-        k=k,
-        adaptive=False,
-        seed=seed,
+        cadence=SharpnessCadence(
+            every_n_steps=steps, directional_every_n_steps=steps, adaptive=False
+        ),
+        estimator=SharpnessEstimator(k=k, seed=seed),
         loss_fn=_lm_loss,
     )
     keep = _KeepWeightsBefore(monitor)

@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
+from lightning_stability import DriftCadence, DriftProbe
 
 OUT = Path(__file__).with_name("overhead.json")
 
@@ -37,7 +38,11 @@ def _registry() -> dict[str, Callable[[], list[Callback]]]:
         from lightning_stability.probes.drift import RepresentationDriftMonitor
 
         # Quick runs are shorter than an epoch: check by steps so that checks happen.
-        return [RepresentationDriftMonitor(source="train", every_n_steps=50)]
+        return [
+            RepresentationDriftMonitor(
+                cadence=DriftCadence(every_n_steps=50), probe=DriftProbe(source="train")
+            )
+        ]
 
     reg["drift"] = drift
 

@@ -28,16 +28,28 @@ from lightning.pytorch.callbacks import Callback
 
 from benchmarks.overhead import measure, timed_fit
 from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
+from lightning_stability import SharpnessCadence, SharpnessEstimator, SharpnessMeasures
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 OUT = Path(__file__).with_name("sharpness.json")
 
 
-def _monitor(every: int, **kwargs: Any) -> SharpnessMonitor:
-    # Directional readings off: this measures the Lanczos checks' cadence alone.
-    kwargs.setdefault("directional", False)
-    kwargs.setdefault("adaptive", False)
-    return SharpnessMonitor(every_n_steps=every, **kwargs)
+def _monitor(
+    every: int,
+    directional_every: int | None = SharpnessCadence.directional_every_n_steps,
+    *,
+    directional: bool = False,
+    warm_start: bool = True,
+    preconditioned: bool = True,
+) -> SharpnessMonitor:
+    # Directional readings off by default: this measures the Lanczos checks' cadence alone.
+    return SharpnessMonitor(
+        cadence=SharpnessCadence(
+            every_n_steps=every, directional_every_n_steps=directional_every, adaptive=False
+        ),
+        estimator=SharpnessEstimator(warm_start=warm_start),
+        measures=SharpnessMeasures(directional=directional, preconditioned=preconditioned),
+    )
 
 
 class _Products(Callback):
@@ -87,9 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         (
             f"directional every {directional_every}",
             directional_every,
-            lambda: [
-                _monitor(10**9, directional=True, directional_every_n_steps=directional_every)
-            ],
+            lambda: [_monitor(10**9, directional_every, directional=True)],
         )
     )
     for name, every, factory in settings:

@@ -11,7 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from lightning_stability import InstabilityEvent, stability_callbacks
+from lightning_stability import InstabilityEvent, SharpnessCadence, stability_callbacks
 from lightning_stability.warning import InstabilityWarning
 
 
@@ -35,7 +35,7 @@ def demo_trainer(logdir: str, guarded: bool, actions: str, **trainer_kwargs: Any
     callbacks = (
         stability_callbacks(
             actions=actions,
-            sharpness={"every_n_steps": 50, "directional_every_n_steps": 10},
+            sharpness={"cadence": SharpnessCadence(every_n_steps=50, directional_every_n_steps=10)},
             warning={"on_event": print_event},
         )
         if guarded

@@ -44,12 +44,11 @@ from lightning_stability.tensorboard import (
     tensorboard_writers,
     write_layout,
 )
+from lightning_stability.vocabulary import LEVEL_NAMES
 from lightning_stability.warning.early_warning import EarlyWarning
-from lightning_stability.warning.events import InstabilityEvent, Level
+from lightning_stability.warning.events import InstabilityEvent
 
 __all__ = ["StabilityDashboard"]
-
-LEVEL_NAMES = {lv: lv.name.lower() for lv in Level}
 
 _SUMMARY_TAGS = frozenset(tag for _, tag, _ in SUMMARY_ROWS)
 _CURVATURE = ("stability/sharpness/lambda_max", "stability/sharpness/directional")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import Callback
 
 from lightning_stability.actions import LRBackoff, LRGuard, Rollback, StagedTraining
+from lightning_stability.configuration import FlatAliases, field_aliases, regroup
 from lightning_stability.dashboard import StabilityDashboard
 from lightning_stability.probes import (
     GradientMonitor,
@@ -15,9 +16,55 @@ from lightning_stability.probes import (
     RepresentationDriftMonitor,
     SharpnessMonitor,
 )
+from lightning_stability.probes.config import (
+    DRIFT_FLAT_ALIASES,
+    SHARPNESS_FLAT_ALIASES,
+    DriftCadence,
+    DriftLimits,
+    DriftProbe,
+    SharpnessCadence,
+    SharpnessEstimator,
+    SharpnessMeasures,
+)
+from lightning_stability.vocabulary import check_choice
 from lightning_stability.warning import EarlyWarning
+from lightning_stability.warning.config import (
+    WARNING_FLAT_ALIASES,
+    Baselines,
+    DeviationThresholds,
+    EdgeRule,
+    LevelPolicy,
+    TrendTest,
+)
 
 __all__ = ["stability_callbacks"]
+
+# The callbacks whose settings are grouped: a dict option may use the grouped arguments
+# (``cadence=SharpnessCadence(...)``) or the flat names of their fields, folded in here.
+_GROUPED: dict[type[Callback], tuple[FlatAliases, dict[str, type]]] = {
+    SharpnessMonitor: (
+        SHARPNESS_FLAT_ALIASES,
+        {
+            "cadence": SharpnessCadence,
+            "estimator": SharpnessEstimator,
+            "measures": SharpnessMeasures,
+        },
+    ),
+    RepresentationDriftMonitor: (
+        DRIFT_FLAT_ALIASES,
+        {"cadence": DriftCadence, "probe": DriftProbe, "limits": DriftLimits},
+    ),
+    EarlyWarning: (
+        {**WARNING_FLAT_ALIASES, **field_aliases(levels=LevelPolicy)},
+        {
+            "deviation": DeviationThresholds,
+            "levels": LevelPolicy,
+            "baselines": Baselines,
+            "trend": TrendTest,
+            "edge": EdgeRule,
+        },
+    ),
+}
 
 Actions = Literal["none", "backoff", "staged"]
 _ACTIONS = ("none", "backoff", "staged")
@@ -53,9 +100,12 @@ def stability_callbacks(
             schedule back at once. Off by default; needs ``sharpness``.
         sharpness, gradients, loss, drift, warning, rollback, dashboard: ``True`` for the
             default configuration, ``False`` to leave the callback out, or a dict of init
-            arguments. Representation drift (:class:`RepresentationDriftMonitor`) runs the
-            module's own ``training_step`` on a fixed probe batch of 64 samples, so it needs
-            neither ``forward`` nor a known batch layout. It checks at epoch ends at least
+            arguments: the grouped configs (``{"cadence": SharpnessCadence(every_n_steps=500)}``)
+            or the names of their fields (``{"every_n_steps": 500}``), which are folded
+            into their group without a deprecation warning. Representation drift
+            (:class:`RepresentationDriftMonitor`) runs the module's own ``training_step``
+            on a fixed probe batch of 64 samples, so it needs neither ``forward`` nor a
+            known batch layout. It checks at epoch ends at least
             500 optimizer steps apart (and at the end of the last epoch), or every 1000 steps
             where epochs are longer. A check costs about one forward pass of the probe
             batch, on the order of a training step, which is why checks are hundreds of
@@ -67,8 +117,7 @@ def stability_callbacks(
             callback option is neither a bool nor a dict, or a dict names an argument the
             callback does not take.
     """
-    if actions not in _ACTIONS:
-        raise ValueError(f"actions must be one of {_ACTIONS}, got {actions!r}")
+    check_choice(actions, "actions", _ACTIONS)
 
     def build(option: bool | dict[str, Any], name: str, cls: type[Callback]) -> list[Callback]:
         if option is False:
@@ -76,17 +125,23 @@ def stability_callbacks(
         if option is True:
             return [cls()]
         if isinstance(option, dict):
+            aliases, groups = _GROUPED.get(cls, ({}, {}))
             allowed = [
                 n
                 for n, p in inspect.signature(cls).parameters.items()
                 if p.kind is p.KEYWORD_ONLY or p.kind is p.POSITIONAL_OR_KEYWORD
-            ]
+            ] + [n for n in aliases if n not in groups]
             unknown = sorted(set(option) - set(allowed))
             if unknown:
                 raise ValueError(
                     f"{name}: unknown argument(s) {unknown} for {cls.__name__}; allowed: {allowed}"
                 )
-            return [cls(**option)]
+            flat = {k: v for k, v in option.items() if k in aliases and k not in groups}
+            kwargs = {k: v for k, v in option.items() if k not in flat}
+            if flat:
+                given = {g: (c, kwargs.get(g)) for g, c in groups.items()}
+                kwargs.update(regroup(cls.__name__, flat, aliases, given, warn=False))
+            return [cls(**kwargs)]
         raise ValueError(f"{name} must be True, False or a dict of init arguments, got {option!r}")
 
     callbacks: list[Callback] = [
@@ -102,7 +157,7 @@ def stability_callbacks(
         if actions == "backoff":
             # Ramp back after 100 calm steps: a transient incident should not cost the
             # rest of the run its learning rate.
-            callbacks.append(LRBackoff(patience=100, recovery_steps=100))
+            callbacks.append(LRBackoff(calm_steps=100, recovery_steps=100))
         else:
             callbacks += build(True, "actions", StagedTraining)
         callbacks += build(rollback, "rollback", Rollback)

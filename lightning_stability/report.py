@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_stability.tensorboard import TIMELINE
+from lightning_stability.vocabulary import AUDIT_LR_MARGIN, LEVEL_NAMES
 
 __all__ = [
     "LEVEL_NAMES",
@@ -43,7 +44,6 @@ __all__ = [
     "write_figures",
 ]
 
-LEVEL_NAMES = ("ok", "watch", "warning", "critical")
 WARNING_SOURCE = "early_warning"
 """The ``source`` of the warning layer's events (level changes); every other source is
 an action."""
@@ -65,7 +65,7 @@ SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
     ("rollbacks", TIMELINE.ROLLBACKS, "last"),
     ("final learning-rate factor", TIMELINE.LR_FACTOR, "last"),
     ("highest stage", "stability/action/stage", "max"),
-    ("lowest audit LR margin", "stability/audit/optimisation/lr_margin", "min"),
+    ("lowest audit LR margin", AUDIT_LR_MARGIN, "min"),
 )
 
 # (aspect, callback classes, tag prefix, the series whose readings are counted)
@@ -78,7 +78,7 @@ ASPECTS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
         "perturbation audit",
         ("PerturbationAudit",),
         "stability/audit/",
-        "stability/audit/optimisation/lr_margin",
+        AUDIT_LR_MARGIN,
     ),
     ("early warning", ("EarlyWarning",), "stability/meta/", TIMELINE.LEVEL),
 )

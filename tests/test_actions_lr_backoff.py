@@ -35,7 +35,7 @@ def _fit(action, script, max_steps=12, model=None, **kw):
         ({"cooldown": -1}, "cooldown"),
         ({"max_backoffs": -1}, "max_backoffs"),
         ({"min_lr": -1.0}, "min_lr"),
-        ({"patience": 0}, "patience"),
+        ({"calm_steps": 0}, "calm_steps"),
         ({"level": "loud"}, "level"),
         ({"lr_memory": 0}, "lr_memory"),
         ({"ineffective_cuts": 0}, "ineffective_cuts"),
@@ -70,7 +70,7 @@ def test_watch_events_below_level_do_nothing_and_min_lr_floors():
 
 
 def test_recovery_ramps_back_geometrically_never_above():
-    action = LRBackoff(factor=0.25, patience=2, recovery_steps=4)
+    action = LRBackoff(factor=0.25, calm_steps=2, recovery_steps=4)
     lrs, _ = _fit(action, {2: "warning", 3: "ok"}, max_steps=12)
     assert lrs[2] == pytest.approx(0.025)
     assert lrs[3] == pytest.approx(0.025)  # 1 calm step < patience
@@ -82,7 +82,7 @@ def test_recovery_ramps_back_geometrically_never_above():
 
 
 def test_trouble_after_a_ramp_caps_the_next_ramp_then_probes_higher():
-    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
     script = {2: "warning", 3: "ok", 7: "warning", 8: "warning", 9: "ok"}
     lrs, _ = _fit(action, script, max_steps=16)
     assert lrs[2] == pytest.approx(0.05)
@@ -104,7 +104,7 @@ def test_trouble_after_a_ramp_caps_the_next_ramp_then_probes_higher():
 
 
 def test_a_critical_cut_becomes_the_ceiling_and_probes_climb_back_in_stages():
-    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
     lrs, _ = _fit(action, {2: "critical", 3: "warning", 4: "ok"}, max_steps=12)
     # steps 2 and 3 cut to 0.25x; the critical at 2 set the ceiling to 0.5x, and the
     # warning at 3 (no ramp in between) leaves it
@@ -121,14 +121,14 @@ def test_a_critical_cut_becomes_the_ceiling_and_probes_climb_back_in_stages():
 def test_no_ramp_while_the_level_stays_high_without_new_events():
     # An event marks a change of level: after the warning at 2 the sources stay at
     # WARNING, silently, until the OK at 8. Only then do calm steps count.
-    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
     lrs, _ = _fit(action, {2: "warning", 8: "ok"}, max_steps=14)
     assert all(lrs[s] == pytest.approx(0.05) for s in range(2, 9))
     # calm steps 8-9: ramp at 9-10 back to 1.0
     assert lrs[9] == pytest.approx(0.1 * 0.5**0.5, rel=1e-12)
     assert lrs[10] == pytest.approx(0.1, rel=1e-12)
     # without the OK, the same script never ramps
-    held = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    held = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
     lrs, _ = _fit(held, {2: "warning"}, max_steps=14)
     assert all(lrs[s] == pytest.approx(0.05) for s in range(2, 15))
 
@@ -202,7 +202,7 @@ def test_one_cut_after_a_rise_goes_down_at_most_factor_to_the_fourth():
 
 
 def test_a_held_rate_is_probed_higher_by_one_factor_after_calm():
-    action = LRBackoff(factor=0.5, patience=2, recovery_steps=2)
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
     lrs, _ = _fit(action, {7: "warning", 8: "ok"}, max_steps=16, model=_Jumping())
     assert lrs[8] == pytest.approx(0.1, rel=1e-9)
     # calm 8-9, then the probe: ramp at 9-10 to twice the held rate, never beyond it

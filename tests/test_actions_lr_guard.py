@@ -13,7 +13,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_stability import LRGuard, SharpnessMonitor, stability_callbacks
+from lightning_stability import (
+    LRGuard,
+    SharpnessCadence,
+    SharpnessEstimator,
+    SharpnessMeasures,
+    SharpnessMonitor,
+    stability_callbacks,
+)
 from lightning_stability.probes.edge import EdgePrediction
 from lightning_stability.warning.events import Level
 
@@ -144,12 +151,10 @@ def test_guard_with_the_sharpness_monitor_clamps_a_learning_rate_jump_to_the_edg
                     g["lr"] *= 20.0  # ratio 5: plain GD would diverge along the top direction
 
     monitor = SharpnessMonitor(
-        every_n_steps=1,
-        directional=False,
-        critical=False,
+        cadence=SharpnessCadence(every_n_steps=1),
+        estimator=SharpnessEstimator(tol=1e-8, max_iter=4),
+        measures=SharpnessMeasures(directional=False, critical=False),
         probe_batch=tuple(data.tensors),
-        tol=1e-8,
-        max_iter=4,
     )
     guard, lrs = LRGuard(margin=0.5), RecordLR()
     module = LinearRegression(lr)

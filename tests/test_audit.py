@@ -20,10 +20,11 @@ from helpers import (
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_stability import AuditConfig
 from lightning_stability.estimators.hvp import HessianOperator
 from lightning_stability.probes.audit import PerturbationAudit
 
-MARGIN = "stability/audit/optimisation/lr_margin"
+MARGIN = "stability/audit/optimization/lr_margin"
 
 
 class QuadraticModule(pl.LightningModule):
@@ -57,7 +58,7 @@ def dummy_loader(n: int = 4) -> DataLoader:
 def test_quadratic_margin_is_two_over_lr_lambda_max():
     eigs, lr = [8.0, 5.0, 2.0, 1.0, 0.3], 0.01
     audit = PerturbationAudit(
-        every_n_epochs=1, horizon=40, num_batches=1, dimensions=("optimisation",)
+        audit=AuditConfig(horizon=40, dimensions=("optimization",)), every_n_epochs=1, num_batches=1
     )
     trainer(max_epochs=1, max_steps=-1, callbacks=[audit]).fit(
         QuadraticModule(eigs, lr), dummy_loader()
@@ -117,7 +118,9 @@ def test_full_batch_margin_falls_towards_one_at_the_edge_of_stability():
     lr, every = 0.1, 60
     data = regression_data()
     audit = PerturbationAudit(
-        every_n_epochs=every, horizon=20, num_batches=1, dimensions=("optimisation",)
+        audit=AuditConfig(horizon=20, dimensions=("optimization",)),
+        every_n_epochs=every,
+        num_batches=1,
     )
     truth = SharpnessAtAudit(every, data.tensors)
     trainer(max_epochs=5 * every, max_steps=-1, callbacks=[truth, audit]).fit(
@@ -158,7 +161,9 @@ class StopsFromACopy(StepAwareClassifier):
 
 
 def test_the_audit_copy_reads_the_trainer_but_cannot_change_it():
-    audit = PerturbationAudit(every_n_epochs=1, horizon=3, num_batches=1, bisection_steps=1)
+    audit = PerturbationAudit(
+        audit=AuditConfig(horizon=3, bisection_steps=1), every_n_epochs=1, num_batches=1
+    )
     model = StopsFromACopy(opt="adam", lr=0.02)
     t = trainer(max_epochs=3, max_steps=-1, callbacks=[audit])
     t.fit(model, loader(classification_data(n=64), batch_size=32))
@@ -178,14 +183,16 @@ def fit_classifier(callbacks, **overrides) -> tuple[nn.Module, pl.Trainer]:
 
 def test_live_run_is_bit_identical_with_and_without_the_audit():
     audit = PerturbationAudit(
-        every_n_epochs=1, horizon=5, num_batches=2, bisection_steps=1, epsilon=1e-2
+        audit=AuditConfig(horizon=5, bisection_steps=1, epsilon=1e-2),
+        every_n_epochs=1,
+        num_batches=2,
     )
     with_audit, t = fit_classifier([audit], gradient_clip_val=1.0)
     without, _ = fit_classifier([], gradient_clip_val=1.0)
     assert torch.equal(flat_weights(with_audit), flat_weights(without))
     assert all(torch.equal(a, b) for a, b in zip(with_audit.buffers(), without.buffers()))
     assert len(audit.history) == 2
-    for dim in ("parametric", "data", "signal"):
+    for dim in ("parametric", "data", "learning_signal"):
         assert f"stability/audit/{dim}/param_distance" in audit.readings
         assert f"stability/audit/{dim}/param_distance" in t.callback_metrics
     assert audit.readings[MARGIN].value >= 1.0  # a healthy run tolerates its own step size
@@ -193,7 +200,9 @@ def test_live_run_is_bit_identical_with_and_without_the_audit():
 
 
 def test_state_dict_survives_a_weights_only_checkpoint():
-    audit = PerturbationAudit(horizon=5, num_batches=1, dimensions=("optimisation", "signal"))
+    audit = PerturbationAudit(
+        audit=AuditConfig(horizon=5, dimensions=("optimization", "learning_signal")), num_batches=1
+    )
     fit_classifier([audit])
     buffer = io.BytesIO()
     torch.save(audit.state_dict(), buffer)
@@ -206,7 +215,9 @@ def test_state_dict_survives_a_weights_only_checkpoint():
 
 def test_history_is_kept_in_the_checkpoint_and_continues_on_resume(tmp_path):
     def make() -> PerturbationAudit:
-        return PerturbationAudit(horizon=3, num_batches=1, dimensions=("optimisation",))
+        return PerturbationAudit(
+            audit=AuditConfig(horizon=3, dimensions=("optimization",)), num_batches=1
+        )
 
     audit = make()
     _, t = fit_classifier([audit], default_root_dir=tmp_path)
@@ -239,7 +250,9 @@ def test_manual_optimization_without_loss_fn_warns_and_steps_aside():
             opt.step()
             return loss
 
-    audit = PerturbationAudit(horizon=2, num_batches=1, dimensions=("signal",))
+    audit = PerturbationAudit(
+        audit=AuditConfig(horizon=2, dimensions=("learning_signal",)), num_batches=1
+    )
     t = trainer(max_epochs=2, max_steps=-1, callbacks=[audit])
     with pytest.warns(UserWarning, match="manual optimization.*loss_fn=") as caught:
         t.fit(Manual(), loader(classification_data(n=32)))
@@ -250,11 +263,15 @@ def test_manual_optimization_without_loss_fn_warns_and_steps_aside():
     def loss_fn(module, batch):
         return nn.functional.cross_entropy(module(batch[0]), batch[1])
 
-    audit = PerturbationAudit(horizon=2, num_batches=1, dimensions=("signal",), loss_fn=loss_fn)
+    audit = PerturbationAudit(
+        audit=AuditConfig(horizon=2, dimensions=("learning_signal",)),
+        num_batches=1,
+        loss_fn=loss_fn,
+    )
     trainer(max_epochs=1, max_steps=-1, callbacks=[audit]).fit(
         Manual(), loader(classification_data(n=32))
     )
-    assert "stability/audit/signal/param_distance" in audit.readings
+    assert "stability/audit/learning_signal/param_distance" in audit.readings
 
 
 @pytest.mark.parametrize(
@@ -269,8 +286,12 @@ def test_manual_optimization_without_loss_fn_warns_and_steps_aside():
     ],
 )
 def test_bad_arguments_raise_naming_the_argument(kwargs):
+    own = {k: v for k, v in kwargs.items() if k in ("every_n_epochs", "num_batches")}
     with pytest.raises(ValueError, match=next(iter(kwargs))):
-        PerturbationAudit(**kwargs)
+        if own:
+            PerturbationAudit(**own)
+        else:
+            PerturbationAudit(audit=AuditConfig(**kwargs))
 
 
 def margin_and_weights(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
@@ -292,7 +313,10 @@ def test_ddp_ranks_publish_the_same_margin_and_training_is_unchanged(tmp_path):
         if use:
             callbacks.append(
                 PerturbationAudit(
-                    horizon=4, num_batches=1, bisection_steps=1, dimensions=("optimisation", "data")
+                    audit=AuditConfig(
+                        horizon=4, bisection_steps=1, dimensions=("optimization", "data")
+                    ),
+                    num_batches=1,
                 )
             )
         pl.seed_everything(0, verbose=False)

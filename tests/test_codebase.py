@@ -200,6 +200,8 @@ ALLOWED_ASSIGNMENTS = {
     # The audit's own copy of the module gets a view of the live Trainer, which the copy's
     # training_step reads and cannot change.
     ("probes/audit.py", "fork.module.trainer"),
+    # A frozen config normalises its own fields in __post_init__ (the dataclass idiom).
+    ("estimators/perturbation.py", "__setattr__(self, ...)"),
     # muted_logging: Lightning has no public way to re-run training_step with its logging
     # muted, so the running loop's result collection is swapped for a throwaway one and
     # the hook name is set as Lightning's own hook caller sets it, both restored at once
@@ -296,3 +298,59 @@ def test_messages_go_through_rank_zero_logging(path):
     """Messages go through ``rank_zero_warn`` / ``rank_zero_info``, which every rank can call
     and only rank zero emits; the command line (``cli.py``) writes to stdout."""
     assert list(_prints(path.read_text())) == []
+
+
+# ------------------------------------------------------------------ constructor width
+
+MAX_CONSTRUCTOR_PARAMETERS = 10
+
+
+def _public_classes() -> Iterator[tuple[str, type]]:
+    for path in SOURCES:
+        if any(part.startswith("_") for part in path.relative_to(PACKAGE).with_suffix("").parts):
+            continue
+        module = importlib.import_module(
+            "lightning_stability." + _name(path)[: -len(".py")].replace("/", ".")
+        )
+        for name, obj in vars(module).items():
+            if (
+                inspect.isclass(obj)
+                and obj.__module__ == module.__name__
+                and not name.startswith("_")
+            ):
+                yield f"{module.__name__}.{name}", obj
+
+
+def _constructor_width(cls: type) -> int:
+    """Parameters of ``cls``'s constructor, without ``self`` and without a catch-all
+    ``**kwargs`` (the deprecated flat keywords of the previous release) or ``*args``."""
+    try:
+        params = inspect.signature(cls.__init__).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) for p in params)
+
+
+def test_no_public_constructor_takes_more_than_ten_parameters():
+    wide = {
+        name: width
+        for name, cls in _public_classes()
+        if (width := _constructor_width(cls)) > MAX_CONSTRUCTOR_PARAMETERS
+    }
+    assert not wide, (
+        f"constructors wider than {MAX_CONSTRUCTOR_PARAMETERS} parameters (group their "
+        f"settings in a frozen config dataclass): {wide}"
+    )
+
+
+def test_the_width_check_counts_parameters():
+    class Wide:
+        def __init__(self, a, b, c, d, e, f, g, h, i, j, k, **deprecated):
+            pass
+
+    class Narrow:
+        def __init__(self, a, *, b=1, **deprecated):
+            pass
+
+    assert _constructor_width(Wide) == MAX_CONSTRUCTOR_PARAMETERS + 1
+    assert _constructor_width(Narrow) == 2

@@ -17,7 +17,7 @@ def _default_backoff() -> LRBackoff:
 
 def test_default_backoff_recovers():
     backoff = _default_backoff()
-    assert backoff.patience == 100 and backoff.recovery_steps == 100
+    assert backoff.calm_steps == 100 and backoff.recovery_steps == 100
 
 
 def test_default_backoff_ramps_a_cut_back_after_the_calm_period():

@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from lightning_stability import DriftCadence, DriftLimits, DriftProbe
 from lightning_stability.estimators.cka import linear_cka
 from lightning_stability.probes.drift import (
     RepresentationDriftMonitor,
@@ -47,7 +48,9 @@ def _values(monitor, prefix):
 
 def test_no_training_between_checks_gives_one():
     model = TinyClassifier(lr=0.0)
-    monitor = RepresentationDriftMonitor(probe_size=64, min_steps=0)
+    monitor = RepresentationDriftMonitor(
+        cadence=DriftCadence(min_steps=0), probe=DriftProbe(probe_size=64)
+    )
     _fit(model, monitor)
     assert monitor.layer_names == LAYERS
     for name in LAYERS:
@@ -78,7 +81,7 @@ def test_large_perturbation_drops_cka_of_that_layer_only():
     # The 3-unit output layer: a wide random linear map would nearly preserve the geometry
     # of its input (and so its CKA); a narrow one cannot.
     model = TinyClassifier(lr=0.0, hidden=32)
-    monitor = RepresentationDriftMonitor(probe_size=96)
+    monitor = RepresentationDriftMonitor(probe=DriftProbe(probe_size=96))
     _fit(model, monitor, extra=[_Perturb("net.2")])
     cka = _values(monitor, "stability/cka/")
     assert cka["stability/cka/net.2"] < 0.7
@@ -93,7 +96,7 @@ def test_frozen_first_layer_keeps_cka_one_while_the_rest_drifts():
     for p in model.net[0].parameters():
         p.requires_grad_(False)
     before = flat_weights(model.net[2])
-    monitor = RepresentationDriftMonitor(probe_size=64)
+    monitor = RepresentationDriftMonitor(probe=DriftProbe(probe_size=64))
     _fit(model, monitor, epochs=3)
     assert not torch.equal(flat_weights(model.net[2]), before)  # the rest did train
     # net.0 and its tanh depend only on the fixed probe inputs and frozen weights.
@@ -111,7 +114,12 @@ def test_training_is_bit_identical_with_and_without_the_monitor():
         model = TinyClassifier(norm=True, dropout=0.3, lr=0.1)
         callbacks = []
         if with_monitor:
-            callbacks = [RepresentationDriftMonitor(probe_size=48, every_n_steps=2, source="train")]
+            callbacks = [
+                RepresentationDriftMonitor(
+                    cadence=DriftCadence(every_n_steps=2),
+                    probe=DriftProbe(probe_size=48, source="train"),
+                )
+            ]
         t = trainer(max_steps=-1, max_epochs=2, callbacks=callbacks)
         t.fit(model, loader(classification_data(n=128), shuffle=True))
         return model, callbacks
@@ -175,20 +183,20 @@ def test_layer_selection_and_errors():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [
-        ({"probe_size": 2}, "probe_size"),
-        ({"every_n_steps": 0}, "every_n_steps"),
-        ({"every_n_epochs": -1}, "every_n_epochs"),
-        ({"source": "test"}, "source"),
-        ({"max_features": 0}, "max_features"),
-        ({"every_n_steps": True}, "every_n_steps"),
-        ({"input_fn": 3}, "input_fn"),
-        ({"max_layers": 0}, "max_layers"),
-        ({"probe_inputs": torch.zeros(3, 2)}, "probe_inputs"),
+        (lambda: {"probe": DriftProbe(probe_size=2)}, "probe_size"),
+        (lambda: {"cadence": DriftCadence(every_n_steps=0)}, "every_n_steps"),
+        (lambda: {"cadence": DriftCadence(every_n_epochs=-1)}, "every_n_epochs"),
+        (lambda: {"probe": DriftProbe(source="test")}, "source"),
+        (lambda: {"limits": DriftLimits(max_features=0)}, "max_features"),
+        (lambda: {"cadence": DriftCadence(every_n_steps=True)}, "every_n_steps"),
+        (lambda: {"input_fn": 3}, "input_fn"),
+        (lambda: {"max_layers": 0}, "max_layers"),
+        (lambda: {"probe_inputs": torch.zeros(3, 2)}, "probe_inputs"),
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
     with pytest.raises(ValueError, match=name):
-        RepresentationDriftMonitor(**kwargs)
+        RepresentationDriftMonitor(**kwargs())
 
 
 def test_default_input_fn():
@@ -223,10 +231,10 @@ def test_probe_set_is_drawn_without_touching_the_global_rng():
         train_dataloader=loader(_NoisyDataset(), shuffle=True),
     )
     state = torch.get_rng_state()
-    m1 = RepresentationDriftMonitor(probe_size=40, seed=7)
+    m1 = RepresentationDriftMonitor(probe=DriftProbe(probe_size=40, seed=7))
     m1._prepare_probe(fake)
     assert torch.equal(torch.get_rng_state(), state)
-    m2 = RepresentationDriftMonitor(probe_size=40, seed=7)
+    m2 = RepresentationDriftMonitor(probe=DriftProbe(probe_size=40, seed=7))
     m2._prepare_probe(fake)
     assert m1.probe_indices == m2.probe_indices and len(set(m1.probe_indices)) == 40
     assert m1.probe_indices != sorted(m1.probe_indices)  # a random draw, not the first 40
@@ -239,7 +247,9 @@ def test_probe_set_is_drawn_without_touching_the_global_rng():
 def _resume_run(tmp_path, epochs, ckpt_path=None, save=False):
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.2)
-    monitor = RepresentationDriftMonitor(probe_size=64, min_steps=0)
+    monitor = RepresentationDriftMonitor(
+        cadence=DriftCadence(min_steps=0), probe=DriftProbe(probe_size=64)
+    )
     extra = [ModelCheckpoint(dirpath=tmp_path, save_last=True)] if save else []
     t = trainer(
         max_steps=-1, max_epochs=epochs, callbacks=[monitor, *extra], enable_checkpointing=save
@@ -269,7 +279,9 @@ def test_heatmap_goes_to_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logger = TensorBoardLogger(tmp_path, name="tb", version=0)
-    monitor = RepresentationDriftMonitor(probe_size=32, min_steps=0)
+    monitor = RepresentationDriftMonitor(
+        cadence=DriftCadence(min_steps=0), probe=DriftProbe(probe_size=32)
+    )
     _fit(TinyClassifier(), monitor, epochs=2, logger=logger)
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0})
     acc.Reload()
@@ -304,7 +316,9 @@ def _ddp_extract(trainer, pl_module):
 def test_ddp_equals_single_process_on_the_union(tmp_path):
     torch.manual_seed(0)
     model = TinyClassifier(lr=0.3)
-    monitor = RepresentationDriftMonitor(probe_size=64, source="train", min_steps=0)
+    monitor = RepresentationDriftMonitor(
+        cadence=DriftCadence(min_steps=0), probe=DriftProbe(probe_size=64, source="train")
+    )
     t = ddp_trainer(
         max_steps=-1,
         max_epochs=2,
@@ -369,7 +383,8 @@ def test_bf16_weights_are_measured_in_float32():
 def test_probe_set_comes_from_the_validation_set_when_asked():
     val = classification_data(n=40, seed=5)
     monitor = RepresentationDriftMonitor(
-        probe_size=100, every_n_epochs=0, every_n_steps=2, source="val"
+        cadence=DriftCadence(every_n_epochs=0, every_n_steps=2),
+        probe=DriftProbe(probe_size=100, source="val"),
     )
     t = trainer(max_steps=4, callbacks=[monitor], limit_val_batches=1)
     t.fit(
@@ -384,7 +399,9 @@ def test_probe_set_comes_from_the_validation_set_when_asked():
     # "auto" draws from the training set when the probe runs through training_step (which
     # is written for training batches), from the validation set for the forward path.
     for kwargs, want in (({}, 128), ({"input_fn": lambda batch: batch[0]}, 40)):
-        monitor = RepresentationDriftMonitor(probe_size=200, every_n_epochs=0, **kwargs)
+        monitor = RepresentationDriftMonitor(
+            cadence=DriftCadence(every_n_epochs=0), probe=DriftProbe(probe_size=200), **kwargs
+        )
         t = trainer(max_steps=1, callbacks=[monitor], limit_val_batches=1)
         t.fit(
             TinyClassifier(lr=0.0),
@@ -509,7 +526,9 @@ def test_default_set_is_bit_identical_with_and_without_drift():
 
 def test_noise_drawn_in_the_step_is_the_same_at_every_check():
     # lr 0: nothing moves, so CKA is 1 exactly when the step's noise repeats at every check
-    monitor = RepresentationDriftMonitor(probe_size=64, min_steps=0)
+    monitor = RepresentationDriftMonitor(
+        cadence=DriftCadence(min_steps=0), probe=DriftProbe(probe_size=64)
+    )
     torch.manual_seed(0)
     t = trainer(max_steps=-1, max_epochs=2, callbacks=[monitor])
     t.fit(NoForward(lr=0.0, noise=1.0), loader(DictSamples(), shuffle=True))
@@ -523,7 +542,8 @@ def test_noise_drawn_in_the_step_is_the_same_at_every_check():
 def test_cadence_epoch_ends_or_steps_never_both():
     def run(every_n_steps, epochs=3, min_steps=0):
         monitor = RepresentationDriftMonitor(
-            probe_size=32, every_n_steps=every_n_steps, min_steps=min_steps
+            cadence=DriftCadence(every_n_steps=every_n_steps, min_steps=min_steps),
+            probe=DriftProbe(probe_size=32),
         )
         steps = []
 
@@ -548,7 +568,9 @@ def test_cadence_epoch_ends_or_steps_never_both():
 
 
 def test_wide_layers_are_hashed_to_max_features():
-    monitor = RepresentationDriftMonitor(max_features=256, seed=3)
+    monitor = RepresentationDriftMonitor(
+        probe=DriftProbe(seed=3), limits=DriftLimits(max_features=256)
+    )
     g = torch.Generator().manual_seed(0)
     z = torch.randn(64, 20, generator=g, dtype=torch.float64)
     mix = torch.randn(20, 4096, generator=g, dtype=torch.float64)
@@ -557,7 +579,12 @@ def test_wide_layers_are_hashed_to_max_features():
     y = moved @ mix + 0.3 * torch.randn(64, 4096, generator=g, dtype=torch.float64)
     hx, hy = monitor._narrow("enc", x), monitor._narrow("enc", y)
     assert hx.shape == (64, 256)
-    assert torch.equal(hx, RepresentationDriftMonitor(max_features=256, seed=3)._narrow("enc", x))
+    assert torch.equal(
+        hx,
+        RepresentationDriftMonitor(
+            probe=DriftProbe(seed=3), limits=DriftLimits(max_features=256)
+        )._narrow("enc", x),
+    )
     assert not torch.equal(hx, monitor._narrow("dec", x))  # a projection per layer
     assert monitor._narrow("narrow", x[:, :256]) is not None
     assert torch.equal(monitor._narrow("narrow", x[:, :256]), x[:, :256])  # at the cap: as is
@@ -568,8 +595,16 @@ def test_wide_layers_are_hashed_to_max_features():
     # inner products are kept in expectation: the average over hashings is close
     grams = torch.stack(
         [
-            RepresentationDriftMonitor(max_features=256, seed=s)._narrow("enc", x[:8]).T.T
-            @ RepresentationDriftMonitor(max_features=256, seed=s)._narrow("enc", y[:8]).T
+            RepresentationDriftMonitor(
+                probe=DriftProbe(seed=s), limits=DriftLimits(max_features=256)
+            )
+            ._narrow("enc", x[:8])
+            .T.T
+            @ RepresentationDriftMonitor(
+                probe=DriftProbe(seed=s), limits=DriftLimits(max_features=256)
+            )
+            ._narrow("enc", y[:8])
+            .T
             for s in range(64)
         ]
     ).mean(0)
@@ -582,7 +617,9 @@ def test_wide_layers_are_hashed_to_max_features():
             super().__init__(hidden=2048, lr=0.0)
             self.net[1] = nn.ReLU()
 
-    monitor = RepresentationDriftMonitor(probe_size=48, max_features=128)
+    monitor = RepresentationDriftMonitor(
+        probe=DriftProbe(probe_size=48), limits=DriftLimits(max_features=128)
+    )
     model = Wide()
     _fit(model, monitor, epochs=1)
     assert monitor._previous["net.0"].num_samples == 48
@@ -606,7 +643,7 @@ class _SkipsFirst(TinyClassifier):
 
 
 def test_a_step_that_skips_batch_idx_zero_is_run_with_the_next_index():
-    monitor = RepresentationDriftMonitor(probe_size=32)
+    monitor = RepresentationDriftMonitor(probe=DriftProbe(probe_size=32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _fit(_SkipsFirst(), monitor, epochs=2)
@@ -630,7 +667,7 @@ class _Manual(TinyClassifier):
 
 
 def test_manual_optimization_needs_input_fn():
-    monitor = RepresentationDriftMonitor(probe_size=32)
+    monitor = RepresentationDriftMonitor(probe=DriftProbe(probe_size=32))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = _fit(_Manual(), monitor, epochs=2)
@@ -639,6 +676,8 @@ def test_manual_optimization_needs_input_fn():
     assert "manual optimization" in said and "input_fn=" in said
     assert not monitor.readings
 
-    monitor = RepresentationDriftMonitor(probe_size=32, input_fn=lambda batch: batch[0])
+    monitor = RepresentationDriftMonitor(
+        probe=DriftProbe(probe_size=32), input_fn=lambda batch: batch[0]
+    )
     _fit(_Manual(), monitor, epochs=2)
     assert "stability/cka/min" in monitor.readings

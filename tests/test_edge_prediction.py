@@ -13,6 +13,7 @@ import torch
 from helpers import TinyClassifier, classification_data, flat_weights, loader, trainer
 from lightning.pytorch.callbacks import Callback
 
+from lightning_stability import SharpnessCadence
 from lightning_stability.probes.edge import EdgePrediction, step_lr
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
@@ -109,7 +110,11 @@ class Readings(Callback):
 def _run(jump: bool, monitor: bool):
     pl.seed_everything(0, verbose=False)
     model = TinyClassifier(lr=LR, norm=True, dropout=0.3)
-    cb = SharpnessMonitor(every_n_steps=100, directional_every_n_steps=5) if monitor else None
+    cb = (
+        SharpnessMonitor(cadence=SharpnessCadence(every_n_steps=100, directional_every_n_steps=5))
+        if monitor
+        else None
+    )
     callbacks = ([LrJump()] if jump else []) + ([cb, Readings(cb)] if monitor else [])
     t = trainer(max_steps=14, callbacks=callbacks)
     t.fit(model, loader(classification_data(), batch_size=16))

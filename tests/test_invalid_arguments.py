@@ -48,7 +48,7 @@ class NoOptimizer(TinyClassifier):
 @pytest.mark.parametrize(
     "actions",
     [
-        lambda: [LRBackoff(patience=2, recovery_steps=2)],
+        lambda: [LRBackoff(calm_steps=2, recovery_steps=2)],
         lambda: [StagedTraining(calm_steps=2)],
         lambda: [LRBackoff(), Rollback()],
     ],

@@ -16,6 +16,8 @@ import random
 import pytest
 import torch
 
+from lightning_stability import BandDamage, BandLeaving, BandShape
+from lightning_stability.warning.config import BAND_FLAT_ALIASES
 from lightning_stability.warning.loss_band import BandEvidence, LossBand
 
 
@@ -45,7 +47,7 @@ def noise(n: int, seed: int, sigma: float = 0.1, floor: float = 1.0) -> list[flo
 
 # ------------------------------------------------------------------------ by hand
 def test_floor_top_and_width_by_hand_on_a_tiny_window():
-    band = LossBand(window=5, warmup=3, smooth=3)
+    band = LossBand(shape=BandShape(window=5, warmup=3, smooth=3))
     # not ready: no evidence at all
     assert feed(band, [1.0, 2.0, 3.0]) == [BandEvidence()] * 3
     # [1, 2, 3]: floor = median = 2; top = 0.95 quantile, linear interpolation at
@@ -87,7 +89,7 @@ def test_floor_top_and_width_by_hand_on_a_tiny_window():
 
 
 def _reference_by_hand(memory: int = 3) -> tuple[LossBand, list[BandEvidence]]:
-    band = LossBand(window=4, warmup=4, smooth=1, memory=memory)
+    band = LossBand(shape=BandShape(window=4, warmup=4, smooth=1, memory=memory))
     return band, feed(band, [10.0, 1.0, 2.0, 3.0, 2.0, 6.0])
 
 
@@ -128,7 +130,9 @@ def test_the_reference_is_the_band_with_the_lowest_top_of_the_last_memory():
 
 
 def test_width_never_narrower_than_a_fraction_of_the_floor_and_both_conditions_needed():
-    band = LossBand(window=8, warmup=4, smooth=1)  # smooth=1: the trailing median is the loss
+    band = LossBand(
+        shape=BandShape(window=8, warmup=4, smooth=1)
+    )  # smooth=1: the trailing median is the loss
     feed(band, [2.0] * 8)
     # a constant loss: top = floor, the width is 5% of the floor
     assert (band.floor, band.top, band.spread) == (2.0, 2.0, pytest.approx(0.1))
@@ -260,7 +264,7 @@ SHIFT = 200
 def _creep(memory: int = 200) -> tuple[LossBand, list[BandEvidence], list[float]]:
     """Noise at 1.0 until SHIFT, then growing 2% a step (x2 in 35 steps, x3 in 56)."""
     values = noise(SHIFT, 4) + [v * 1.02**k for k, v in enumerate(noise(100, 5))]
-    band = LossBand(memory=memory)
+    band = LossBand(shape=BandShape(memory=memory))
     evidence, refs = [], []
     for v in values:
         evidence.append(band.update(v))
@@ -354,7 +358,7 @@ def test_after_memory_steps_at_a_new_level_the_reference_follows_it(memory):
     new losses are above the 0.95 quantile of 64); the last of them is in the history
     until step SHIFT + 2 + ``memory``, so the loss is outside from SHIFT + 2 to exactly
     then, and never after: the reference is now a band at the new level."""
-    band = LossBand(memory=memory)
+    band = LossBand(shape=BandShape(memory=memory))
     evidence = feed(band, noise(SHIFT, 4) + noise(2 * memory + 100, 5, floor=5.0))
     outside = [i for i, e in enumerate(evidence) if e.outside]
     assert outside == list(range(SHIFT + 2, SHIFT + 2 + memory + 1))
@@ -387,9 +391,15 @@ def test_damage_needs_the_loss_not_to_have_recovered_by_half():
     with a fall of 10% a step (below half within the streak) it does at the default."""
     slow = [8.0 * 0.95**k for k in range(17)] + [3.4] * 3
     assert first(feed(LossBand(), noise(SHIFT, 6) + slow), "damage") == SHIFT + 11
-    assert first(feed(LossBand(recovered=0.7), noise(SHIFT, 6) + slow), "damage") is None
+    assert (
+        first(feed(LossBand(damage=BandDamage(recovered=0.7)), noise(SHIFT, 6) + slow), "damage")
+        is None
+    )
     fast = [8.0 * 0.9**k for k in range(20)] + [3.4] * 3
-    assert first(feed(LossBand(recovered=1e-9), noise(SHIFT, 6) + fast), "damage") == SHIFT + 11
+    assert (
+        first(feed(LossBand(damage=BandDamage(recovered=1e-9)), noise(SHIFT, 6) + fast), "damage")
+        == SHIFT + 11
+    )
 
 
 def test_learn_false_leaves_the_band_unchanged_and_still_judges():
@@ -508,7 +518,7 @@ def test_state_dict_round_trip_also_through_a_weights_only_file(tmp_path):
 
 def test_a_loaded_band_has_the_saved_history_and_goes_on_like_it():
     band, _ = _reference_by_hand()  # memory=3, history [A, B, C], reference B
-    loaded = LossBand(window=4, warmup=4, smooth=1, memory=3)
+    loaded = LossBand(shape=BandShape(window=4, warmup=4, smooth=1, memory=3))
     loaded.load_state_dict(band.state_dict())
     assert list(loaded.bands) == list(band.bands)
     # the first 6 is judged against B by both, and the history becomes [B, C, D]: the
@@ -549,5 +559,8 @@ def test_a_loaded_band_has_the_saved_history_and_goes_on_like_it():
     ],
 )
 def test_bad_arguments_name_themselves(kwargs, name):
+    (field,) = kwargs
+    group, _ = BAND_FLAT_ALIASES[field]
+    config = {"shape": BandShape, "leaving": BandLeaving, "damage": BandDamage}[group]
     with pytest.raises(ValueError, match=f"band {name} must"):
-        LossBand(**kwargs)
+        LossBand(**{group: config(**kwargs)})

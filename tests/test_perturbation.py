@@ -52,7 +52,7 @@ def test_quadratic_lr_margin_matches_two_over_lr_lambda_max(lr):
     eigs = [10.0, 6.0, 3.0, 1.0, 0.5, 0.1]
     model = Quadratic(eigs)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
-    cfg = AuditConfig(horizon=40, dimensions=("optimisation",), bisection_steps=6)
+    cfg = AuditConfig(horizon=40, dimensions=("optimization",), bisection_steps=6)
     low, high = auditor(model, opt, cfg).lr_margin()
     expected = 2.0 / (lr * max(eigs))
     assert low <= high
@@ -100,9 +100,9 @@ def test_live_module_and_optimizer_untouched():
     state = opt.state[next(iter(model.parameters()))]
     assert all(torch.equal(v, state[k]) for k, v in moments.items())
     assert torch.equal(rng, torch.get_rng_state())
-    expected = {"reference/loss_ratio", "optimisation/lr_margin", "parametric/param_growth"}
+    expected = {"reference/loss_ratio", "optimization/lr_margin", "parametric/param_growth"}
     assert expected <= set(result.values)
-    for dim in ("parametric", "data", "signal"):
+    for dim in ("parametric", "data", "learning_signal"):
         assert result.values[f"{dim}/param_distance"] > 0
 
 
@@ -121,7 +121,7 @@ def test_fork_continues_the_live_optimizer_exactly():
         opt.zero_grad()
         loss_fn(model, (x, y)).backward()
         opt.step()
-    cfg = AuditConfig(horizon=4, dimensions=("optimisation",))
+    cfg = AuditConfig(horizon=4, dimensions=("optimization",))
     audit = auditor(model, opt, cfg, batches=[(x, y)], loss_fn=loss_fn)
     fork_final = audit.rollout().final
     for _ in range(4):

@@ -13,6 +13,7 @@ from helpers import TinyClassifier, classification_data, loader, trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
+from lightning_stability import AuditConfig, SharpnessCadence, SharpnessEstimator
 from lightning_stability.probes import PerturbationAudit, SharpnessMonitor
 
 
@@ -44,8 +45,12 @@ def test_the_probe_loss_is_never_logged(tmp_path):
     # every step re-runs training_step on the first batch (a curvature check and a
     # directional reading); the audit re-runs it on a forked copy at the epoch's end
     probes = [
-        SharpnessMonitor(every_n_steps=1, max_iter=3),
-        PerturbationAudit(horizon=2, num_batches=1, dimensions=("signal",)),
+        SharpnessMonitor(
+            cadence=SharpnessCadence(every_n_steps=1), estimator=SharpnessEstimator(max_iter=3)
+        ),
+        PerturbationAudit(
+            audit=AuditConfig(horizon=2, dimensions=("learning_signal",)), num_batches=1
+        ),
     ]
     losses = Losses()
     t = trainer(
@@ -57,7 +62,7 @@ def test_the_probe_loss_is_never_logged(tmp_path):
     )
     t.fit(LogsStepAndEpoch(), loader(classification_data(256), shuffle=False))
     assert "stability/sharpness/lambda_max" in probes[0].readings
-    assert "stability/audit/signal/param_distance" in probes[1].readings
+    assert "stability/audit/learning_signal/param_distance" in probes[1].readings
     step = _logged(tmp_path, "train_loss_step")
     assert len(step) == 8 and step == {s: losses.losses[s] for s in step}
     (epoch,) = _logged(tmp_path, "train_loss_epoch").values()

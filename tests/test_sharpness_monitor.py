@@ -23,7 +23,9 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_stability import SharpnessCadence, SharpnessEstimator, SharpnessMeasures
 from lightning_stability.estimators.hvp import unflatten
+from lightning_stability.probes.config import SHARPNESS_FLAT_ALIASES
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 KEY = "stability/sharpness/"
@@ -74,7 +76,10 @@ class CheckSteps(Callback):
 @pytest.mark.parametrize("opt", ["sgd", "adam"])
 def test_readings_match_the_exact_hessian(opt):
     model = TinyClassifier(opt=opt, lr=0.05)
-    cb = SharpnessMonitor(every_n_steps=5, directional_every_n_steps=5, k=2, tol=1e-6, max_iter=60)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=5, directional_every_n_steps=5),
+        estimator=SharpnessEstimator(k=2, tol=1e-6, max_iter=60),
+    )
     t = trainer(max_steps=5, callbacks=[cb])
     t.fit(model, loader(classification_data()))
     h, g = exact_hessian(model, cb._batches)
@@ -119,11 +124,10 @@ def test_training_is_bit_identical_with_and_without_the_monitor(opt, accumulate)
         return flat_weights(model), [b.clone() for b in model.buffers()]
 
     cb = SharpnessMonitor(
-        every_n_steps=3,
-        directional_every_n_steps=2,
-        trace=True,
-        trace_samples=6,
-        ratio_threshold=1e-6,
+        cadence=SharpnessCadence(
+            every_n_steps=3, directional_every_n_steps=2, ratio_threshold=1e-6
+        ),
+        measures=SharpnessMeasures(trace=True, trace_samples=6),
     )
     weights, buffers = run([cb])
     bare_weights, bare_buffers = run([])
@@ -158,7 +162,11 @@ def test_full_batch_gd_sharpness_rises_to_two_over_lr():
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=lr)
 
-    cb = SharpnessMonitor(every_n_steps=10, directional=False, adaptive=False, max_iter=20)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=10, adaptive=False),
+        estimator=SharpnessEstimator(max_iter=20),
+        measures=SharpnessMeasures(directional=False),
+    )
     ratios = {}
 
     class Record(Callback):
@@ -192,7 +200,10 @@ def test_ddp_lambda_max_is_that_of_the_union_of_rank_batches(tmp_path):
     from lightning.pytorch.loggers import CSVLogger
 
     model = TinyClassifier()
-    cb = SharpnessMonitor(every_n_steps=3, directional_every_n_steps=3, tol=1e-6, max_iter=60)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=3, directional_every_n_steps=3),
+        estimator=SharpnessEstimator(tol=1e-6, max_iter=60),
+    )
     t = ddp_trainer(
         max_steps=3,
         callbacks=[cb, DumpOnFitEnd(tmp_path, _ddp_extract)],
@@ -225,7 +236,11 @@ def test_ddp_lambda_max_is_that_of_the_union_of_rank_batches(tmp_path):
 # ----------------------------------------------------------------- state / resume
 def test_resume_keeps_cadence_eigenvector_and_counters(tmp_path):
     def monitor():  # ratio_threshold tiny: the first check tightens the cadence 8 -> 2
-        return SharpnessMonitor(every_n_steps=8, directional_every_n_steps=8, ratio_threshold=1e-9)
+        return SharpnessMonitor(
+            cadence=SharpnessCadence(
+                every_n_steps=8, directional_every_n_steps=8, ratio_threshold=1e-9
+            )
+        )
 
     pl.seed_everything(0, verbose=False)
     cb = monitor()
@@ -264,7 +279,10 @@ class Watch(Callback):
 
 
 def test_closer_watch_request_tightens_then_backs_off():
-    cb = SharpnessMonitor(every_n_steps=8, directional=False, ratio_threshold=1e9)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=8, ratio_threshold=1e9),
+        measures=SharpnessMeasures(directional=False),
+    )
     steps = CheckSteps(cb)
     trainer(max_steps=16, callbacks=[Watch(until=7), cb, steps]).fit(
         TinyClassifier(), loader(classification_data())
@@ -275,7 +293,10 @@ def test_closer_watch_request_tightens_then_backs_off():
 # ------------------------------------------------------------------ mixed precision
 def test_bf16_mixed_measures_in_float32():
     model = TinyClassifier()
-    cb = SharpnessMonitor(every_n_steps=4, directional_every_n_steps=4, tol=1e-6, max_iter=60)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=4, directional_every_n_steps=4),
+        estimator=SharpnessEstimator(tol=1e-6, max_iter=60),
+    )
     trainer(max_steps=4, callbacks=[cb], precision="bf16-mixed").fit(
         model, loader(classification_data())
     )
@@ -298,8 +319,11 @@ def test_bf16_mixed_measures_in_float32():
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
+    (field,) = kwargs
+    group, _ = SHARPNESS_FLAT_ALIASES[field]
+    config = {"cadence": SharpnessCadence, "estimator": SharpnessEstimator}[group]
     with pytest.raises(ValueError, match=name):
-        SharpnessMonitor(**kwargs)
+        SharpnessMonitor(**{group: config(**kwargs)})
 
 
 def test_shuffled_probe_loader_without_generator_is_refused():
@@ -316,7 +340,7 @@ def test_a_module_that_returns_no_loss_gets_a_warning_not_an_error():
             super().training_step(batch, batch_idx).backward()
             return None
 
-    cb = SharpnessMonitor(every_n_steps=1)
+    cb = SharpnessMonitor(cadence=SharpnessCadence(every_n_steps=1))
     t = trainer(max_steps=3, callbacks=[cb])
     with pytest.warns(UserWarning, match="SharpnessMonitor: no probe batch yet"):
         t.fit(NoLoss(), loader(classification_data()))
@@ -324,7 +348,10 @@ def test_a_module_that_returns_no_loss_gets_a_warning_not_an_error():
 
     # a fixed probe batch without a loss: each check is skipped, with one warning
     data = classification_data()
-    cb = SharpnessMonitor(every_n_steps=1, probe_batch=(data.tensors[0][:8], data.tensors[1][:8]))
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=1),
+        probe_batch=(data.tensors[0][:8], data.tensors[1][:8]),
+    )
     t = trainer(max_steps=3, callbacks=[cb])
     with pytest.warns(UserWarning, match="probe batch has no loss") as caught:
         t.fit(NoLoss(), loader(data))
@@ -343,12 +370,11 @@ def test_user_loss_fn_and_supplied_batches_are_averaged():
 
     model = TinyClassifier()
     cb = SharpnessMonitor(
-        every_n_steps=3,
+        cadence=SharpnessCadence(every_n_steps=3),
+        estimator=SharpnessEstimator(tol=1e-6, max_iter=60),
         num_probe_batches=2,
         probe_dataloader=probe,
         loss_fn=loss_fn,
-        tol=1e-6,
-        max_iter=60,
     )
     trainer(max_steps=3, callbacks=[cb]).fit(model, loader(data))
     h, _ = exact_hessian(model, batches)
@@ -361,7 +387,10 @@ def test_tensorboard_gets_scalars_and_the_spectral_density(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     model = TinyClassifier()
-    cb = SharpnessMonitor(every_n_steps=2, density_every_n_checks=2, directional=False)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=2, density_every_n_checks=2),
+        measures=SharpnessMeasures(directional=False),
+    )
     logger = TensorBoardLogger(tmp_path)
     trainer(max_steps=4, callbacks=[cb], logger=logger, log_every_n_steps=1).fit(
         model, loader(classification_data())
@@ -383,7 +412,9 @@ def test_tensorboard_gets_scalars_and_the_spectral_density(tmp_path):
 def test_pyhessian_backend_agrees_with_the_exact_hessian():
     model = TinyClassifier()
     cb = SharpnessMonitor(
-        every_n_steps=3, backend="pyhessian", directional=False, tol=1e-6, max_iter=200
+        cadence=SharpnessCadence(every_n_steps=3),
+        estimator=SharpnessEstimator(backend="pyhessian", tol=1e-6, max_iter=200),
+        measures=SharpnessMeasures(directional=False),
     )
     trainer(max_steps=3, callbacks=[cb]).fit(model, loader(classification_data()))
     h, _ = exact_hessian(model, cb._batches)
@@ -403,7 +434,7 @@ def test_probe_dataloader_leaves_the_global_rng_alone():
         trainer(max_steps=6, callbacks=callbacks).fit(model, loader(data, shuffle=True))
         return flat_weights(model)
 
-    cb = SharpnessMonitor(every_n_steps=3, probe_dataloader=probe)
+    cb = SharpnessMonitor(cadence=SharpnessCadence(every_n_steps=3), probe_dataloader=probe)
     assert torch.equal(run([cb]), run([]))
     assert KEY + "lambda_max" in cb.readings
 
@@ -413,8 +444,10 @@ def test_configurable_from_yaml():
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(SharpnessMonitor, "monitor")
     cfg = parser.parse_string(
-        "monitor:\n  every_n_steps: 7\n  k: 3\n  backend: pyhessian\n  dtype: float64\n"
-        "  directional_every_n_steps: 2\n  ratio_threshold: 0.5\n"
+        "monitor:\n"
+        "  cadence:\n    every_n_steps: 7\n    directional_every_n_steps: 2\n"
+        "    ratio_threshold: 0.5\n"
+        "  estimator:\n    k: 3\n    backend: pyhessian\n    dtype: float64\n"
     )
     build = getattr(parser, "instantiate", None) or parser.instantiate_classes
     cb = build(cfg).monitor
@@ -431,7 +464,7 @@ def test_non_finite_curvature_is_a_reading_not_a_crash():
                     next(pl_module.parameters())[0, 0] = float("nan")
 
     model = TinyClassifier()
-    cb = SharpnessMonitor(every_n_steps=4, directional_every_n_steps=4)
+    cb = SharpnessMonitor(cadence=SharpnessCadence(every_n_steps=4, directional_every_n_steps=4))
     trainer(max_steps=4, callbacks=[Poisoned(), cb]).fit(model, loader(classification_data()))
     assert value(cb, "nonfinite") == 1.0
     assert cb.readings[KEY + "nonfinite"].step == 4

@@ -11,6 +11,7 @@ import torch
 from helpers import TinyClassifier, classification_data, loader, trainer
 from torch import nn
 
+from lightning_stability import SharpnessCadence, SharpnessEstimator, SharpnessMeasures
 from lightning_stability.estimators import log_flattening, principal_sines, subspace_shift
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
@@ -19,7 +20,9 @@ KEY = "stability/sharpness/"
 
 def test_unconverged_lanczos_is_nan_counted_and_keeps_the_ratio_out():
     cb = SharpnessMonitor(
-        every_n_steps=2, k=2, tol=1e-7, max_iter=3, directional=False, critical=False
+        cadence=SharpnessCadence(every_n_steps=2),
+        estimator=SharpnessEstimator(k=2, tol=1e-7, max_iter=3),
+        measures=SharpnessMeasures(directional=False, critical=False),
     )
     t = trainer(max_steps=4, callbacks=[cb])
     t.fit(TinyClassifier(), loader(classification_data()))
@@ -32,7 +35,11 @@ def test_unconverged_lanczos_is_nan_counted_and_keeps_the_ratio_out():
 
 
 def test_converged_lanczos_is_not_skipped():
-    cb = SharpnessMonitor(every_n_steps=2, k=1, tol=1e-4, max_iter=100, directional=False)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=2),
+        estimator=SharpnessEstimator(k=1, tol=1e-4, max_iter=100),
+        measures=SharpnessMeasures(directional=False),
+    )
     t = trainer(max_steps=4, callbacks=[cb])
     t.fit(TinyClassifier(), loader(classification_data()))
     assert math.isfinite(cb.readings[KEY + "lambda_max"].value)
@@ -49,11 +56,10 @@ def _ascent_loss(module: nn.Module, batch) -> torch.Tensor:
 
 def test_critical_sharpness_along_a_non_descent_update_is_nan():
     cb = SharpnessMonitor(
-        every_n_steps=3,
-        directional_every_n_steps=3,
+        cadence=SharpnessCadence(every_n_steps=3, directional_every_n_steps=3),
+        estimator=SharpnessEstimator(max_iter=60),
+        measures=SharpnessMeasures(preconditioned=False),
         loss_fn=_ascent_loss,
-        max_iter=60,
-        preconditioned=False,
     )
     t = trainer(max_steps=3, callbacks=[cb])
     t.fit(TinyClassifier(opt="sgd", lr=0.05), loader(classification_data(), shuffle=False))
@@ -62,7 +68,10 @@ def test_critical_sharpness_along_a_non_descent_update_is_nan():
 
 
 def test_critical_sharpness_along_a_descent_update_is_finite_and_bounded():
-    cb = SharpnessMonitor(every_n_steps=3, directional_every_n_steps=3, max_iter=60)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=3, directional_every_n_steps=3),
+        estimator=SharpnessEstimator(max_iter=60),
+    )
     t = trainer(max_steps=3, callbacks=[cb])
     t.fit(TinyClassifier(opt="sgd", lr=0.05), loader(classification_data(), shuffle=False))
     crit = cb.readings[KEY + "critical"].value

@@ -20,6 +20,9 @@ from torch import nn
 
 import lightning_stability
 from lightning_stability import (
+    AuditConfig,
+    Baselines,
+    DriftCadence,
     EarlyWarning,
     GradientMonitor,
     InstabilityEvent,
@@ -30,6 +33,9 @@ from lightning_stability import (
     PerturbationAudit,
     RepresentationDriftMonitor,
     Rollback,
+    SharpnessCadence,
+    SharpnessEstimator,
+    SharpnessMeasures,
     SharpnessMonitor,
     StabilityDashboard,
     StagedTraining,
@@ -44,26 +50,24 @@ MARK = 1234.5
 
 def _sharpness(every: int) -> SharpnessMonitor:
     return SharpnessMonitor(
-        every_n_steps=every,
-        directional=False,
-        critical=False,
-        preconditioned=False,
-        adaptive=False,
-        max_iter=5,
+        cadence=SharpnessCadence(every_n_steps=every, adaptive=False),
+        estimator=SharpnessEstimator(max_iter=5),
+        measures=SharpnessMeasures(directional=False, critical=False, preconditioned=False),
     )
 
 
 def _drift(every: int) -> RepresentationDriftMonitor:
     return RepresentationDriftMonitor(
+        cadence=DriftCadence(every_n_steps=every, every_n_epochs=100),
         probe_inputs=torch.randn(16, 10, generator=torch.Generator().manual_seed(1)),
         layers=["net.0"],
-        every_n_steps=every,
-        every_n_epochs=100,
     )
 
 
 def _audit(horizon: int) -> PerturbationAudit:
-    return PerturbationAudit(horizon=horizon, num_batches=1, dimensions=("optimisation",))
+    return PerturbationAudit(
+        audit=AuditConfig(horizon=horizon, dimensions=("optimization",)), num_batches=1
+    )
 
 
 def _mark_event(cb: Any) -> None:
@@ -124,9 +128,9 @@ CASES: dict[type, tuple[Factory, Factory, Factory, Any, Any]] = {
         lambda state: any(h["values"].get("mark") == MARK for h in state["history"]),
     ),
     EarlyWarning: (
-        lambda: EarlyWarning(window=32),
-        lambda: EarlyWarning(window=48),
-        lambda: EarlyWarning(window=32),
+        lambda: EarlyWarning(baselines=Baselines(window=32)),
+        lambda: EarlyWarning(baselines=Baselines(window=48)),
+        lambda: EarlyWarning(baselines=Baselines(window=32)),
         _mark_event,
         _marked_events,
     ),

@@ -14,7 +14,7 @@ import torch
 from helpers import TinyClassifier, classification_data, loader, trainer
 from torch import nn
 
-from lightning_stability import stability_callbacks
+from lightning_stability import AuditConfig, DriftCadence, DriftProbe, stability_callbacks
 from lightning_stability.probes import (
     GradientMonitor,
     LossMonitor,
@@ -237,7 +237,9 @@ class DictClassifier(TinyClassifier):
 
 def test_drift_monitor_measures_dict_batches_and_steps_aside_without_an_input():
     # through training_step (the default), a dict batch needs no argument
-    drift = RepresentationDriftMonitor(every_n_steps=2, probe_size=16)
+    drift = RepresentationDriftMonitor(
+        cadence=DriftCadence(every_n_steps=2), probe=DriftProbe(probe_size=16)
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer(max_steps=4, callbacks=[drift]).fit(
@@ -247,7 +249,11 @@ def test_drift_monitor_measures_dict_batches_and_steps_aside_without_an_input():
     assert "stability/cka/min" in drift.readings
 
     # the forward path with an input_fn that cannot find the input: warns once, steps aside
-    drift = RepresentationDriftMonitor(every_n_steps=2, probe_size=16, input_fn=default_input_fn)
+    drift = RepresentationDriftMonitor(
+        cadence=DriftCadence(every_n_steps=2),
+        probe=DriftProbe(probe_size=16),
+        input_fn=default_input_fn,
+    )
     losses = LossMonitor(window=4)
     t = trainer(max_steps=8, callbacks=[drift, losses])
     with warnings.catch_warnings(record=True) as caught:
@@ -261,11 +267,13 @@ def test_drift_monitor_measures_dict_batches_and_steps_aside_without_an_input():
 
 
 def test_audit_caches_only_batches_with_a_loss_and_their_batch_idx():
-    audit = PerturbationAudit(horizon=2, num_batches=2, dimensions=("signal",))
+    audit = PerturbationAudit(
+        audit=AuditConfig(horizon=2, dimensions=("learning_signal",)), num_batches=2
+    )
     t, messages = _fit(SkipsEveryThird(), [audit], max_steps=-1, max_epochs=1)
     assert t.current_epoch == 1
     assert not _stability_warnings(messages) and not audit.set_aside
-    assert "stability/audit/signal/param_distance" in audit.readings
+    assert "stability/audit/learning_signal/param_distance" in audit.readings
 
 
 class FrozenModule(TinyClassifier):

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import TensorDataset
 
+from lightning_stability import EdgeRule, LevelPolicy
 from lightning_stability.probes.base import StabilityProbe
 from lightning_stability.warning import EarlyWarning, InstabilityWarning, Level
 
@@ -110,7 +111,7 @@ class ScriptedProbe(StabilityProbe):
             self.publish(trainer, pl_module, {"sharpness/eos_ratio": ratio})
 
 
-@pytest.mark.parametrize(("kwargs", "expected"), [({}, 20), ({"eos_sustain": 2}, 16)])
+@pytest.mark.parametrize(("kwargs", "expected"), [({}, 20), ({"edge": EdgeRule(sustain=2)}, 16)])
 def test_edge_of_stability_rule_from_a_probe_and_no_text_of_its_own(tmp_path, kwargs, expected):
     texts = []
     logger = TensorBoardLogger(tmp_path)
@@ -145,7 +146,7 @@ def test_persisting_edge_warning_is_repeated_and_backoff_cuts_each_time():
 
     from lightning_stability.actions import LRBackoff
 
-    ew = EarlyWarning(use_step_loss=False, repeat_every=5)
+    ew = EarlyWarning(levels=LevelPolicy(repeat_every=5), use_step_loss=False)
     backoff = LRBackoff()
     rec = LrRecorder()
     t = trainer(max_steps=20, callbacks=[BeyondEdgeProbe(), ew, backoff, rec])

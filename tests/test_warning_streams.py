@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from lightning_stability import DeviationThresholds, LevelPolicy
 from lightning_stability.probes.base import Reading
 from lightning_stability.warning import EarlyWarning, Level, SignalSpec
 from lightning_stability.warning.indicators import TrendIndicator
@@ -134,7 +135,7 @@ def test_a_variance_that_rises_alone_proposes_nothing(seed):
     levels = [r.level for r in readings if r is not None]
     assert Level.WATCH in levels  # the variance did rise, as the indicator sees it
     assert max(levels) == Level.WATCH  # and the autocorrelation did not
-    ew = EarlyWarning(watch_threshold=1e6, cusum_threshold=None)
+    ew = EarlyWarning(deviation=DeviationThresholds(watch_threshold=1e6, cusum_threshold=None))
     for step, v in enumerate(values):
         a = ew.monitor.assess({KEY: Reading(v, step)}, step, ew.level)
         assert (a.proposed, a.hold) == (Level.OK, Level.OK), (step, a.drivers)
@@ -150,7 +151,7 @@ def test_nonfinite_reading_is_critical_at_once(bad):
 
 
 def test_nonfinite_count_is_critical_at_once_and_repeats_after_cooldown():
-    ew = EarlyWarning(cooldown=5)
+    ew = EarlyWarning(levels=LevelPolicy(cooldown=5))
     events = []
     for step in range(30):
         readings = {"stability/grad/nonfinite": Reading(float(step >= 10), step)}
@@ -205,12 +206,19 @@ def test_a_moderate_shift_that_persists_watches_through_the_cusum(seed):
     values = [math.exp(sd * rng.gauss(0, 1) + (shift if t >= 300 else 0.0)) for t in range(600)]
     reasons = {}
     on = replay(
-        values, warning=EarlyWarning(watch_threshold=15, signals=_no_trend(KEY)), reasons=reasons
+        values,
+        warning=EarlyWarning(
+            deviation=DeviationThresholds(watch_threshold=15), signals=_no_trend(KEY)
+        ),
+        reasons=reasons,
     )
     assert on and on[0][1] == Level.WATCH and 300 < on[0][0] <= 300 + 20, on
     assert any("CUSUM" in reason for reason in reasons[on[0][0]]), reasons
     assert all(level <= Level.WATCH for _, level in on), on
-    quiet = EarlyWarning(watch_threshold=15, cusum_threshold=None, signals=_no_trend(KEY))
+    quiet = EarlyWarning(
+        deviation=DeviationThresholds(watch_threshold=15, cusum_threshold=None),
+        signals=_no_trend(KEY),
+    )
     off = replay(values, warning=quiet)
     assert off == [], off
     # with the default settings the shift is seen within a few steps, and still only as

@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 import torch
 
+from lightning_stability import Baselines, DeviationThresholds, EdgeRule, LevelPolicy, TrendTest
 from lightning_stability.probes.base import Reading
 from lightning_stability.warning import EarlyWarning, Level, SignalSpec
 from lightning_stability.warning.baseline import RobustBaseline
@@ -176,27 +177,27 @@ def test_trend_indicator_state_round_trip():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "name"),
+    ("build", "name"),
     [
-        (dict(watch_threshold=0.0), "threshold"),
-        (dict(watch_threshold=-1.0), "watch_threshold"),
-        (dict(eos_margin=0.25, eos_critical=1.2), "eos_critical"),
-        (dict(lr_jump=1.0), "lr_jump"),
-        (dict(eos_sustain=0), "eos_sustain"),
-        (dict(exit_ratio=1.5), "exit_ratio"),
-        (dict(patience=0), "patience"),
-        (dict(window=2), "window"),
-        (dict(warmup=100), "warmup"),
-        (dict(max_age=0), "max_age"),
-        (dict(trend_tau=1.5), "trend_tau"),
-        (dict(trend_var_factor=0.5), "trend_var_factor"),
-        (dict(eos_margin=-1.0), "eos_margin"),
-        (dict(warn_level="loud"), "warn_level"),
+        (lambda: DeviationThresholds(watch_threshold=0.0), "threshold"),
+        (lambda: DeviationThresholds(watch_threshold=-1.0), "watch_threshold"),
+        (lambda: EdgeRule(margin=0.25, critical=1.2), "critical"),
+        (lambda: EdgeRule(lr_jump=1.0), "lr_jump"),
+        (lambda: EdgeRule(sustain=0), "sustain"),
+        (lambda: DeviationThresholds(exit_ratio=1.5), "exit_ratio"),
+        (lambda: LevelPolicy(patience=0), "patience"),
+        (lambda: Baselines(window=2), "window"),
+        (lambda: Baselines(warmup=100), "warmup"),
+        (lambda: Baselines(max_age=0), "max_age"),
+        (lambda: TrendTest(tau=1.5), "tau"),
+        (lambda: TrendTest(var_factor=0.5), "var_factor"),
+        (lambda: EdgeRule(margin=-1.0), "margin"),
+        (lambda: EarlyWarning(warn_level="loud"), "warn_level"),
     ],
 )
-def test_bad_arguments_name_themselves(kwargs, name):
+def test_bad_arguments_name_themselves(build, name):
     with pytest.raises(ValueError, match=name):
-        EarlyWarning(**kwargs)
+        build()
 
 
 def test_bad_signal_spec_names_allowed_values():
@@ -211,7 +212,8 @@ def test_configurable_from_yaml_like_lightning_cli():
     parser = jsonargparse.ArgumentParser()
     parser.add_class_arguments(EarlyWarning, "ew")
     cfg = parser.parse_string(
-        "ew:\n  watch_threshold: 7.0\n  eos_margin: 0.4\n  warn_level: critical\n  signals:\n"
+        "ew:\n  deviation:\n    watch_threshold: 7.0\n  edge:\n    margin: 0.4\n"
+        "  warn_level: critical\n  signals:\n"
         "    - pattern: stability/loss/value\n      dimension: learning_signal\n"
         "      transform: identity\n      trend: true\n"
     )

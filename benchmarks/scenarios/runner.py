@@ -41,6 +41,7 @@ from lightning.pytorch.callbacks.early_stopping import EarlyStoppingReason
 from benchmarks.reference import quiet_trainer
 from benchmarks.scenarios.divergence import divergence_step
 from benchmarks.scenarios.registry import Scenario
+from lightning_stability.probes.config import DriftCadence, SharpnessCadence
 
 __all__ = [
     "MODES",
@@ -64,9 +65,9 @@ WARNING = {"EarlyWarning": "lightning_stability.warning.early_warning"}
 ACTIONS = ("LRBackoff", "Rollback")
 OVERRIDES: dict[str, dict[str, Any]] = {
     # the scenario runs last a few hundred steps, shorter than the defaults' check intervals
-    "SharpnessMonitor": {"every_n_steps": 50},
+    "SharpnessMonitor": {"cadence": SharpnessCadence(every_n_steps=50)},
     # by steps only: most scenario epochs are shorter than the default's 500-step spacing
-    "RepresentationDriftMonitor": {"every_n_steps": 50, "every_n_epochs": 0},
+    "RepresentationDriftMonitor": {"cadence": DriftCadence(every_n_steps=50, every_n_epochs=0)},
 }
 CallbacksFactory = Callable[[str, Scenario], tuple[list[Callback], list[str]]]
 

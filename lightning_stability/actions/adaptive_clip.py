@@ -13,6 +13,7 @@ from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.estimators.online_stats import EMAStats, RollingWindow
 from lightning_stability.probes.base import logs_this_step
 from lightning_stability.probes.gradients import GradientMonitor
+from lightning_stability.vocabulary import check_choice
 from lightning_stability.warning.events import EventListener, InstabilityEvent, Level
 
 __all__ = ["AdaptiveGradientClipping"]
@@ -64,8 +65,7 @@ class AdaptiveGradientClipping(IdentifiedCallback):
         warmup: int = 25,
     ) -> None:
         super().__init__()
-        if mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        check_choice(mode, "mode", _MODES)
         if not z > 0:
             raise ValueError(f"z must be > 0, got {z!r}")
         if not 0 < percentile <= 100:

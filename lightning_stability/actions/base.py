@@ -35,6 +35,9 @@ from typing_extensions import override
 
 from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.base import logs_this_step
+from lightning_stability.vocabulary import check_factor as check_factor
+from lightning_stability.vocabulary import check_nonnegative_int as check_nonnegative_int
+from lightning_stability.vocabulary import check_positive_int as check_positive_int
 from lightning_stability.warning.events import (
     InstabilityEvent,
     Level,
@@ -43,27 +46,6 @@ from lightning_stability.warning.events import (
 )
 
 __all__ = ["StabilityAction", "event_from_state", "event_to_state"]
-
-
-def check_nonnegative_int(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        allowed = "an integer >= 0" + (" or None" if allow_none else "")
-        raise ValueError(f"{argument} must be {allowed}, got {value!r}")
-
-
-def check_positive_int(value: Any, argument: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        allowed = "an integer >= 1" + (" or None" if allow_none else "")
-        raise ValueError(f"{argument} must be {allowed}, got {value!r}")
-
-
-def check_factor(value: Any, argument: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-        raise ValueError(f"{argument} must be a number in the open interval (0, 1), got {value!r}")
 
 
 class StabilityAction(IdentifiedCallback):

@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.actions.base import (
@@ -52,7 +52,7 @@ class LRBackoff(StabilityAction):
     cautious increase; Chiu and Jain, 1989; Jacobson, 1988): it climbs towards a ceiling,
     1.0 at first. A critical event, or trouble that returns after a ramp raised the
     learning rate, shows that the level reached was too high, so the ceiling becomes the
-    cut taken then and the next ramp stops there. After ``patience`` further calm steps
+    cut taken then and the next ramp stops there. After ``calm_steps`` further calm steps
     at the ceiling it is raised by ``1 / factor`` (never above 1.0) and the run ramps up
     to it, so a transient incident costs a slow, staged return rather than the rest of
     the run's learning rate, and a learning rate that is really too high is found again
@@ -74,7 +74,7 @@ class LRBackoff(StabilityAction):
     median training loss of the last 20 steps is no lower than it was
     ``ineffective_cuts`` WARNING cuts ago, the learning rate is not what drives the loss
     (the data moves, labels are noisy) and further WARNING events are recorded without a
-    cut until the run has been calm for ``patience`` steps (or 100). Critical events
+    cut until the run has been calm for ``calm_steps`` steps (or 100). Critical events
     still cut. A rollback
     (:class:`Rollback`) restores this callback's state with the weights, but keeps the
     lower of the restored and the pre-rollback scale and ceiling: the weights go back,
@@ -89,7 +89,7 @@ class LRBackoff(StabilityAction):
         cooldown: steps after a backoff during which further events are ignored.
             Default 0.
         max_backoffs: most backoffs in the whole run (``None``: unbounded). Default 10.
-        patience: calm steps (the sources' level below ``level``: an event marks a
+        calm_steps: calm steps (the sources' level below ``level``: an event marks a
             change of level, so a level held high is not calm) before ramping back
             towards the ceiling, and between probes above it; ``None`` (default) never
             ramps back.
@@ -106,6 +106,8 @@ class LRBackoff(StabilityAction):
         ineffective_cuts: WARNING cuts in a row that left the loss where it was, after
             which WARNING events no longer cut (see above); ``None`` disables it.
             Default 2.
+        **deprecated: ``patience``, the previous name of ``calm_steps``, accepted with a
+            ``DeprecationWarning``.
 
     Logs ``stability/action/lr_scale`` (current scale of the first param group, 1.0 =
     no cut) on the steps Lightning writes step metrics and records each backoff in :attr:`events`; :attr:`ceiling` holds
@@ -121,13 +123,25 @@ class LRBackoff(StabilityAction):
         min_lr: float = 0.0,
         cooldown: int = 0,
         max_backoffs: int | None = 10,
-        patience: int | None = None,
+        calm_steps: int | None = None,
         recovery_steps: int = 100,
         optimizer_repair: AdamRepair | None = DEFAULT_REPAIR,
         lr_memory: int | None = 50,
         ineffective_cuts: int | None = 2,
+        **deprecated: Any,
     ) -> None:
         super().__init__(level)
+        if "patience" in deprecated:
+            calm_steps = deprecated.pop("patience")
+            rank_zero_deprecation(
+                "LRBackoff(patience=...) is deprecated and will be removed in the next "
+                f"release: pass calm_steps={calm_steps!r}",
+                stacklevel=6,
+            )
+        if deprecated:
+            raise TypeError(
+                f"LRBackoff() got an unexpected keyword argument {next(iter(deprecated))!r}"
+            )
         self.repair = RepairRung(optimizer_repair)
         check_factor(factor, "factor")
         if (
@@ -139,7 +153,7 @@ class LRBackoff(StabilityAction):
             raise ValueError(f"min_lr must be a finite number >= 0, got {min_lr!r}")
         check_nonnegative_int(cooldown, "cooldown")
         check_nonnegative_int(max_backoffs, "max_backoffs", allow_none=True)
-        check_positive_int(patience, "patience", allow_none=True)
+        check_positive_int(calm_steps, "calm_steps", allow_none=True)
         check_positive_int(recovery_steps, "recovery_steps")
         check_positive_int(lr_memory, "lr_memory", allow_none=True)
         check_positive_int(ineffective_cuts, "ineffective_cuts", allow_none=True)
@@ -147,7 +161,7 @@ class LRBackoff(StabilityAction):
         self.min_lr = float(min_lr)
         self.cooldown = cooldown
         self.max_backoffs = max_backoffs
-        self.patience = patience
+        self.calm_steps = calm_steps
         self.recovery_steps = recovery_steps
         self.lr_memory = lr_memory
         self.ineffective_cuts = ineffective_cuts
@@ -220,9 +234,9 @@ class LRBackoff(StabilityAction):
             self._calm = 0  # the level is still high, though no event says so again
         else:
             self._calm += 1
-            if self._calm >= (self.patience or 100):
+            if self._calm >= (self.calm_steps or 100):
                 self._cut_losses, self._declined = [], False
-            if self.patience is not None and self._calm >= self.patience:
+            if self.calm_steps is not None and self._calm >= self.calm_steps:
                 self._recover(trainer)
         if self.scales and self.scales[0]:
             self.log_value(pl_module, LR_SCALE_KEY, self.scales[0][0])
@@ -373,7 +387,7 @@ class LRBackoff(StabilityAction):
             held = any(b for row in binding for b in row)
             if not held and all(c >= 1.0 for row in self.ceiling for c in row):
                 return
-            # calm for `patience` steps at the ceiling: probe one step (1/factor) higher
+            # calm for `calm_steps` steps at the ceiling: probe one step (1/factor) higher
             self.ceiling = [[min(1.0, c / self.factor) for c in row] for row in self.ceiling]
             self.caps = [[c / self.factor for c in row] for row in self.caps]
         if self._ramp_from is None:
@@ -390,7 +404,7 @@ class LRBackoff(StabilityAction):
         self._raised = True
         if self._ramp_done == self.recovery_steps:
             self._ramp_from = None
-            self._calm = 0  # the next probe higher waits another `patience` calm steps
+            self._calm = 0  # the next probe higher waits another `calm_steps` calm steps
             target = self.ceiling[0][0]
             self.record(
                 trainer,
@@ -422,6 +436,11 @@ class LRBackoff(StabilityAction):
         self.repair.restored(trainer.optimizers, before.get("repair") or {})
 
     # ---------------------------------------------------------------- resume
+    @property
+    def patience(self) -> int | None:
+        """Deprecated alias of :attr:`calm_steps`."""
+        return self.calm_steps
+
     @property
     @override
     def state_key(self) -> str:

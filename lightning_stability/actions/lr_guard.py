@@ -13,6 +13,7 @@ from typing_extensions import override
 from lightning_stability.actions.base import StabilityAction
 from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.edge import EdgePrediction, step_lr
+from lightning_stability.vocabulary import check_positive_int
 from lightning_stability.warning.events import Level
 
 __all__ = ["LRGuard"]
@@ -78,12 +79,8 @@ class LRGuard(StabilityAction):
         super().__init__("critical")
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
             raise ValueError(f"margin must be a number > 0, got {margin!r}")
-        if max_age is not None and (
-            isinstance(max_age, bool) or not isinstance(max_age, int) or max_age < 1
-        ):
-            raise ValueError(f"max_age must be an integer >= 1 or None, got {max_age!r}")
-        if isinstance(confirm, bool) or not isinstance(confirm, int) or confirm < 1:
-            raise ValueError(f"confirm must be an integer >= 1, got {confirm!r}")
+        check_positive_int(max_age, "max_age", allow_none=True)
+        check_positive_int(confirm, "confirm")
         self.margin = float(margin)
         self.confirm = confirm
         self.max_age = max_age

@@ -6,10 +6,10 @@ dynamical principles", arXiv:2601.13160), stability is probed along four dimensi
 changing the learning algorithm of the live run:
 
 * ``parametric``: the start weights are displaced by noise of relative scale ``epsilon``;
-* ``optimisation``: the learning rate is multiplied by ``m`` for the horizon; the margin is the
+* ``optimization``: the learning rate is multiplied by ``m`` for the horizon; the margin is the
   largest ``m`` that does not diverge (found by bisection);
 * ``data``: Gaussian noise on floating inputs and resampled entries of integer tensors (labels);
-* ``signal``: Gaussian noise added to every gradient (the learning signal).
+* ``learning_signal``: Gaussian noise added to every gradient.
 
 Each perturbed rollout is compared with an unperturbed rollout from the same start over the same
 batches: the growth of the loss gap and of the parameter distance over the horizon.
@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,8 @@ from typing import Any
 import torch
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch import Tensor, nn
+
+from lightning_stability.vocabulary import DIMENSIONS as _VOCABULARY_DIMENSIONS
 
 __all__ = [
     "DIMENSIONS",
@@ -56,7 +59,10 @@ __all__ = [
     "perturb_parameters",
 ]
 
-DIMENSIONS = ("parametric", "optimisation", "data", "signal")
+DIMENSIONS: tuple[str, ...] = tuple(_VOCABULARY_DIMENSIONS[i] for i in (2, 0, 3, 1))
+"""The stability dimensions of :mod:`lightning_stability.vocabulary`, in the order an audit
+rolls them out: ``("parametric", "optimization", "data", "learning_signal")``."""
+_OLD_SPELLINGS = {"optimisation": "optimization", "signal": "learning_signal"}
 
 ForkLossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(module, batch) -> scalar``: the training loss of ``batch`` on a module copy."""
@@ -124,7 +130,7 @@ class Rollout:
     diverged: bool
 
 
-@dataclass
+@dataclass(frozen=True)
 class AuditConfig:
     """What an audit perturbs and how hard.
 
@@ -134,7 +140,8 @@ class AuditConfig:
         epsilon: relative scale of the parametric noise.
         input_noise: relative std of the input noise (``data``).
         label_noise: fraction of resampled integer entries (``data``).
-        signal_noise: norm of the gradient noise relative to the gradient norm (``signal``).
+        signal_noise: norm of the gradient noise relative to the gradient norm
+            (``learning_signal``).
         lr_multipliers: ascending grid bracketing the learning-rate margin.
         bisection_steps: geometric bisections inside the bracket (ratio ``r`` shrinks to
             ``r ** (1 / 2**steps)``).
@@ -157,6 +164,17 @@ class AuditConfig:
     def __post_init__(self) -> None:
         if self.horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {self.horizon}")
+        old = [d for d in self.dimensions if d in _OLD_SPELLINGS]
+        if old:
+            warnings.warn(
+                f"AuditConfig(dimensions=...): the spellings {old} are deprecated; use "
+                f"{[_OLD_SPELLINGS[d] for d in old]} (lightning_stability.vocabulary.DIMENSIONS)",
+                DeprecationWarning,
+                stacklevel=3,
+            )
+        dims = tuple(_OLD_SPELLINGS.get(d, d) for d in self.dimensions)
+        object.__setattr__(self, "dimensions", dims)
+        object.__setattr__(self, "lr_multipliers", tuple(float(m) for m in self.lr_multipliers))
         unknown = [d for d in self.dimensions if d not in DIMENSIONS]
         if unknown or not self.dimensions:
             raise ValueError(
@@ -410,7 +428,7 @@ class PerturbationAuditor:
         * ``parametric/param_growth``: distance after the horizon / distance at the start (> 1:
           perturbations are amplified, a finite-horizon Lyapunov ratio);
         * ``parametric/loss_gap_growth``: |loss gap| after / |loss gap| at the start;
-        * ``optimisation/lr_margin``: see :meth:`lr_margin`; ``optimisation/lr_diverge`` the
+        * ``optimization/lr_margin``: see :meth:`lr_margin`; ``optimization/lr_diverge`` the
           smallest multiplier seen to diverge (``inf`` when none did).
         """
         cfg = self.config
@@ -422,12 +440,12 @@ class PerturbationAuditor:
         ref_start = self.start_losses()[cfg.horizon % k]
         out["reference/loss_ratio"] = ref_final_loss / ref_start if ref_start else math.nan
         out["reference/diverged"] = float(ref.diverged)
-        offsets = {"parametric": 1, "data": 2, "signal": 3}
+        offsets = {"parametric": 1, "data": 2, "learning_signal": 3}
         for dim in cfg.dimensions:
-            if dim == "optimisation":
+            if dim == "optimization":
                 low, high = self.lr_margin()
-                out["optimisation/lr_margin"] = low
-                out["optimisation/lr_diverge"] = high
+                out["optimization/lr_margin"] = low
+                out["optimization/lr_diverge"] = high
                 continue
             kwargs: dict[str, float] = {}
             if dim == "parametric":

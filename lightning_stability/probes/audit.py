@@ -11,9 +11,9 @@ import lightning.pytorch as pl
 import torch
 from typing_extensions import override
 
+from lightning_stability.configuration import regroup
 from lightning_stability.estimators.isolation import frozen_rng, preserved_state
 from lightning_stability.estimators.perturbation import (
-    DIMENSIONS,
     AuditConfig,
     Fork,
     PerturbationAuditor,
@@ -27,6 +27,23 @@ from lightning_stability.probes.base import (
     needs_loss_fn,
     step_loss,
 )
+from lightning_stability.vocabulary import check_positive_int
+
+AUDIT_FLAT_ALIASES = {
+    name: ("audit", name)
+    for name in (
+        "horizon",
+        "epsilon",
+        "lr_multipliers",
+        "dimensions",
+        "input_noise",
+        "label_noise",
+        "signal_noise",
+        "bisection_steps",
+        "divergence_factor",
+    )
+}
+"""The flat keywords of ``PerturbationAudit`` before its settings were grouped."""
 
 __all__ = ["PerturbationAudit"]
 
@@ -65,12 +82,12 @@ class PerturbationAudit(StabilityProbe):
     rollout over the same batches:
 
     * ``parametric``: weights displaced by Gaussian noise of relative scale ``epsilon``;
-    * ``optimisation``: learning rate multiplied by ``m``; the margin is the largest ``m`` on
+    * ``optimization``: learning rate multiplied by ``m``; the margin is the largest ``m`` on
       (a bisection of) ``lr_multipliers`` whose rollout does not diverge. Near the edge of
       stability it falls towards 1; for SGD on a quadratic it is ``2 / (lr lambda_max)``;
     * ``data``: input noise (``input_noise`` x the input's std) and label noise (a fraction
       ``label_noise`` of the entries of integer tensors resampled from the batch);
-    * ``signal``: Gaussian gradient noise of norm ``signal_noise`` x the gradient norm.
+    * ``learning_signal``: Gaussian gradient noise of norm ``signal_noise`` x the gradient norm.
 
     A rollout *diverges* when any loss it sees is non-finite or exceeds ``divergence_factor``
     times the loss of the start weights on the same batch. Just above the edge divergence is
@@ -80,8 +97,8 @@ class PerturbationAudit(StabilityProbe):
     :mod:`lightning_stability.estimators.perturbation`.
 
     Readings (``stability/audit/...``, published at the audit's step; non-finite values are
-    kept in :attr:`history` but not logged): ``optimisation/lr_margin``,
-    ``optimisation/lr_diverge``, ``<dim>/loss_gap``, ``<dim>/param_distance``,
+    kept in :attr:`history` but not logged): ``optimization/lr_margin``,
+    ``optimization/lr_diverge``, ``<dim>/loss_gap``, ``<dim>/param_distance``,
     ``<dim>/diverged``, ``parametric/param_growth``, ``parametric/loss_gap_growth``,
     ``reference/loss_ratio``, ``reference/diverged``, ``rollouts``.
 
@@ -103,53 +120,34 @@ class PerturbationAudit(StabilityProbe):
     this fit; training goes on.
 
     Args:
-        every_n_epochs: audit at the end of epochs ``n-1, 2n-1, ...`` (positive).
-        horizon: optimizer steps per rollout (positive).
-        epsilon: relative scale of the parametric noise (>= 0).
-        lr_multipliers: ascending positive grid that brackets the learning-rate margin.
-        dimensions: subset of ``("parametric", "optimisation", "data", "signal")``.
-        num_batches: batches cached per audited epoch (positive).
-        input_noise: relative std of the input noise (>= 0).
-        label_noise: fraction of resampled integer entries, in [0, 1].
-        signal_noise: gradient-noise norm relative to the gradient norm (>= 0).
-        bisection_steps: geometric bisections of the margin's bracket (>= 0).
-        divergence_factor: loss ratio counted as divergence (> 1).
-        seed: base seed of the disturbances.
+        every_n_epochs: audit at the end of epochs ``n-1, 2n-1, ...`` (positive; default 1).
+        num_batches: batches cached per audited epoch (positive; default 4).
+        audit: what an audit perturbs and how hard: horizon, dimensions (a subset of
+            :data:`~lightning_stability.vocabulary.DIMENSIONS`), noise scales, the
+            learning-rate grid and bisection, the divergence factor
+            (:class:`~lightning_stability.estimators.perturbation.AuditConfig`; default
+            ``AuditConfig()``).
+        seed: base seed of the disturbances (default 0).
         loss_fn: ``loss_fn(module, batch) -> scalar``; default: the module's ``training_step``.
+        **deprecated: the flat keywords of the previous release (``horizon=20``, ...),
+            folded into ``audit`` with a ``DeprecationWarning`` that names it.
     """
 
     def __init__(
         self,
         every_n_epochs: int = 1,
-        horizon: int = 20,
-        epsilon: float = 1e-3,
-        lr_multipliers: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0),
-        dimensions: tuple[str, ...] = DIMENSIONS,
         num_batches: int = 4,
-        input_noise: float = 0.1,
-        label_noise: float = 0.1,
-        signal_noise: float = 0.5,
-        bisection_steps: int = 4,
-        divergence_factor: float = 2.0,
+        audit: AuditConfig | None = None,
         seed: int = 0,
         loss_fn: LossFn | None = None,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be a positive integer, got {every_n_epochs}")
-        if not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"num_batches must be a positive integer, got {num_batches}")
-        self.config = AuditConfig(
-            horizon=horizon,
-            dimensions=tuple(dimensions),
-            epsilon=epsilon,
-            input_noise=input_noise,
-            label_noise=label_noise,
-            signal_noise=signal_noise,
-            lr_multipliers=tuple(float(m) for m in lr_multipliers),
-            bisection_steps=bisection_steps,
-            divergence_factor=divergence_factor,
-        )
+        check_positive_int(every_n_epochs, "every_n_epochs")
+        check_positive_int(num_batches, "num_batches")
+        self.config = regroup(
+            "PerturbationAudit", deprecated, AUDIT_FLAT_ALIASES, {"audit": (AuditConfig, audit)}
+        )["audit"]
         self.every_n_epochs = every_n_epochs
         self.num_batches = num_batches
         self.seed = int(seed)
@@ -283,11 +281,11 @@ class PerturbationAudit(StabilityProbe):
 
     @property
     def margins(self) -> list[float]:
-        """Learning-rate margin of every audit so far (empty without the optimisation dimension)."""
+        """Learning-rate margin of every audit so far (empty without the optimization dimension)."""
         return [
-            h["values"]["optimisation/lr_margin"]
+            h["values"]["optimization/lr_margin"]
             for h in self.history
-            if "optimisation/lr_margin" in h["values"]
+            if "optimization/lr_margin" in h["values"]
         ]
 
     @property

@@ -7,7 +7,7 @@ import fnmatch
 import math
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, default_collate
 from typing_extensions import override
 
+from lightning_stability.configuration import regroup
 from lightning_stability.estimators.cka import Representation, representation_cka
 from lightning_stability.estimators.isolation import (
     compute_precision,
@@ -31,6 +32,13 @@ from lightning_stability.probes.base import (
     StabilityProbe,
     module_loss,
 )
+from lightning_stability.probes.config import (
+    DRIFT_FLAT_ALIASES,
+    DriftCadence,
+    DriftLimits,
+    DriftProbe,
+)
+from lightning_stability.vocabulary import check_positive_int
 
 __all__ = ["InputFn", "RepresentationDriftMonitor"]
 
@@ -234,36 +242,32 @@ class RepresentationDriftMonitor(StabilityProbe):
             ``layers``. With neither, the top-level blocks, whose last is the output or the
             last hidden layer (see :func:`default_layers`; loss modules and metrics skipped).
         max_layers: cap on the default selection (default 8).
-        probe_size: samples in the probe batch (default 64: enough for the debiased
-            estimator, and small enough that a check costs a fraction of a training step).
-        source: ``"auto"`` (default: the training set when the probe runs through
-            ``training_step``, which is written for training batches; the validation set,
-            when there is one, for the ``forward`` path), ``"val"`` (falls back to the
-            training set without a validation loader) or ``"train"``.
-        seed: seed of the probe draw, of the feature hashing and of the RNG inside a check.
-        every_n_epochs: check at the end of every n-th epoch (default 1; 0: by steps only).
-        min_steps: fewest optimizer steps between epoch-end checks (default 500, which bounds
-            the cost of runs with short epochs; 0 checks at every due epoch end).
-        every_n_steps: the longest stretch between checks in optimizer steps (default
-            1000; ``None``: epoch ends only). Epochs longer than this are checked every
-            ``every_n_steps`` steps instead of at their end.
+        cadence: when it checks: every n epochs, every n steps, and the fewest steps
+            between epoch-end checks (:class:`~lightning_stability.probes.config.DriftCadence`).
+        probe: the fixed probe batch: its size, source and seed
+            (:class:`~lightning_stability.probes.config.DriftProbe`).
+        limits: features kept per layer, samples per probe step, checks kept for the heat
+            map (:class:`~lightning_stability.probes.config.DriftLimits`).
         probe_inputs: a user probe set for the ``forward`` path: the model input itself
             (first dimension samples).
         input_fn: maps a collated batch to what ``pl_module(...)`` takes; when given, the
             probe runs ``pl_module(input_fn(batch))`` instead of ``training_step``.
-        max_features: features kept per layer and sample; wider layers are hashed down
-            (default 16384: a probe set of 64 holds at most 8 MiB per layer).
-        chunk_size: samples per probe step (bounds memory; default 128). A batch holding
-            anything other than per-sample tensors is run in one piece.
         heatmap: log the CKA heat map to TensorBoard (default ``True``).
-        max_history: checks kept for the heat map (default 100).
+        **deprecated: the flat keywords of the previous release (``probe_size=64``,
+            ``every_n_steps=1000``, ...), folded into their group with a
+            ``DeprecationWarning`` that names it.
 
     Example::
 
         from lightning.pytorch import Trainer
         from lightning_stability import RepresentationDriftMonitor
 
-        trainer = Trainer(callbacks=[RepresentationDriftMonitor(layers=["encoder.*"])])
+        from lightning_stability.probes.config import DriftCadence
+
+        drift = RepresentationDriftMonitor(
+            layers=["encoder.*"], cadence=DriftCadence(every_n_steps=500)
+        )
+        trainer = Trainer(callbacks=[drift])
     """
 
     def __init__(
@@ -271,41 +275,27 @@ class RepresentationDriftMonitor(StabilityProbe):
         layers: list[str] | None = None,
         layer_types: list[str] | None = None,
         max_layers: int = 8,
-        probe_size: int = 64,
-        source: Literal["auto", "val", "train"] = "auto",
-        seed: int = 0,
-        every_n_epochs: int = 1,
-        every_n_steps: int | None = 1000,
-        min_steps: int = 500,
+        cadence: DriftCadence | None = None,
+        probe: DriftProbe | None = None,
+        limits: DriftLimits | None = None,
         probe_inputs: Tensor | None = None,
         input_fn: InputFn | None = None,
-        max_features: int = 16384,
-        chunk_size: int = 128,
         heatmap: bool = True,
-        max_history: int = 100,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        if source not in ("auto", "val", "train"):
-            raise ValueError(f"source must be 'auto', 'val' or 'train', got {source!r}")
-        for name, value, minimum in (
-            ("max_layers", max_layers, 1),
-            ("probe_size", probe_size, 4),
-            ("max_features", max_features, 1),
-            ("chunk_size", chunk_size, 1),
-            ("max_history", max_history, 1),
-            ("every_n_epochs", every_n_epochs, 0),
-            ("min_steps", min_steps, 0),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-        if every_n_steps is not None and (
-            not isinstance(every_n_steps, int)
-            or isinstance(every_n_steps, bool)
-            or every_n_steps < 1
-        ):
-            raise ValueError(
-                f"every_n_steps must be None or an integer >= 1, got {every_n_steps!r}"
-            )
+        groups = regroup(
+            "RepresentationDriftMonitor",
+            deprecated,
+            DRIFT_FLAT_ALIASES,
+            {
+                "cadence": (DriftCadence, cadence),
+                "probe": (DriftProbe, probe),
+                "limits": (DriftLimits, limits),
+            },
+        )
+        cadence, probe, limits = groups["cadence"], groups["probe"], groups["limits"]
+        check_positive_int(max_layers, "max_layers")
         if probe_inputs is not None and (
             not isinstance(probe_inputs, Tensor) or probe_inputs.dim() < 1
         ):
@@ -317,21 +307,22 @@ class RepresentationDriftMonitor(StabilityProbe):
             )
         if input_fn is not None and not callable(input_fn):
             raise ValueError(f"input_fn must be None or a callable, got {input_fn!r}")
+        self.cadence, self.probe, self.limits = cadence, probe, limits
         self.layers = list(layers) if layers is not None else None
         self.layer_types = list(layer_types) if layer_types is not None else None
         self.max_layers = max_layers
-        self.probe_size = probe_size
-        self.source = source
-        self.seed = seed
-        self.every_n_epochs = every_n_epochs
-        self.every_n_steps = every_n_steps
-        self.min_steps = min_steps
+        self.probe_size = probe.probe_size
+        self.source = probe.source
+        self.seed = probe.seed
+        self.every_n_epochs = cadence.every_n_epochs
+        self.every_n_steps = cadence.every_n_steps
+        self.min_steps = cadence.min_steps
         self.probe_inputs = probe_inputs
         self.input_fn = input_fn
-        self.max_features = max_features
-        self.chunk_size = chunk_size
+        self.max_features = limits.max_features
+        self.chunk_size = limits.chunk_size
         self.heatmap = heatmap
-        self.max_history = max_history
+        self.max_history = limits.max_history
 
         self.layer_names: list[str] = []
         self.dropped_layers: list[str] = []

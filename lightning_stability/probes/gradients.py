@@ -23,6 +23,7 @@ from lightning_stability.estimators.sharding import (
     sum_over_shards,
 )
 from lightning_stability.probes.base import StabilityProbe, logs_this_step
+from lightning_stability.vocabulary import check_choice, check_nonnegative_int, check_positive_int
 
 __all__ = ["GradientMonitor", "unbounded_adam_groups"]
 
@@ -30,10 +31,7 @@ _UPDATE_MODES = ("sample", "full", "off")
 
 
 def _positive_int(value: Any, argument: str, *, allow_zero: bool = False) -> int:
-    low = 0 if allow_zero else 1
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        kind = "a non-negative" if allow_zero else "a positive"
-        raise ValueError(f"{argument} must be {kind} integer, got {value!r}")
+    (check_nonnegative_int if allow_zero else check_positive_int)(value, argument)
     return value
 
 
@@ -169,8 +167,7 @@ class GradientMonitor(StabilityProbe):
             _positive_int(log_every_n_steps, "log_every_n_steps")
         self.log_every_n_steps = log_every_n_steps
         self.group_depth = _positive_int(group_depth, "group_depth", allow_zero=True)
-        if update_ratio not in _UPDATE_MODES:
-            raise ValueError(f"update_ratio must be one of {_UPDATE_MODES}, got {update_ratio!r}")
+        check_choice(update_ratio, "update_ratio", _UPDATE_MODES)
         self.update_ratio = update_ratio
         self.update_sample = _positive_int(update_sample, "update_sample")
         self.seed = int(seed)

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe, logs_this_step, step_loss
+from lightning_stability.vocabulary import check_positive_int
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "LossMonitor"]
 
@@ -59,8 +60,7 @@ class LossMonitor(StabilityProbe):
 
     def __init__(self, window: int = 100, quantile: float = 0.95) -> None:
         super().__init__()
-        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
-            raise ValueError(f"window must be a positive integer, got {window!r}")
+        check_positive_int(window, "window")
         if not isinstance(quantile, (int, float)) or not 0.0 < quantile < 1.0:
             raise ValueError(f"quantile must be a number in (0, 1), got {quantile!r}")
         self.window = window

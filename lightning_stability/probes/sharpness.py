@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -15,6 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, RandomSampler
 from typing_extensions import override
 
+from lightning_stability.configuration import regroup
 from lightning_stability.estimators.critical_sharpness import LineLoss, critical_step_size
 from lightning_stability.estimators.density import slq_density
 from lightning_stability.estimators.hvp import HessianOperator, flatten
@@ -50,6 +51,12 @@ from lightning_stability.probes.base import (
     needs_loss_fn,
     step_loss,
 )
+from lightning_stability.probes.config import (
+    SHARPNESS_FLAT_ALIASES,
+    SharpnessCadence,
+    SharpnessEstimator,
+    SharpnessMeasures,
+)
 from lightning_stability.probes.curvature_subset import (
     HVP_MODES,
     HvpMode,
@@ -59,11 +66,10 @@ from lightning_stability.probes.curvature_subset import (
     unmatched_patterns,
 )
 from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, lambda_edge, step_lr
+from lightning_stability.vocabulary import check_positive_int
 
 __all__ = ["SharpnessMonitor"]
 
-Backend = Literal["native", "pyhessian"]
-_BACKENDS = ("native", "pyhessian")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -183,24 +189,13 @@ class SharpnessMonitor(StabilityProbe):
     its math kernel during a measurement.
 
     Args:
-        every_n_steps: optimizer steps between Lanczos checks. Default 2500: a check
-            runs up to ``max_iter`` Hessian-vector products per eigenproblem (each an
-            extra backward pass), so checks are spread out (``python -m
-            benchmarks.sharpness`` and ``benchmarks.overhead`` report the cost in
-            ``benchmarks/RESULTS.md``); the adaptive cadence makes checks denser near the
-            edge or when the early warning asks.
-        k: number of top eigenvalues. Default 1.
-        directional_every_n_steps: optimizer steps between directional/critical readings
-            (at most ``every_n_steps``; ``None`` = ``every_n_steps``). Default 1000.
-        directional: publish ``directional``/``directional_ratio``. Default True.
-        critical: publish ``critical``. Default True.
-        preconditioned: for Adam/AdamW, also run Lanczos on the preconditioned Hessian
-            (doubles a check's products). Default True.
-        trace: estimate the Hessian trace with Hutch++ at each check. Default False.
-        trace_samples: products for the trace estimate. Default 30.
-        density_every_n_checks: every this many checks, estimate the spectral density
-            (stochastic Lanczos quadrature) and write it as a histogram to an attached
-            TensorBoard logger; 0 = never. Default 0.
+        cadence: when it measures: steps between Lanczos checks and between directional
+            readings, the spectral density's interval, the adaptive cadence
+            (:class:`~lightning_stability.probes.config.SharpnessCadence`).
+        estimator: how: number of eigenvalues, backend, Lanczos tolerance and cap, warm
+            start, dtype, seed (:class:`~lightning_stability.probes.config.SharpnessEstimator`).
+        measures: which optional readings it publishes: directional, critical,
+            preconditioned, trace (:class:`~lightning_stability.probes.config.SharpnessMeasures`).
         num_probe_batches: training batches cached and averaged. Default 1.
         probe_batch: a fixed batch to use instead of training batches.
         probe_dataloader: a loader whose first ``num_probe_batches`` batches are used.
@@ -210,21 +205,6 @@ class SharpnessMonitor(StabilityProbe):
         train_mode: measure in train mode (BatchNorm with batch statistics, dropout on,
             one fixed dropout mask per measurement): the loss the optimizer descends.
             ``False`` measures the eval-mode loss. Default True.
-        backend: ``"native"`` (Lanczos with warm start) or ``"pyhessian"`` (PyHessian's
-            power iteration, isolated like the native path; no warm start; eigenvalues
-            largest in magnitude; single process only). ``preconditioned``,
-            ``directional``, trace and density always use the native products.
-        tol: relative tolerance of Lanczos. Default 1e-3.
-        max_iter: cap on Lanczos products per eigenproblem. Default 30.
-        warm_start: start Lanczos from the previous check's eigenvectors. Default True.
-        adaptive: measure more often (``adaptive_factor`` times) while ``eos_ratio`` exceeds
-            ``ratio_threshold`` or a callback in ``trainer.callbacks`` sets
-            ``request_closer_watch`` (reduced over ranks); back off when calm. Default True.
-        ratio_threshold: ``eos_ratio`` above which checks become denser. Default 0.8.
-        adaptive_factor: cadence divisor while on closer watch. Default 4.
-        dtype: ``"float32"`` or ``"float64"``; ``None`` = float64 for float64 models, else
-            float32.
-        seed: seed of Lanczos' random start vectors (identical on every rank).
         params: a curvature subset: parameter-name patterns (``fnmatch`` globs such as
             ``"blocks.11.*"`` or ``"*norm*"``, exact names, or module prefixes such as
             ``"head"``); every reading is then taken on the Hessian block of the
@@ -245,95 +225,90 @@ class SharpnessMonitor(StabilityProbe):
             (default): finite differences when the parameters are sharded (``DTensor``,
             as under FSDP2's ``fully_shard``, where double backward does not reach the
             shards) or when double backward fails on the model; exact otherwise.
+        **deprecated: the flat keywords of the previous release (``every_n_steps=500``,
+            ``k=2``, ``trace=True``, ...; ``every_n_steps`` and ``k`` also positionally),
+            folded into their group with a ``DeprecationWarning`` that names it.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from lightning_stability import SharpnessCadence, SharpnessMonitor
+
+        monitor = SharpnessMonitor(cadence=SharpnessCadence(every_n_steps=500))
+        trainer = Trainer(callbacks=[monitor])
     """
 
     def __init__(
         self,
-        every_n_steps: int = 2500,
-        k: int = 1,
+        cadence: SharpnessCadence | None = None,
+        estimator: SharpnessEstimator | None = None,
+        measures: SharpnessMeasures | None = None,
         *,
-        directional_every_n_steps: int | None = 1000,
-        directional: bool = True,
-        critical: bool = True,
-        preconditioned: bool = True,
-        trace: bool = False,
-        trace_samples: int = 30,
-        density_every_n_checks: int = 0,
         num_probe_batches: int = 1,
         probe_batch: Any = None,
         probe_dataloader: DataLoader | None = None,
         loss_fn: LossFn | None = None,
         train_mode: bool = True,
-        backend: Backend = "native",
-        tol: float = 1e-3,
-        max_iter: int = 30,
-        warm_start: bool = True,
-        adaptive: bool = True,
-        ratio_threshold: float = 0.8,
-        adaptive_factor: int = 4,
-        dtype: Literal["float32", "float64"] | None = None,
-        seed: int = 0,
         params: list[str] | None = None,
         hvp: HvpMode = "auto",
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        _positive_int("k", k)
-        if directional_every_n_steps is not None:
-            _positive_int("directional_every_n_steps", directional_every_n_steps)
-        _positive_int("trace_samples", trace_samples)
-        _positive_int("num_probe_batches", num_probe_batches)
-        _positive_int("max_iter", max_iter)
-        _positive_int("adaptive_factor", adaptive_factor)
-        if not isinstance(density_every_n_checks, int) or density_every_n_checks < 0:
-            raise ValueError(
-                f"density_every_n_checks must be an integer >= 0, got {density_every_n_checks!r}"
-            )
-        if backend not in _BACKENDS:
-            raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+        if isinstance(cadence, int) and not isinstance(cadence, bool):
+            deprecated["every_n_steps"] = cadence  # the old first positional argument
+            cadence = None
+        if isinstance(estimator, int) and not isinstance(estimator, bool):
+            deprecated["k"] = estimator  # the old second positional argument
+            estimator = None
+        groups = regroup(
+            "SharpnessMonitor",
+            deprecated,
+            SHARPNESS_FLAT_ALIASES,
+            {
+                "cadence": (SharpnessCadence, cadence),
+                "estimator": (SharpnessEstimator, estimator),
+                "measures": (SharpnessMeasures, measures),
+            },
+        )
+        cadence, estimator, measures = groups["cadence"], groups["estimator"], groups["measures"]
+        check_positive_int(num_probe_batches, "num_probe_batches")
         if hvp not in HVP_MODES:
             raise ValueError(f"hvp must be one of {HVP_MODES}, got {hvp!r}")
         self.params = check_patterns(params)
         self.hvp: HvpMode = hvp
         self._fd_fallback = False
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(_DTYPES)} or None, got {dtype!r}")
-        if not (0.0 <= tol < 1.0):
-            raise ValueError(f"tol must lie in [0, 1), got {tol!r}")
-        if not (ratio_threshold > 0 and math.isfinite(ratio_threshold)):
-            raise ValueError(
-                f"ratio_threshold must be a finite number > 0, got {ratio_threshold!r}"
-            )
-        if k > max_iter:
-            raise ValueError(f"k must be <= max_iter={max_iter}, got {k}")
         if probe_batch is not None and probe_dataloader is not None:
             raise ValueError("probe_batch, probe_dataloader: give at most one of them")
         if probe_dataloader is not None:
             _check_probe_loader(probe_dataloader)
+        self.cadence = cadence
+        self.estimator = estimator
+        self.measures = measures
+        every_n_steps = cadence.every_n_steps
         self.every_n_steps = every_n_steps
-        self.k = k
+        self.k = estimator.k
         self.directional_every_n_steps = min(
-            directional_every_n_steps or every_n_steps, every_n_steps
+            cadence.directional_every_n_steps or every_n_steps, every_n_steps
         )
-        self.directional = directional
-        self.critical = critical
-        self.preconditioned = preconditioned
-        self.trace = trace
-        self.trace_samples = trace_samples
-        self.density_every_n_checks = density_every_n_checks
+        self.directional = measures.directional
+        self.critical = measures.critical
+        self.preconditioned = measures.preconditioned
+        self.trace = measures.trace
+        self.trace_samples = measures.trace_samples
+        self.density_every_n_checks = cadence.density_every_n_checks
         self.num_probe_batches = num_probe_batches
         self.probe_dataloader = probe_dataloader
         self.loss_fn = loss_fn
         self.train_mode = train_mode
-        self.backend = backend
-        self.tol = tol
-        self.max_iter = max_iter
-        self.warm_start = warm_start
-        self.adaptive = adaptive
-        self.ratio_threshold = ratio_threshold
-        self.adaptive_factor = adaptive_factor
-        self.dtype = _DTYPES[dtype] if dtype is not None else None
-        self.seed = seed
+        self.backend = estimator.backend
+        self.tol = estimator.tol
+        self.max_iter = estimator.max_iter
+        self.warm_start = estimator.warm_start
+        self.adaptive = cadence.adaptive
+        self.ratio_threshold = cadence.ratio_threshold
+        self.adaptive_factor = cadence.adaptive_factor
+        self.dtype = _DTYPES[estimator.dtype] if estimator.dtype is not None else None
+        self.seed = estimator.seed
 
         self._fixed_batches = probe_batch is not None
         self._batches: list[Any] = [detach_batch(probe_batch)] if probe_batch is not None else []
@@ -924,11 +899,6 @@ class SharpnessMonitor(StabilityProbe):
         if "probe_batches" in state_dict and not (self._fixed_batches and self._batches):
             self._batches = list(state_dict["probe_batches"])
             self._batch_idx = [int(i) for i in state_dict.get("probe_batch_idx", [])]
-
-
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_probe_loader(loader: DataLoader) -> None:

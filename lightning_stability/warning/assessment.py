@@ -8,8 +8,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from lightning_stability.probes.edge import LR_JUMP
+from lightning_stability.configuration import regroup
 from lightning_stability.warning.baseline import RobustBaseline
+from lightning_stability.warning.config import (
+    WARNING_FLAT_ALIASES,
+    Baselines,
+    DeviationThresholds,
+    EdgeRule,
+    TrendTest,
+)
 from lightning_stability.warning.cusum import Cusum
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.indicators import TrendIndicator
@@ -70,57 +77,50 @@ class MetaStateMonitor:
     at most ``freeze_limit`` steps (after which the run's new regime is accepted).
 
     Args are those of :class:`~lightning_stability.warning.early_warning.EarlyWarning`
-    of the same names.
+    of the same names; ``**deprecated`` takes the flat keywords of the previous release
+    (``watch_threshold=8.0``, ``trend_tau=0.6``, ...), folded into their group with a
+    ``DeprecationWarning``.
     """
 
     def __init__(
         self,
         signals: Iterable[SignalSpec] | None = None,
-        watch_threshold: float = 8.0,
-        exit_ratio: float = 0.6,
-        window: int = 64,
-        warmup: int = 20,
-        max_age: int = 250,
-        freeze_limit: int = 200,
-        trend_window: int = 48,
-        trend_history: int = 96,
-        trend_tau: float = 0.6,
-        trend_var_factor: float = 3.0,
-        trend_ac1_rise: float = 0.2,
-        trend_sustain: int = 10,
-        eos_margin: float = 0.25,
-        eos_sustain: int = 3,
-        cusum_drift: float = 5.0,
-        cusum_threshold: float | None = 12.0,
-        eos_critical: float = 2.0,
-        lr_jump: float = LR_JUMP,
+        deviation: DeviationThresholds | None = None,
+        baselines: Baselines | None = None,
+        trend: TrendTest | None = None,
+        edge: EdgeRule | None = None,
         loss_band: LossBand | None = None,
+        **deprecated: Any,
     ) -> None:
-        if not watch_threshold > 0:
-            raise ValueError(f"watch_threshold must be > 0, got {watch_threshold!r}")
-        if not 0 < exit_ratio <= 1:
-            raise ValueError(f"exit_ratio must be in (0, 1], got {exit_ratio!r}")
-        if freeze_limit < 0:
-            raise ValueError(f"freeze_limit must be >= 0, got {freeze_limit!r}")
-        self.meta = MetaState(signals, max_age=max_age)
-        self.watch_threshold = watch_threshold
-        self.exit_ratio = exit_ratio
-        self.window = window
-        self.warmup = warmup
-        RobustBaseline(window, warmup)  # validates window and warmup now, not at first use
-        self.freeze_limit = freeze_limit
-        self.trend_args = (
-            trend_window,
-            trend_history,
-            trend_tau,
-            trend_var_factor,
-            trend_ac1_rise,
-            trend_sustain,
+        groups = regroup(
+            "MetaStateMonitor",
+            deprecated,
+            WARNING_FLAT_ALIASES,
+            {
+                "deviation": (DeviationThresholds, deviation),
+                "baselines": (Baselines, baselines),
+                "trend": (TrendTest, trend),
+                "edge": (EdgeRule, edge),
+            },
         )
-        TrendIndicator(*self.trend_args)
-        self.rules = HardRules(eos_margin, eos_sustain, eos_critical, lr_jump)
+        deviation, baselines = groups["deviation"], groups["baselines"]
+        trend, edge = groups["trend"], groups["edge"]
+        self.deviation_config, self.baselines_config = deviation, baselines
+        self.trend_config, self.edge_config = trend, edge
+        self.meta = MetaState(signals, max_age=baselines.max_age)
+        self.watch_threshold = deviation.watch_threshold
+        self.exit_ratio = deviation.exit_ratio
+        self.window = baselines.window
+        self.warmup = baselines.warmup
+        self.freeze_limit = baselines.freeze_limit
+        self.trend_args = trend.as_args()
+        self.rules = HardRules(edge.margin, edge.sustain, edge.critical, edge.lr_jump)
         self.band = LossBand() if loss_band is None else loss_band
-        self.cusum = None if cusum_threshold is None else Cusum(cusum_drift, cusum_threshold)
+        self.cusum = (
+            None
+            if deviation.cusum_threshold is None
+            else Cusum(deviation.cusum_drift, deviation.cusum_threshold)
+        )
         self.baselines: dict[str, RobustBaseline] = {}
         self.trends: dict[str, TrendIndicator] = {}
         self.frozen_since: int | None = None

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.callback_identity import IdentifiedCallback
+from lightning_stability.configuration import field_aliases, regroup
 from lightning_stability.probes.base import (
     Reading,
     StabilityProbe,
@@ -18,8 +19,16 @@ from lightning_stability.probes.base import (
     step_loss,
     write_to_loggers,
 )
-from lightning_stability.probes.edge import LR_JUMP
+from lightning_stability.vocabulary import LOSS_VALUE, META_DEVIATION, META_LEVEL, meta_key
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
+from lightning_stability.warning.config import (
+    WARNING_FLAT_ALIASES,
+    Baselines,
+    DeviationThresholds,
+    EdgeRule,
+    LevelPolicy,
+    TrendTest,
+)
 from lightning_stability.warning.events import (
     EventListener,
     InstabilityEvent,
@@ -33,7 +42,8 @@ from lightning_stability.warning.metastate import DIMENSIONS, SignalSpec
 
 __all__ = ["EarlyWarning", "InstabilityWarning"]
 
-STEP_LOSS_KEY = "stability/loss/value"
+STEP_LOSS_KEY = LOSS_VALUE
+_LEVEL_FLAT_ALIASES = field_aliases(levels=LevelPolicy)
 
 
 class InstabilityWarning(UserWarning):
@@ -87,43 +97,27 @@ class EarlyWarning(IdentifiedCallback):
     ``benchmarks/RESULTS.md``.
 
     Args:
-        watch_threshold: deviation (robust sd) that proposes WATCH (default 8).
-        exit_ratio: a level is held while its evidence stays above ``exit_ratio`` times
-            its enter threshold (default 0.6).
-        patience: consecutive steps of evidence before the level rises (default 2).
-        min_dwell: minimum steps at a level before it falls (default 10).
-        cooldown: steps before a level that was left can be re-entered, and between
-            repeated CRITICAL events (default 50).
-        repeat_every: steps between repeats of a persisting WARNING whose evidence
-            still holds (default 25; ``None``: only changes of level are issued).
-        window: readings in each rolling baseline (default 64).
-        warmup: readings a baseline needs before it scores (default 20).
-        max_age: optimizer steps after which a reading is stale and left out (default 250).
-        freeze_limit: at most this many steps of baseline and band freezing while at
-            WARNING or above (default 200).
-        trend_window: values per rolling variance / autocorrelation window (default 48).
-        trend_history: rolling statistics in the Kendall-tau trend test (default 96).
-        trend_tau: Kendall tau of a rising trend (default 0.6).
-        trend_var_factor: growth of the rolling variance over the history (default 3).
-        trend_ac1_rise: growth of the lag-1 autocorrelation over the history (default 0.2).
-        trend_sustain: consecutive readings of slowing down (default 10).
-        eos_margin: the edge rule fires above ``1 + eos_margin`` (default 0.25).
-        eos_sustain: consecutive fresh readings above it (default 3).
-        eos_critical: a measured edge ratio above this while the loss is above its band
-            is CRITICAL (default 2.0).
-        lr_jump: one-step learning-rate growth that counts as a jump for the predicted
-            ratio (default 1.5).
-        cusum_drift: per-step allowance of the CUSUM on the deviation (default 5).
-        cusum_threshold: the CUSUM's sum of excesses over ``cusum_drift`` that proposes
-            WATCH (default 12; ``None``: no CUSUM).
+        deviation: when the meta-state's deviation and its CUSUM propose WATCH, and the
+            exit ratio of every level
+            (:class:`~lightning_stability.warning.config.DeviationThresholds`).
+        levels: how the level rises, dwells, cools down and repeats
+            (:class:`~lightning_stability.warning.config.LevelPolicy`).
+        baselines: the rolling robust baselines and the staleness of readings
+            (:class:`~lightning_stability.warning.config.Baselines`).
+        trend: the critical-slowing-down test
+            (:class:`~lightning_stability.warning.config.TrendTest`).
+        edge: the edge-of-stability rule (:class:`~lightning_stability.warning.config.EdgeRule`).
         loss_band: the training loss's band (default ``LossBand()``).
-        use_step_loss: when no probe publishes ``stability/loss/value``, use the training
-            step's own loss (averaged over ranks) instead (default True).
         signals: which readings feed which dimension and how (default
             :data:`~lightning_stability.warning.metastate.DEFAULT_SIGNALS`).
+        use_step_loss: when no probe publishes ``stability/loss/value``, use the training
+            step's own loss (averaged over ranks) instead (default True).
         warn_level: lowest level issued as a Python warning (default ``"warning"``).
         on_event: called with every event, on every rank.
-        warning_threshold, critical_threshold, escalate_after: no longer used (soft
+        **deprecated: the flat keywords of the previous release (``watch_threshold=8.0``,
+            ``patience=2``, ``trend_tau=0.6``, ``eos_margin=0.25``, ...), folded into their
+            group with a ``DeprecationWarning`` that names it. ``warning_threshold``,
+            ``critical_threshold`` and ``escalate_after`` are no longer used (soft
             deviation never raises the level above WATCH, and a WARNING that persists is
             not escalated); accepted with a ``DeprecationWarning``.
 
@@ -132,81 +126,54 @@ class EarlyWarning(IdentifiedCallback):
         from lightning.pytorch import Trainer
         from lightning_stability import EarlyWarning, GradientMonitor, LossMonitor
 
-        trainer = Trainer(callbacks=[GradientMonitor(), LossMonitor(), EarlyWarning()])
+        from lightning_stability.warning import EdgeRule, LevelPolicy
+
+        warning = EarlyWarning(levels=LevelPolicy(patience=3), edge=EdgeRule(margin=0.3))
+        trainer = Trainer(callbacks=[GradientMonitor(), LossMonitor(), warning])
     """
 
     def __init__(
         self,
-        watch_threshold: float = 8.0,
-        exit_ratio: float = 0.6,
-        patience: int = 2,
-        min_dwell: int = 10,
-        cooldown: int = 50,
-        repeat_every: int | None = 25,
-        window: int = 64,
-        warmup: int = 20,
-        max_age: int = 250,
-        freeze_limit: int = 200,
-        trend_window: int = 48,
-        trend_history: int = 96,
-        trend_tau: float = 0.6,
-        trend_var_factor: float = 3.0,
-        trend_ac1_rise: float = 0.2,
-        trend_sustain: int = 10,
-        eos_margin: float = 0.25,
-        eos_sustain: int = 3,
-        eos_critical: float = 2.0,
-        lr_jump: float = LR_JUMP,
-        cusum_drift: float = 5.0,
-        cusum_threshold: float | None = 12.0,
+        deviation: DeviationThresholds | None = None,
+        levels: LevelPolicy | None = None,
+        baselines: Baselines | None = None,
+        trend: TrendTest | None = None,
+        edge: EdgeRule | None = None,
         loss_band: LossBand | None = None,
-        use_step_loss: bool = True,
         signals: list[SignalSpec] | None = None,
+        use_step_loss: bool = True,
         warn_level: str = "warning",
         on_event: EventListener | None = None,
-        warning_threshold: float | None = None,
-        critical_threshold: float | None = None,
-        escalate_after: int | None = None,
+        **deprecated: Any,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("warning_threshold", warning_threshold),
-            ("critical_threshold", critical_threshold),
-            ("escalate_after", escalate_after),
-        ):
-            if value is not None:
+        for name in ("warning_threshold", "critical_threshold", "escalate_after"):
+            if deprecated.pop(name, None) is not None:
                 rank_zero_deprecation(
                     f"EarlyWarning({name}=...) has no effect: soft deviation raises the level "
                     "to WATCH at most, and WARNING and CRITICAL come from the rules in "
                     "lightning_stability.warning.rules."
                 )
-        self.monitor = MetaStateMonitor(
-            signals=signals,
-            watch_threshold=watch_threshold,
-            exit_ratio=exit_ratio,
-            window=window,
-            warmup=warmup,
-            max_age=max_age,
-            freeze_limit=freeze_limit,
-            trend_window=trend_window,
-            trend_history=trend_history,
-            trend_tau=trend_tau,
-            trend_var_factor=trend_var_factor,
-            trend_ac1_rise=trend_ac1_rise,
-            trend_sustain=trend_sustain,
-            eos_margin=eos_margin,
-            eos_sustain=eos_sustain,
-            eos_critical=eos_critical,
-            lr_jump=lr_jump,
-            cusum_drift=cusum_drift,
-            cusum_threshold=cusum_threshold,
-            loss_band=loss_band,
+        groups = regroup(
+            "EarlyWarning",
+            deprecated,
+            {**WARNING_FLAT_ALIASES, **_LEVEL_FLAT_ALIASES},
+            {
+                "deviation": (DeviationThresholds, deviation),
+                "levels": (LevelPolicy, levels),
+                "baselines": (Baselines, baselines),
+                "trend": (TrendTest, trend),
+                "edge": (EdgeRule, edge),
+            },
         )
+        levels = groups.pop("levels")
+        self.monitor = MetaStateMonitor(signals=signals, loss_band=loss_band, **groups)
+        self.level_policy = levels
         self.tracker = LevelTracker(
-            patience=patience,
-            min_dwell=min_dwell,
-            cooldown=cooldown,
-            repeat_every=repeat_every,
+            patience=levels.patience,
+            min_dwell=levels.min_dwell,
+            cooldown=levels.cooldown,
+            repeat_every=levels.repeat_every,
         )
         self.use_step_loss = use_step_loss
         self.warn_level = Level.parse(warn_level, "warn_level")
@@ -291,9 +258,9 @@ class EarlyWarning(IdentifiedCallback):
         if new is not None:
             self.monitor.issued()
         meta = {
-            "stability/meta/deviation": deviation,
-            "stability/meta/level": float(self.tracker.level),
-            **{f"stability/meta/{name}": value for name, value in dims.items()},
+            META_DEVIATION: deviation,
+            META_LEVEL: float(self.tracker.level),
+            **{meta_key(name): value for name, value in dims.items()},
         }
         metrics = trainer.callback_metrics  # a property that gathers the results: read once
         for key, value in meta.items():

@@ -4,35 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import TYPE_CHECKING, Any
+
+from lightning_stability.vocabulary import Level
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
 
 __all__ = ["EventListener", "InstabilityEvent", "Level", "event_from_state", "event_to_state"]
-
-
-class Level(IntEnum):
-    """Severity of the run's state, ordered so that levels compare (``WARNING > WATCH``)."""
-
-    OK = 0
-    WATCH = 1
-    WARNING = 2
-    CRITICAL = 3
-
-    @classmethod
-    def parse(cls, value: str | int | Level, argument: str = "level") -> Level:
-        """``Level`` from a name (``"warning"``), a number or a ``Level``; a clear
-        ``ValueError`` naming ``argument`` otherwise."""
-        if isinstance(value, Level):
-            return value
-        if isinstance(value, str) and value.upper() in cls.__members__:
-            return cls[value.upper()]
-        if isinstance(value, int) and not isinstance(value, bool) and value in iter(cls):
-            return cls(value)
-        names = ", ".join(repr(m.name.lower()) for m in cls)
-        raise ValueError(f"{argument} must be one of {names}, got {value!r}")
 
 
 @dataclass(frozen=True)

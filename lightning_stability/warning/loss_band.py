@@ -37,7 +37,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from lightning_stability.configuration import regroup
 from lightning_stability.warning.baseline import SortedWindow, median, median_of_sorted
+from lightning_stability.warning.config import (
+    BAND_FLAT_ALIASES,
+    BandDamage,
+    BandLeaving,
+    BandShape,
+)
 
 __all__ = ["BandEvidence", "LossBand"]
 
@@ -77,97 +84,48 @@ class LossBand:
     """Rolling band of a loss stream (see the module docstring).
 
     Args:
-        window: recent losses the band is computed from (default 64: short enough that the
-            fast fall of early training has left it when the loss settles).
-        warmup: losses needed before the band answers (default 20).
-        quantile: the band's top, a quantile of the window (default 0.95).
-        smooth: length of the trailing median compared with the band (default 5).
-        width: band widths above the top for ``leaving`` (default 3).
-        factor: times the floor for ``leaving`` (default 2).
-        confirm: consecutive steps outside for ``leaving`` (default 2).
-        shock_width: widths above the top for a single-batch ``shock`` (default 50).
-        shock_factor: times the floor for a ``shock`` (default 10).
-        damage_width: widths above the top for ``damage`` (default 10).
-        damage_factor: times the floor for ``damage`` (default 3).
-        sustain: consecutive steps for ``damage`` (default 10).
-        rel_width: the band is never narrower than this fraction of the floor, so that a
-            loss that has become constant does not turn rounding into trouble
-            (default 0.05).
-        scale_frac: the factors above are taken of the floor, or of this fraction of the
-            loss the run started from (the median of its first ``warmup`` losses), whichever
-            is larger (default 0.01): near zero, a loss that doubles from a ten-thousandth
-            of where it started has not left anything that matters.
-        recovered: damage needs the trailing median at the end of its ``sustain`` steps to
-            be at least this fraction of its value at their start (default 0.5): a loss that
-            halved has started to recover, one that wobbles on a high plateau has not.
-        forget_low, forget_high: a trailing median back above ``forget_high`` times the
-            loss the run started from (the median of its first three losses), after the
-            band's floor had fallen to ``forget_low`` times it with the start above the
-            band's top, is far above the floor whatever the band (defaults 0.5 and 0.8): a
-            run that has lost what it learned is damaged, even when its loss was noisy
-            enough that the band never tightened.
-        memory: a loss is judged against the lowest band (lowest top) of the last
-            ``memory`` steps (default 200), so that a loss creeping upwards is compared
-            with where it was, not with a band it has already lifted; for stationary noise
-            the lowest of those bands is close to the current one.
+        shape: how the band is drawn (window, quantile, smoothing, memory;
+            :class:`~lightning_stability.warning.config.BandShape`).
+        leaving: when the loss leaves the band or one loss is a shock
+            (:class:`~lightning_stability.warning.config.BandLeaving`).
+        damage: when the loss shows damage
+            (:class:`~lightning_stability.warning.config.BandDamage`).
+        **deprecated: the flat keywords of the previous release (``window=64``, ...),
+            folded into their group with a ``DeprecationWarning``.
+
+    Example::
+
+        from lightning_stability.warning import BandLeaving, EarlyWarning, LossBand
+
+        EarlyWarning(loss_band=LossBand(leaving=BandLeaving(confirm=3)))
     """
 
     def __init__(
         self,
-        window: int = 64,
-        warmup: int = 20,
-        quantile: float = 0.95,
-        smooth: int = 5,
-        width: float = 3.0,
-        factor: float = 2.0,
-        confirm: int = 2,
-        shock_width: float = 50.0,
-        shock_factor: float = 10.0,
-        damage_width: float = 10.0,
-        damage_factor: float = 3.0,
-        sustain: int = 10,
-        rel_width: float = 0.05,
-        memory: int = 200,
-        scale_frac: float = 0.01,
-        recovered: float = 0.5,
-        forget_low: float = 0.5,
-        forget_high: float = 0.8,
+        shape: BandShape | None = None,
+        leaving: BandLeaving | None = None,
+        damage: BandDamage | None = None,
+        **deprecated: Any,
     ) -> None:
-        for name, value in (("window", window), ("smooth", smooth), ("confirm", confirm)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"band {name} must be an integer >= 1, got {value!r}")
-        if isinstance(sustain, bool) or not isinstance(sustain, int) or sustain < 1:
-            raise ValueError(f"band sustain must be an integer >= 1, got {sustain!r}")
-        if not 1 <= warmup <= window:
-            raise ValueError(f"band warmup must be in [1, window={window}], got {warmup!r}")
-        if isinstance(memory, bool) or not isinstance(memory, int) or memory < 1:
-            raise ValueError(f"band memory must be an integer >= 1, got {memory!r}")
-        if not 0 < recovered <= 1:
-            raise ValueError(f"band recovered must be in (0, 1], got {recovered!r}")
-        if not 0 < forget_low < forget_high:
-            raise ValueError(
-                "band forget_low and forget_high must satisfy 0 < forget_low < forget_high, "
-                f"got {forget_low!r}, {forget_high!r}"
-            )
-        if not 0 <= scale_frac < 1:
-            raise ValueError(f"band scale_frac must be in [0, 1), got {scale_frac!r}")
-        if not 0.5 < quantile < 1:
-            raise ValueError(f"band quantile must be in (0.5, 1), got {quantile!r}")
-        for name, value in (
-            ("width", width),
-            ("shock_width", shock_width),
-            ("damage_width", damage_width),
-            ("rel_width", rel_width),
-        ):
-            if not value > 0:
-                raise ValueError(f"band {name} must be > 0, got {value!r}")
-        for name, value in (
-            ("factor", factor),
-            ("shock_factor", shock_factor),
-            ("damage_factor", damage_factor),
-        ):
-            if not value >= 1:
-                raise ValueError(f"band {name} must be >= 1, got {value!r}")
+        groups = regroup(
+            "LossBand",
+            deprecated,
+            BAND_FLAT_ALIASES,
+            {
+                "shape": (BandShape, shape),
+                "leaving": (BandLeaving, leaving),
+                "damage": (BandDamage, damage),
+            },
+        )
+        shape, leaving, damage = groups["shape"], groups["leaving"], groups["damage"]
+        self.shape, self.leaving, self.damage = shape, leaving, damage
+        window, warmup, smooth, memory = shape.window, shape.warmup, shape.smooth, shape.memory
+        quantile, rel_width, scale_frac = shape.quantile, shape.rel_width, shape.scale_frac
+        width, factor, confirm = leaving.width, leaving.factor, leaving.confirm
+        shock_width, shock_factor = leaving.shock_width, leaving.shock_factor
+        damage_width, damage_factor = damage.damage_width, damage.damage_factor
+        sustain, recovered = damage.sustain, damage.recovered
+        forget_low, forget_high = damage.forget_low, damage.forget_high
         self.window = window
         self.warmup = warmup
         self.quantile = quantile

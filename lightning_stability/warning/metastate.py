@@ -16,6 +16,22 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
+from lightning_stability.vocabulary import (
+    ACTIVATION_DEAD_FRACTION,
+    CKA_MIN,
+    DIMENSIONS,
+    GRAD_CLIP_RATE,
+    GRAD_NORM,
+    GRAD_UPDATE_RATIO,
+    LOSS_SPREAD,
+    LOSS_TAIL_MAX,
+    LOSS_TAIL_Q,
+    LOSS_VALUE,
+    SHARPNESS_DIRECTIONAL_RATIO,
+    SHARPNESS_EOS_RATIO,
+    SHARPNESS_SHIFT,
+)
+
 __all__ = [
     "DEFAULT_SIGNALS",
     "DIMENSIONS",
@@ -28,7 +44,6 @@ __all__ = [
 Dimension = Literal["optimization", "learning_signal", "parametric", "data"]
 Transform = Literal["log", "identity", "log1m"]
 
-DIMENSIONS: tuple[str, ...] = ("optimization", "learning_signal", "parametric", "data")
 TRANSFORMS: tuple[str, ...] = ("log", "identity", "log1m")
 
 # Smallest value the log transforms see: keeps an exact zero finite without letting it
@@ -82,24 +97,24 @@ class SignalSpec:
 
 DEFAULT_SIGNALS: tuple[SignalSpec, ...] = (
     # optimisation: how close the step is to the edge of stability, and how big it is
-    SignalSpec("stability/sharpness/eos_ratio", "optimization", "log", min_scale=0.05),
-    SignalSpec("stability/sharpness/directional_ratio", "optimization", "identity", min_scale=0.1),
-    SignalSpec("stability/sharpness/shift", "optimization", "identity", min_scale=0.1),
-    SignalSpec("stability/grad/update_ratio", "optimization", "log", min_scale=0.05),
-    SignalSpec("stability/grad/norm", "optimization", "log", min_scale=0.05, trend=True),
+    SignalSpec(SHARPNESS_EOS_RATIO, "optimization", "log", min_scale=0.05),
+    SignalSpec(SHARPNESS_DIRECTIONAL_RATIO, "optimization", "identity", min_scale=0.1),
+    SignalSpec(SHARPNESS_SHIFT, "optimization", "identity", min_scale=0.1),
+    SignalSpec(GRAD_UPDATE_RATIO, "optimization", "log", min_scale=0.05),
+    SignalSpec(GRAD_NORM, "optimization", "log", min_scale=0.05, trend=True),
     # learning signal: loss level and trend, how often the gradient is clipped
     # identity, not log: a minibatch loss near zero has a large relative spread, in
     # which a spike to many times the typical loss would hide
-    SignalSpec("stability/loss/value", "learning_signal", "identity", min_scale=1e-4, trend=True),
-    SignalSpec("stability/grad/clip_rate", "learning_signal", "identity", min_scale=0.05),
+    SignalSpec(LOSS_VALUE, "learning_signal", "identity", min_scale=1e-4, trend=True),
+    SignalSpec(GRAD_CLIP_RATE, "learning_signal", "identity", min_scale=0.05),
     # parametric: representations drifting away, units dying. The weight norm is left out:
     # it grows on healthy runs, and its rate of change is the update ratio above
-    SignalSpec("stability/cka/min", "parametric", "log1m", min_scale=0.1),
-    SignalSpec("stability/act/*/dead_fraction", "parametric", "identity", min_scale=0.02),
+    SignalSpec(CKA_MIN, "parametric", "log1m", min_scale=0.1),
+    SignalSpec(ACTIVATION_DEAD_FRACTION, "parametric", "identity", min_scale=0.02),
     # data / environment: the tail of the batch losses
-    SignalSpec("stability/loss/tail_q", "data", "log", min_scale=0.05),
-    SignalSpec("stability/loss/tail_max", "data", "log", min_scale=0.05),
-    SignalSpec("stability/loss/spread", "data", "log", min_scale=0.05),
+    SignalSpec(LOSS_TAIL_Q, "data", "log", min_scale=0.05),
+    SignalSpec(LOSS_TAIL_MAX, "data", "log", min_scale=0.05),
+    SignalSpec(LOSS_SPREAD, "data", "log", min_scale=0.05),
 )
 """The readings of the probe contract that enter the meta-state by default."""
 

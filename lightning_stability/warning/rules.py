@@ -38,18 +38,25 @@ from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 from lightning_stability.probes.edge import LR_JUMP
+from lightning_stability.vocabulary import (
+    LOSS_VALUE,
+    SHARPNESS_DIRECTIONAL_RATIO,
+    SHARPNESS_EOS_RATIO,
+    SHARPNESS_LR_CHANGE,
+    SHARPNESS_PREDICTED_RATIO,
+)
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.loss_band import BandEvidence
 from lightning_stability.warning.metastate import Observation
 
 __all__ = ["EOS_KEY", "EOS_KEYS", "LOSS_KEY", "PREDICTED_KEY", "HardRules", "RuleHit"]
 
-EOS_KEY = "stability/sharpness/eos_ratio"
-EOS_KEYS = (EOS_KEY, "stability/sharpness/directional_ratio")
+EOS_KEY = SHARPNESS_EOS_RATIO
+EOS_KEYS = (EOS_KEY, SHARPNESS_DIRECTIONAL_RATIO)
 """Measured readings on the edge-of-stability scale (1.0 = the edge) that the rule watches."""
-PREDICTED_KEY = "stability/sharpness/predicted_ratio"
-LR_CHANGE_KEY = "stability/sharpness/lr_change"
-LOSS_KEY = "stability/loss/value"
+PREDICTED_KEY = SHARPNESS_PREDICTED_RATIO
+LR_CHANGE_KEY = SHARPNESS_LR_CHANGE
+LOSS_KEY = LOSS_VALUE
 _NONFINITE_SUFFIX = "/nonfinite"
 
 
