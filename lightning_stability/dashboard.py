@@ -44,24 +44,40 @@ from lightning_stability.tensorboard import (
     tensorboard_writers,
     write_layout,
 )
-from lightning_stability.vocabulary import LEVEL_NAMES
+from lightning_stability.vocabulary import (
+    ACTION_STAGE,
+    GRAD_CLIP_THRESHOLD,
+    LEVEL_NAMES,
+    LOSS_VALUE,
+    META_DEVIATION,
+    REF_EDGE,
+    REF_LAMBDA_EDGE,
+    REF_PRECONDITIONED_EDGE,
+    REF_WATCH_THRESHOLD,
+    SHARPNESS_DIRECTIONAL,
+    SHARPNESS_DIRECTIONAL_RATIO,
+    SHARPNESS_EOS_RATIO,
+    SHARPNESS_LAMBDA_MAX,
+    SHARPNESS_PRECONDITIONED,
+)
+from lightning_stability.vocabulary import key as tag_of
 from lightning_stability.warning.early_warning import EarlyWarning
 from lightning_stability.warning.events import InstabilityEvent
 
 __all__ = ["StabilityDashboard"]
 
 _SUMMARY_TAGS = frozenset(tag for _, tag, _ in SUMMARY_ROWS)
-_CURVATURE = ("stability/sharpness/lambda_max", "stability/sharpness/directional")
+_CURVATURE = (SHARPNESS_LAMBDA_MAX, SHARPNESS_DIRECTIONAL)
 # what the dashboard follows in the probes' readings: the summary's and those framing the
 # edge; readings under these prefixes are logged at every reading, the others (gradients,
 # loss) only on Lightning's logging steps
 _PROBE_TAGS = _SUMMARY_TAGS | {
     *_CURVATURE,
-    "stability/sharpness/preconditioned",
-    "stability/grad/clip_threshold",
-    "stability/loss/value",
+    SHARPNESS_PRECONDITIONED,
+    GRAD_CLIP_THRESHOLD,
+    LOSS_VALUE,
 }
-_SPARSE = ("stability/sharpness/", "stability/cka", "stability/audit/")
+_SPARSE = (tag_of("sharpness/"), tag_of("cka"), tag_of("audit/"))
 
 
 def _log_step(trainer: pl.Trainer) -> int:
@@ -240,7 +256,7 @@ class StabilityDashboard(IdentifiedCallback):
         self._layout_written = True
         tag = self.loss_tag or find_loss_tag(trainer.callback_metrics)
         if tag is None and self._of(LossMonitor):
-            tag = "stability/loss/value"
+            tag = LOSS_VALUE
         self.run_log.loss_tag = tag
         self.run_log.attached = self._attached(trainer)
         if not trainer.is_global_zero:
@@ -339,7 +355,7 @@ class StabilityDashboard(IdentifiedCallback):
                     writer.add_text(TIMELINE.TEXT, format_entries(entries), step)
         if logging and self.run_log.loss_tag:
             value = trainer.callback_metrics.get(self.run_log.loss_tag)
-            if value is not None and self.run_log.loss_tag != "stability/loss/value":
+            if value is not None and self.run_log.loss_tag != LOSS_VALUE:
                 self._record(self.run_log.loss_tag, step, _as_float(value))
         self._write_references(trainer, fresh, step, logging)
         if self.progress_bar and trainer.progress_bar_callback is not None:
@@ -363,10 +379,10 @@ class StabilityDashboard(IdentifiedCallback):
             self._event_counts.get(id(self._warning), 0)
         )
         if self._warning is not None and (logging or warning_event):
-            self._record("stability/meta/deviation", step, self._warning.deviation)
+            self._record(META_DEVIATION, step, self._warning.deviation)
         if logging:
             for action in self._stages:
-                self._record("stability/action/stage", step, action.stage)
+                self._record(ACTION_STAGE, step, action.stage)
         return fresh
 
     def _new_events(self, step: int) -> list[TimelineEntry]:
@@ -453,17 +469,17 @@ class StabilityDashboard(IdentifiedCallback):
         if step == self._ref_step:
             return
         refs: dict[str, float] = {}
-        if any(k in fresh for k in (*_CURVATURE, "stability/sharpness/preconditioned")):
-            refs["stability/ref/edge"] = 1.0
+        if any(k in fresh for k in (*_CURVATURE, SHARPNESS_PRECONDITIONED)):
+            refs[REF_EDGE] = 1.0
             if trainer.optimizers:
                 optimizer = trainer.optimizers[0]
                 edges = {
-                    "stability/ref/lambda_edge": lambda_edge(optimizer),
-                    "stability/ref/preconditioned_edge": preconditioned_edge(optimizer),
+                    REF_LAMBDA_EDGE: lambda_edge(optimizer),
+                    REF_PRECONDITIONED_EDGE: preconditioned_edge(optimizer),
                 }
                 refs.update({k: v for k, v in edges.items() if v is not None and math.isfinite(v)})
         if self._warning is not None and logging:
-            refs["stability/ref/watch_threshold"] = self._warning.monitor.watch_threshold
+            refs[REF_WATCH_THRESHOLD] = self._warning.monitor.watch_threshold
         if refs:
             self._ref_step = step
             self._write(trainer, step, refs)
@@ -474,7 +490,7 @@ class StabilityDashboard(IdentifiedCallback):
         bar: dict[str, str] = {}
         if self._warning is not None:
             bar["stab"] = LEVEL_NAMES[self._warning.level]
-        for key in ("stability/sharpness/eos_ratio", "stability/sharpness/directional_ratio"):
+        for key in (SHARPNESS_EOS_RATIO, SHARPNESS_DIRECTIONAL_RATIO):
             reading = next((p.readings[key] for p in self._probes if key in p.readings), None)
             if reading is not None:
                 bar["eos"] = f"{reading.value:.2f}"

@@ -22,7 +22,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightning_stability.tensorboard import TIMELINE
-from lightning_stability.vocabulary import AUDIT_LR_MARGIN, LEVEL_NAMES
+from lightning_stability.vocabulary import (
+    ACTION_STAGE,
+    ACTIONS,
+    AUDIT_LR_MARGIN,
+    CKA_MIN,
+    EVENTS,
+    GRAD_CLIP_RATE,
+    GRAD_CLIP_THRESHOLD,
+    GRAD_NORM,
+    LEVEL_NAMES,
+    LOSS_TAIL_MAX,
+    LOSS_VALUE,
+    META_DEVIATION,
+    META_LEVEL,
+    PREFIX,
+    REF_LAMBDA_EDGE,
+    REF_PRECONDITIONED_EDGE,
+    REF_WATCH_THRESHOLD,
+    SHARPNESS_DIRECTIONAL,
+    SHARPNESS_DIRECTIONAL_RATIO,
+    SHARPNESS_EOS_RATIO,
+    SHARPNESS_LAMBDA_MAX,
+    SHARPNESS_PRECONDITIONED,
+    key,
+)
 
 __all__ = [
     "LEVEL_NAMES",
@@ -53,34 +77,34 @@ Series = list[tuple[int, float]]
 # (label, tag, reduction) for the readings table. Curvature peaks are "confirmed" maxima
 # (see ``confirmed_max``): a single outlying check must not set them.
 SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("peak edge-of-stability ratio", "stability/sharpness/eos_ratio", "confirmed_max"),
-    ("peak lambda_max", "stability/sharpness/lambda_max", "confirmed_max"),
-    ("peak directional ratio", "stability/sharpness/directional_ratio", "confirmed_max"),
-    ("peak gradient norm", "stability/grad/norm", "max"),
-    ("mean clip rate", "stability/grad/clip_rate", "mean"),
-    ("peak batch loss", "stability/loss/tail_max", "max"),
-    ("lowest CKA to previous check", "stability/cka/min", "min"),
-    ("peak meta-state deviation", "stability/meta/deviation", "max"),
+    ("peak edge-of-stability ratio", SHARPNESS_EOS_RATIO, "confirmed_max"),
+    ("peak lambda_max", SHARPNESS_LAMBDA_MAX, "confirmed_max"),
+    ("peak directional ratio", SHARPNESS_DIRECTIONAL_RATIO, "confirmed_max"),
+    ("peak gradient norm", GRAD_NORM, "max"),
+    ("mean clip rate", GRAD_CLIP_RATE, "mean"),
+    ("peak batch loss", LOSS_TAIL_MAX, "max"),
+    ("lowest CKA to previous check", CKA_MIN, "min"),
+    ("peak meta-state deviation", META_DEVIATION, "max"),
     ("highest level", TIMELINE.LEVEL, "max"),
     ("rollbacks", TIMELINE.ROLLBACKS, "last"),
     ("final learning-rate factor", TIMELINE.LR_FACTOR, "last"),
-    ("highest stage", "stability/action/stage", "max"),
+    ("highest stage", ACTION_STAGE, "max"),
     ("lowest audit LR margin", AUDIT_LR_MARGIN, "min"),
 )
 
 # (aspect, callback classes, tag prefix, the series whose readings are counted)
 ASPECTS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
-    ("curvature", ("SharpnessMonitor",), "stability/sharpness/", "stability/sharpness/lambda_max"),
-    ("gradients", ("GradientMonitor",), "stability/grad/", "stability/grad/norm"),
-    ("loss tail", ("LossMonitor",), "stability/loss/", "stability/loss/value"),
-    ("representations", ("RepresentationDriftMonitor",), "stability/cka", "stability/cka/min"),
+    ("curvature", ("SharpnessMonitor",), key("sharpness/"), SHARPNESS_LAMBDA_MAX),
+    ("gradients", ("GradientMonitor",), key("grad/"), GRAD_NORM),
+    ("loss tail", ("LossMonitor",), key("loss/"), LOSS_VALUE),
+    ("representations", ("RepresentationDriftMonitor",), key("cka"), CKA_MIN),
     (
         "perturbation audit",
         ("PerturbationAudit",),
-        "stability/audit/",
+        key("audit/"),
         AUDIT_LR_MARGIN,
     ),
-    ("early warning", ("EarlyWarning",), "stability/meta/", TIMELINE.LEVEL),
+    ("early warning", ("EarlyWarning",), key("meta/"), TIMELINE.LEVEL),
 )
 ACTION_CLASSES = ("LRBackoff", "StagedTraining", "Rollback", "LRGuard", "AdaptiveClip")
 
@@ -223,7 +247,7 @@ def find_loss_tag(tags: Iterable[str]) -> str | None:
         t
         for t in tags
         if "loss" in t.lower()
-        and not t.startswith("stability/")
+        and not t.startswith(PREFIX)
         and not t.endswith("_epoch")
         and not skip.search(t.lower())
     ]
@@ -291,7 +315,7 @@ def _legacy_entry(step: int, tag: str, text: str) -> TimelineEntry:
         return TimelineEntry(step, m["source"], 0, m["text"])
     word = first.split(" ", 1)[0].rstrip(":").lower()
     level = LEVEL_NAMES.index(word) if word in LEVEL_NAMES else 0
-    source = WARNING_SOURCE if tag.startswith("stability/events") else "action"
+    source = WARNING_SOURCE if tag.startswith(EVENTS) else "action"
     return TimelineEntry(step, source, level, first)
 
 
@@ -308,7 +332,7 @@ def load_run(run_dir: str | os.PathLike) -> RunLog:
     tags = acc.Tags()
     texts: dict[str, list[tuple[int, str]]] = {}
     for tag in tags.get("tensors", []):
-        if tag.startswith("stability/"):
+        if tag.startswith(PREFIX):
             texts[tag.removesuffix("/text_summary")] = [
                 (e.step, e.tensor_proto.string_val[0].decode("utf-8", errors="replace"))
                 for e in acc.Tensors(tag)
@@ -325,14 +349,14 @@ def load_run(run_dir: str | os.PathLike) -> RunLog:
     scalars = {
         tag: [(e.step, float(e.value)) for e in acc.Scalars(tag)]
         for tag in scalar_tags
-        if tag.startswith("stability/") or tag == loss_tag
+        if tag.startswith(PREFIX) or tag == loss_tag
     }
     if TIMELINE.TEXT in texts:
         events = [e for step, text in texts[TIMELINE.TEXT] for e in parse_entries(step, text)]
     else:  # logs written before the timeline existed
         events = [
             _legacy_entry(step, tag, text)
-            for tag in ("stability/events", "stability/actions")
+            for tag in (EVENTS, ACTIONS)
             for step, text in texts.get(tag, [])
         ]
     return RunLog(scalars, order_events(events), attached, loss_tag)
@@ -342,7 +366,7 @@ def load_run(run_dir: str | os.PathLike) -> RunLog:
 
 
 def _level_series(log: RunLog) -> Series:
-    return log.scalars.get(TIMELINE.LEVEL) or log.scalars.get("stability/meta/level") or []
+    return log.scalars.get(TIMELINE.LEVEL) or log.scalars.get(META_LEVEL) or []
 
 
 def _monitored(log: RunLog) -> list[tuple[str, str]]:
@@ -373,7 +397,7 @@ def _monitored(log: RunLog) -> list[tuple[str, str]]:
 
 
 def _loss(log: RunLog) -> tuple[str | None, Series]:
-    for tag in (log.loss_tag, "stability/loss/value"):
+    for tag in (log.loss_tag, LOSS_VALUE):
         if tag and log.scalars.get(tag):
             return tag, log.scalars[tag]
     return None, []
@@ -448,8 +472,8 @@ def _advice(log: RunLog, highest: int | None, first_step: int | None) -> list[st
     scalars = log.scalars
     last_step = max((s[-1][0] for s in scalars.values() if s), default=0)
     for tag, what in (
-        ("stability/sharpness/eos_ratio", "edge-of-stability ratio"),
-        ("stability/sharpness/directional_ratio", "directional edge ratio"),
+        (SHARPNESS_EOS_RATIO, "edge-of-stability ratio"),
+        (SHARPNESS_DIRECTIONAL_RATIO, "directional edge ratio"),
     ):
         series = scalars.get(tag, [])
         peak = confirmed_max([v for _, v in series])
@@ -491,8 +515,8 @@ def _advice(log: RunLog, highest: int | None, first_step: int | None) -> list[st
             f"{100 * first_step / last_step:.0f}% into the run; a learning-rate warm-up over "
             f"the first {max(2 * first_step, 10)} steps lets the curvature settle first."
         )
-    norms = [v for _, v in scalars.get("stability/grad/norm", []) if math.isfinite(v)]
-    if len(norms) >= 10 and not scalars.get("stability/grad/clip_threshold"):
+    norms = [v for _, v in scalars.get(GRAD_NORM, []) if math.isfinite(v)]
+    if len(norms) >= 10 and not scalars.get(GRAD_CLIP_THRESHOLD):
         median = statistics.median(norms)
         peak = max(norms)
         if median > 0 and peak > 10 * median:
@@ -502,8 +526,8 @@ def _advice(log: RunLog, highest: int | None, first_step: int | None) -> list[st
                 f"median ({median:.3g}); clipping at about {p90:.3g} (the 90th percentile of "
                 "the logged norms) caps such steps."
             )
-    precond = confirmed_max([v for _, v in scalars.get("stability/sharpness/preconditioned", [])])
-    edge = [v for _, v in scalars.get("stability/ref/preconditioned_edge", [])]
+    precond = confirmed_max([v for _, v in scalars.get(SHARPNESS_PRECONDITIONED, [])])
+    edge = [v for _, v in scalars.get(REF_PRECONDITIONED_EDGE, [])]
     if math.isfinite(precond) and edge and precond > edge[-1]:
         out.append(
             f"Adam betas: the preconditioned sharpness reached {precond:.3g}, above its edge "
@@ -787,8 +811,8 @@ def write_figures(log: RunLog, outdir: str | os.PathLike) -> list[Path]:
         "Edge-of-stability ratio (above 1: the step overshoots the curvature)",
         "ratio (dimensionless)",
         [
-            ("eos_ratio (Lanczos)", "stability/sharpness/eos_ratio"),
-            ("directional_ratio", "stability/sharpness/directional_ratio"),
+            ("eos_ratio (Lanczos)", SHARPNESS_EOS_RATIO),
+            ("directional_ratio", SHARPNESS_DIRECTIONAL_RATIO),
         ],
         hlines=[(1.0, "edge (1)", "--")],
     )
@@ -796,9 +820,7 @@ def write_figures(log: RunLog, outdir: str | os.PathLike) -> list[Path]:
         "level",
         "Warning level",
         "level",
-        [("level", TIMELINE.LEVEL)]
-        if s.get(TIMELINE.LEVEL)
-        else [("level", "stability/meta/level")],
+        [("level", TIMELINE.LEVEL)] if s.get(TIMELINE.LEVEL) else [("level", META_LEVEL)],
         step=True,
         log_y=False,
         yticks=list(LEVEL_NAMES),
@@ -815,23 +837,23 @@ def write_figures(log: RunLog, outdir: str | os.PathLike) -> list[Path]:
         "Top Hessian eigenvalue against its edge",
         "eigenvalue (loss / parameter^2)",
         [
-            ("lambda_max", "stability/sharpness/lambda_max"),
-            ("directional", "stability/sharpness/directional"),
-            ("edge", "stability/ref/lambda_edge"),
+            ("lambda_max", SHARPNESS_LAMBDA_MAX),
+            ("directional", SHARPNESS_DIRECTIONAL),
+            ("edge", REF_LAMBDA_EDGE),
         ],
     )
     figure(
         "gradients",
         "Gradient norm",
         "L2 norm (before clipping)",
-        [("norm", "stability/grad/norm"), ("clip threshold", "stability/grad/clip_threshold")],
+        [("norm", GRAD_NORM), ("clip threshold", GRAD_CLIP_THRESHOLD)],
     )
-    watch = [v for _, v in s.get("stability/ref/watch_threshold", [])]
+    watch = [v for _, v in s.get(REF_WATCH_THRESHOLD, [])]
     figure(
         "meta_state",
         "Meta-state deviation",
         "deviation (robust standard deviations)",
-        [("deviation", "stability/meta/deviation")],
+        [("deviation", META_DEVIATION)],
         hlines=[(watch[-1], "watch threshold", "--")] if watch else (),
     )
     return written

@@ -34,6 +34,42 @@ from typing import Any
 
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 
+from lightning_stability.vocabulary import (
+    ACTION_LR_GUARD_SCALE,
+    ACTION_LR_SCALE,
+    ACTION_SKIPPED_STEPS,
+    ACTION_STAGE,
+    GRAD_CLIP_EVENT,
+    GRAD_CLIP_RATE,
+    GRAD_CLIP_THRESHOLD,
+    GRAD_NORM,
+    GRAD_UPDATE_RATIO,
+    LOSS_TAIL_MAX,
+    LOSS_TAIL_Q,
+    LOSS_VALUE,
+    META_DEVIATION,
+    PREFIX,
+    REF_EDGE,
+    REF_LAMBDA_EDGE,
+    REF_PRECONDITIONED_EDGE,
+    REF_WATCH_THRESHOLD,
+    SETUP_TEXT,
+    SHARPNESS_CRITICAL,
+    SHARPNESS_DIRECTIONAL,
+    SHARPNESS_DIRECTIONAL_RATIO,
+    SHARPNESS_EOS_RATIO,
+    SHARPNESS_LAMBDA_MAX,
+    SHARPNESS_PRECONDITIONED,
+    SHARPNESS_SHIFT,
+    SUMMARY_TEXT,
+    TIMELINE_EVENT_LOSS,
+    TIMELINE_LEVEL,
+    TIMELINE_LR_APPLIED,
+    TIMELINE_LR_FACTOR,
+    TIMELINE_LR_SCHEDULE,
+    TIMELINE_ROLLBACKS,
+    TIMELINE_TEXT,
+)
 from lightning_stability.warning.metastate import DIMENSIONS
 
 __all__ = [
@@ -55,18 +91,18 @@ LAYOUT_TAG = "custom_scalars__config__"
 class TIMELINE:
     """Tags of the series and texts the dashboard writes (the timeline of a run)."""
 
-    LEVEL = "stability/timeline/level"
-    ROLLBACKS = "stability/timeline/rollbacks"
-    LR_APPLIED = "stability/timeline/lr_applied"
-    LR_SCHEDULE = "stability/timeline/lr_schedule"
-    LR_FACTOR = "stability/timeline/lr_factor"
-    EVENT_LOSS = "stability/timeline/event_loss"
-    TEXT = "stability/timeline"
+    LEVEL = TIMELINE_LEVEL
+    ROLLBACKS = TIMELINE_ROLLBACKS
+    LR_APPLIED = TIMELINE_LR_APPLIED
+    LR_SCHEDULE = TIMELINE_LR_SCHEDULE
+    LR_FACTOR = TIMELINE_LR_FACTOR
+    EVENT_LOSS = TIMELINE_EVENT_LOSS
+    TEXT = TIMELINE_TEXT
     """Markdown text, one entry per step with events: every event of that step, causes
     (level changes) first, then the actions they triggered."""
-    SETUP = "stability/setup"
+    SETUP = SETUP_TEXT
     """Markdown text at the first step: the stability callbacks attached and the loss tag."""
-    SUMMARY = "stability/summary"
+    SUMMARY = SUMMARY_TEXT
     """Markdown text at the end of fit: the run's summary."""
 
 
@@ -119,19 +155,17 @@ def stability_layout(parts: Collection[str], loss_tag: str | None = None) -> dic
     if unknown:
         raise ValueError(f"parts: unknown name(s) {unknown}; allowed: {sorted(PARTS)}")
     has = set(parts).__contains__
-    s = "stability/"
+    s = PREFIX
     head: list[Chart] = []
     if loss_tag:
         head.append(
             Chart(f"training loss ({loss_tag}), events marked", (loss_tag, TIMELINE.EVENT_LOSS))
         )
     if has("sharpness"):
-        ratios = [s + "sharpness/eos_ratio"]
+        ratios = [SHARPNESS_EOS_RATIO]
         if has("directional"):
-            ratios.append(s + "sharpness/directional_ratio")
-        head.append(
-            Chart("edge-of-stability ratio (dimensionless, 1 = edge)", (*ratios, s + "ref/edge"))
-        )
+            ratios.append(SHARPNESS_DIRECTIONAL_RATIO)
+        head.append(Chart("edge-of-stability ratio (dimensionless, 1 = edge)", (*ratios, REF_EDGE)))
     if has("warning"):
         tags = (TIMELINE.LEVEL, TIMELINE.ROLLBACKS) if has("rollback") else (TIMELINE.LEVEL,)
         title = "warning level (0 ok, 1 watch, 2 warning, 3 critical)"
@@ -146,56 +180,54 @@ def stability_layout(parts: Collection[str], loss_tag: str | None = None) -> dic
 
     curvature: list[Chart] = []
     if has("sharpness"):
-        tags = [s + "sharpness/lambda_max"]
+        tags = [SHARPNESS_LAMBDA_MAX]
         if has("directional"):
-            tags.append(s + "sharpness/directional")
+            tags.append(SHARPNESS_DIRECTIONAL)
         curvature.append(
             Chart(
                 "top Hessian eigenvalue and its edge (loss / parameter^2)",
-                (*tags, s + "ref/lambda_edge"),
+                (*tags, REF_LAMBDA_EDGE),
             )
         )
         if has("directional") and has("critical"):
             curvature.append(
                 Chart(
                     "critical sharpness 2/eta_c (loss / parameter^2; gaps = undefined)",
-                    (s + "sharpness/critical",),
+                    (SHARPNESS_CRITICAL,),
                 )
             )
         if has("preconditioned"):
             curvature.append(
                 Chart(
                     "preconditioned sharpness and its edge (1 / learning rate, Adam)",
-                    (s + "sharpness/preconditioned", s + "ref/preconditioned_edge"),
+                    (SHARPNESS_PRECONDITIONED, REF_PRECONDITIONED_EDGE),
                 )
             )
         curvature.append(
             Chart(
                 "landscape shift (sine of the largest principal angle, 0 to 1)",
-                (s + "sharpness/shift",),
+                (SHARPNESS_SHIFT,),
             )
         )
         layout["Stability: curvature"] = curvature
 
     signals: list[Chart] = []
     if has("gradients"):
-        norm = [s + "grad/norm"] + ([s + "grad/clip_threshold"] if has("clipping") else [])
+        norm = [GRAD_NORM] + ([GRAD_CLIP_THRESHOLD] if has("clipping") else [])
         signals.append(Chart("gradient norm (L2, before clipping)", tuple(norm)))
-        signals.append(
-            Chart("update ratio (|update| / |weights|, per step)", (s + "grad/update_ratio",))
-        )
+        signals.append(Chart("update ratio (|update| / |weights|, per step)", (GRAD_UPDATE_RATIO,)))
         if has("clipping"):
             signals.append(
                 Chart(
                     "gradient clipping (1 = clipped; rate = share of recent steps)",
-                    (s + "grad/clip_event", s + "grad/clip_rate"),
+                    (GRAD_CLIP_EVENT, GRAD_CLIP_RATE),
                 )
             )
     if has("loss"):
         signals.append(
             Chart(
                 "batch loss and its tail (loss units)",
-                (s + "loss/value", s + "loss/tail_q", s + "loss/tail_max"),
+                (LOSS_VALUE, LOSS_TAIL_Q, LOSS_TAIL_MAX),
             )
         )
     if signals:
@@ -205,7 +237,7 @@ def stability_layout(parts: Collection[str], loss_tag: str | None = None) -> dic
         layout["Stability: early warning"] = [
             Chart(
                 "meta-state deviation and watch threshold (robust standard deviations)",
-                (s + "meta/deviation", s + "ref/watch_threshold"),
+                (META_DEVIATION, REF_WATCH_THRESHOLD),
             ),
             Chart(
                 "deviation by dimension (robust standard deviations)",
@@ -217,20 +249,20 @@ def stability_layout(parts: Collection[str], loss_tag: str | None = None) -> dic
     actions: list[Chart] = []
     factors = [TIMELINE.LR_FACTOR]
     if has("lr_backoff"):
-        factors.append(s + "action/lr_scale")
+        factors.append(ACTION_LR_SCALE)
     if has("lr_guard"):
-        factors.append(s + "action/lr_guard_scale")
+        factors.append(ACTION_LR_GUARD_SCALE)
     if len(factors) > 1 or has("staged_training"):
         actions.append(
             Chart("learning-rate factor (applied / scheduled, 1 = untouched)", tuple(factors))
         )
     if has("staged_training"):
-        actions.append(Chart("training stage (0 = as configured)", (s + "action/stage",)))
+        actions.append(Chart("training stage (0 = as configured)", (ACTION_STAGE,)))
     if has("rollback"):
         actions.append(
             Chart(
                 "rollbacks and skipped steps (count)",
-                (TIMELINE.ROLLBACKS, s + "action/skipped_steps"),
+                (TIMELINE.ROLLBACKS, ACTION_SKIPPED_STEPS),
             )
         )
     if actions:

@@ -25,33 +25,72 @@ from enum import IntEnum
 from typing import Any
 
 __all__ = [
+    "ACTIONS",
+    "ACTION_LR_GUARD_SCALE",
+    "ACTION_LR_SCALE",
+    "ACTION_ROLLBACKS",
+    "ACTION_SKIPPED_STEPS",
+    "ACTION_STAGE",
     "ACTIVATION_DEAD_FRACTION",
     "AUDIT_LR_MARGIN",
+    "CKA_HEATMAP",
     "CKA_MIN",
     "DIMENSIONS",
     "EVENTS",
+    "GRAD_CLIP_EVENT",
     "GRAD_CLIP_RATE",
     "GRAD_CLIP_THRESHOLD",
+    "GRAD_NONFINITE",
     "GRAD_NORM",
+    "GRAD_NORM_AC1",
+    "GRAD_NORM_VAR",
     "GRAD_UPDATE_RATIO",
+    "GRAD_WEIGHT_NORM",
     "LEVEL_NAMES",
+    "LOSS_AC1",
+    "LOSS_NONFINITE",
+    "LOSS_SAMPLE_MAX",
+    "LOSS_SAMPLE_Q",
     "LOSS_SPREAD",
     "LOSS_TAIL_MAX",
     "LOSS_TAIL_Q",
     "LOSS_VALUE",
+    "LOSS_VAR",
     "META_DEVIATION",
     "META_LEVEL",
     "PREFIX",
+    "REF_EDGE",
+    "REF_LAMBDA_EDGE",
+    "REF_PRECONDITIONED_EDGE",
+    "REF_WATCH_THRESHOLD",
+    "SETUP_TEXT",
     "SHARPNESS_CRITICAL",
+    "SHARPNESS_DENSITY",
+    "SHARPNESS_DENSITY_PLOT",
     "SHARPNESS_DIRECTIONAL",
     "SHARPNESS_DIRECTIONAL_RATIO",
     "SHARPNESS_EOS_RATIO",
+    "SHARPNESS_FLATTENING",
+    "SHARPNESS_HVPS",
     "SHARPNESS_LAMBDA_MAX",
     "SHARPNESS_LR_CHANGE",
+    "SHARPNESS_NONFINITE",
     "SHARPNESS_PRECONDITIONED",
     "SHARPNESS_PREDICTED_RATIO",
     "SHARPNESS_SHIFT",
+    "SHARPNESS_SKIPPED",
+    "SHARPNESS_TRACE",
+    "SUMMARY_TEXT",
+    "TIMELINE_EVENT_LOSS",
+    "TIMELINE_LEVEL",
+    "TIMELINE_LR_APPLIED",
+    "TIMELINE_LR_FACTOR",
+    "TIMELINE_LR_SCHEDULE",
+    "TIMELINE_ROLLBACKS",
+    "TIMELINE_TEXT",
     "Level",
+    "activation_key",
+    "audit_key",
     "check_choice",
     "check_factor",
     "check_finite_positive",
@@ -59,9 +98,14 @@ __all__ = [
     "check_nonnegative_int",
     "check_positive_int",
     "check_probability",
+    "cka_initial_key",
+    "cka_key",
+    "grad_group_key",
+    "grad_group_update_key",
     "key",
     "meta_key",
     "reading_name",
+    "sharpness_lambda_key",
 ]
 
 PREFIX = "stability/"
@@ -88,26 +132,112 @@ SHARPNESS_CRITICAL = key("sharpness/critical")
 SHARPNESS_SHIFT = key("sharpness/shift")
 SHARPNESS_PREDICTED_RATIO = key("sharpness/predicted_ratio")
 SHARPNESS_LR_CHANGE = key("sharpness/lr_change")
+SHARPNESS_FLATTENING = key("sharpness/flattening")
+SHARPNESS_TRACE = key("sharpness/trace")
+SHARPNESS_HVPS = key("sharpness/hvps")
+SHARPNESS_SKIPPED = key("sharpness/skipped")
+SHARPNESS_NONFINITE = key("sharpness/nonfinite")
+SHARPNESS_DENSITY = key("sharpness/density")
+"""TensorBoard histogram tag of the Hessian spectral density."""
+SHARPNESS_DENSITY_PLOT = key("sharpness/density_plot")
+"""TensorBoard figure tag of the Hessian spectral density."""
 GRAD_NORM = key("grad/norm")
 GRAD_CLIP_RATE = key("grad/clip_rate")
 GRAD_CLIP_THRESHOLD = key("grad/clip_threshold")
 GRAD_UPDATE_RATIO = key("grad/update_ratio")
+GRAD_WEIGHT_NORM = key("grad/weight_norm")
+GRAD_NONFINITE = key("grad/nonfinite")
+GRAD_NORM_VAR = key("grad/norm_var")
+GRAD_NORM_AC1 = key("grad/norm_ac1")
+GRAD_CLIP_EVENT = key("grad/clip_event")
 LOSS_VALUE = key("loss/value")
 LOSS_TAIL_Q = key("loss/tail_q")
 LOSS_TAIL_MAX = key("loss/tail_max")
 LOSS_SPREAD = key("loss/spread")
+LOSS_NONFINITE = key("loss/nonfinite")
+LOSS_VAR = key("loss/var")
+LOSS_AC1 = key("loss/ac1")
+LOSS_SAMPLE_Q = key("loss/sample_q")
+LOSS_SAMPLE_MAX = key("loss/sample_max")
 CKA_MIN = key("cka/min")
+CKA_HEATMAP = key("cka_heatmap")
+"""TensorBoard image tag of the layer x check CKA heat map."""
 ACTIVATION_DEAD_FRACTION = key("act/*/dead_fraction")
 AUDIT_LR_MARGIN = key("audit/optimization/lr_margin")
 META_DEVIATION = key("meta/deviation")
 META_LEVEL = key("meta/level")
+ACTION_LR_SCALE = key("action/lr_scale")
+ACTION_LR_GUARD_SCALE = key("action/lr_guard_scale")
+ACTION_STAGE = key("action/stage")
+ACTION_ROLLBACKS = key("action/rollbacks")
+ACTION_SKIPPED_STEPS = key("action/skipped_steps")
+REF_EDGE = key("ref/edge")
+"""Reference line of the ratios: the edge, 1."""
+REF_LAMBDA_EDGE = key("ref/lambda_edge")
+"""Reference line of ``lambda_max`` and ``directional``: the optimizer's edge."""
+REF_PRECONDITIONED_EDGE = key("ref/preconditioned_edge")
+"""Reference line of ``preconditioned`` (Adam/AdamW): its edge."""
+REF_WATCH_THRESHOLD = key("ref/watch_threshold")
+"""Reference line of the meta-state deviation: the watch threshold."""
+TIMELINE_LEVEL = key("timeline/level")
+TIMELINE_ROLLBACKS = key("timeline/rollbacks")
+TIMELINE_LR_APPLIED = key("timeline/lr_applied")
+TIMELINE_LR_SCHEDULE = key("timeline/lr_schedule")
+TIMELINE_LR_FACTOR = key("timeline/lr_factor")
+TIMELINE_EVENT_LOSS = key("timeline/event_loss")
+TIMELINE_TEXT = key("timeline")
+"""TensorBoard text tag of the timeline of a run."""
+SETUP_TEXT = key("setup")
+"""TensorBoard text tag of the callbacks attached to a run."""
+SUMMARY_TEXT = key("summary")
+"""TensorBoard text tag of the end-of-fit summary."""
 EVENTS = key("events")
 """TensorBoard text tag of the events."""
+ACTIONS = key("actions")
+"""TensorBoard text tag of the actions (in logs written before the timeline)."""
 
 
 def meta_key(dimension: str) -> str:
     """The logged key of one dimension's score (``stability/meta/<dimension>``)."""
     return key(f"meta/{dimension}")
+
+
+def sharpness_lambda_key(i: int) -> str:
+    """The logged key of the ``i``-th Hessian eigenvalue, ``i >= 1``
+    (``stability/sharpness/lambda_<i>``; the top one is :data:`SHARPNESS_LAMBDA_MAX`)."""
+    return key(f"sharpness/lambda_{i}")
+
+
+def cka_key(layer: str) -> str:
+    """The logged key of a layer's CKA to the previous check (``stability/cka/<layer>``)."""
+    return key(f"cka/{layer}")
+
+
+def cka_initial_key(layer: str) -> str:
+    """The logged key of a layer's CKA to the first check (``stability/cka_initial/<layer>``)."""
+    return key(f"cka_initial/{layer}")
+
+
+def grad_group_key(group: str) -> str:
+    """The logged key of one parameter group's gradient norm (``stability/grad/group/<group>``)."""
+    return key(f"grad/group/{group}")
+
+
+def grad_group_update_key(group: str) -> str:
+    """The logged key of one parameter group's update ratio
+    (``stability/grad/group_update/<group>``)."""
+    return key(f"grad/group_update/{group}")
+
+
+def audit_key(name: str) -> str:
+    """The logged key of one audit margin (``stability/audit/<dimension>/<margin>``)."""
+    return key(f"audit/{name}")
+
+
+def activation_key(layer: str, statistic: str) -> str:
+    """The logged key of a layer's activation statistic (``stability/act/<layer>/<statistic>``,
+    ``statistic`` one of ``"rms"``, ``"dead_fraction"``)."""
+    return key(f"act/{layer}/{statistic}")
 
 
 # ------------------------------------------------------------------ levels

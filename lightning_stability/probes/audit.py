@@ -27,7 +27,7 @@ from lightning_stability.probes.base import (
     needs_loss_fn,
     step_loss,
 )
-from lightning_stability.vocabulary import check_positive_int
+from lightning_stability.vocabulary import audit_key, check_positive_int
 
 AUDIT_FLAT_ALIASES = {
     name: ("audit", name)
@@ -237,7 +237,7 @@ class PerturbationAudit(StabilityProbe):
         self.history.append(
             {"epoch": trainer.current_epoch, "step": trainer.global_step, "values": values}
         )
-        finite = {f"audit/{k}": v for k, v in values.items() if math.isfinite(v)}
+        finite = {audit_key(k): v for k, v in values.items() if math.isfinite(v)}
         self.publish(trainer, pl_module, finite)
 
     def audit(

@@ -13,6 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_stability.callback_identity import IdentifiedCallback
+from lightning_stability.vocabulary import PREFIX
 
 __all__ = [
     "LossFn",
@@ -27,7 +28,6 @@ __all__ = [
     "write_to_loggers",
 ]
 
-PREFIX = "stability/"
 
 LossFn = Callable[[pl.LightningModule, Any], Tensor]
 """``loss_fn(module, batch) -> scalar tensor``: a user-supplied probe loss."""

@@ -1,178 +1,64 @@
 """Representation drift: how far a network's internal representations move between checks,
-measured by debiased linear CKA on a fixed probe set, plus activation health."""
+measured by debiased linear CKA on a fixed probe set, plus activation health. This module
+holds the callback (hooks, references, readings, checkpoint state); which layers it
+watches is :mod:`~lightning_stability.probes.layer_selection`'s, the probe set
+:mod:`~lightning_stability.probes.drift_probe_set`'s, how activations are read
+:mod:`~lightning_stability.probes.activation_capture`'s, when it checks
+:mod:`~lightning_stability.probes.drift_schedule`'s and the heat map
+:mod:`~lightning_stability.probes.cka_heatmap`'s."""
 
 from __future__ import annotations
 
-import fnmatch
-import math
-import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.apply_func import apply_to_collection
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import move_data_to_device, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, IterableDataset, default_collate
 from typing_extensions import override
 
 from lightning_stability.configuration import regroup
 from lightning_stability.estimators.cka import Representation, representation_cka
-from lightning_stability.estimators.isolation import (
-    compute_precision,
-    frozen_rng,
-    preserved_state,
-    resolve_compute_dtype,
-)
+from lightning_stability.probes.activation_capture import ActivationCapture, LayerCapture
 from lightning_stability.probes.base import (
     MANUAL_OPTIMIZATION,
     NoProbeLoss,
     StabilityProbe,
-    module_loss,
 )
+from lightning_stability.probes.cka_heatmap import cka_heatmap as cka_heatmap
+from lightning_stability.probes.cka_heatmap import log_heatmap
 from lightning_stability.probes.config import (
     DRIFT_FLAT_ALIASES,
     DriftCadence,
     DriftLimits,
     DriftProbe,
 )
-from lightning_stability.vocabulary import check_positive_int
-
-__all__ = ["InputFn", "RepresentationDriftMonitor"]
-
-InputFn = Callable[[Any], Any]
-"""``input_fn(batch) -> inputs``: what ``pl_module(inputs)`` takes, from a collated batch."""
-
-_RELU_LIKE = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.PReLU,
-    nn.RReLU,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.GELU,
-    nn.SiLU,
-    nn.Mish,
-    nn.Hardswish,
+from lightning_stability.probes.drift_probe_set import (
+    InputFn,
+    default_input_fn,
+    draw_indices,
+    local_batch,
+    source_loader,
 )
-# Identity in eval mode: their output repeats the previous layer's.
-_SKIPPED_BY_DEFAULT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-_INPUT_KEYS = ("x", "input", "inputs")
-# batch_idx values tried for a probe step that skips its batch by index
-_BATCH_IDX_TRIES = 3
+from lightning_stability.probes.drift_schedule import (
+    checks_by_epoch,
+    epoch_check_due,
+    step_check_due,
+)
+from lightning_stability.probes.layer_selection import default_layers as default_layers
+from lightning_stability.probes.layer_selection import resolve_layers
+from lightning_stability.probes.parts import Kept
+from lightning_stability.vocabulary import (
+    CKA_MIN,
+    activation_key,
+    check_positive_int,
+    cka_initial_key,
+    cka_key,
+    reading_name,
+)
 
-
-def default_input_fn(batch: Any) -> Any:
-    """The model input of a batch: the batch itself if a tensor, the first element of a
-    tuple/list, or the ``"x"``/``"input"``/``"inputs"`` entry of a mapping."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch:
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in _INPUT_KEYS:
-            if key in batch:
-                return batch[key]
-    raise ValueError(
-        f"input_fn: cannot find the model input in a batch of type {type(batch).__name__}; "
-        "pass input_fn=lambda batch: <what pl_module(...) takes>"
-    )
-
-
-def _first_tensor(output: Any) -> Tensor | None:
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        output = list(output.values())
-    if isinstance(output, (tuple, list)):
-        for item in output:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
-    return None
-
-
-def _expand(prefix: str, module: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Children of ``module``; containers that are never called themselves (ModuleList,
-    ModuleDict) are replaced by their items."""
-    out: list[tuple[str, nn.Module]] = []
-    for name, child in module.named_children():
-        full = f"{prefix}{name}"
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            out.extend(_expand(full + ".", child))
-        else:
-            out.append((full, child))
-    return out
-
-
-def _watchable(module: nn.Module) -> bool:
-    """Whether a block's output is a representation: not dropout/identity (their eval
-    output repeats the previous layer's), a loss module or a metric (the step calls them
-    on its outputs; they return numbers, not features)."""
-    if isinstance(module, (*_SKIPPED_BY_DEFAULT, nn.modules.loss._Loss)):
-        return False
-    return not type(module).__module__.startswith("torchmetrics")
-
-
-def _is_stack(module: nn.Module) -> bool:
-    """A block whose output is that of its own sub-blocks: a Sequential, or a module
-    holding a ModuleList (a stack of layers, as in ``nn.TransformerEncoder``)."""
-    if isinstance(module, nn.Sequential):
-        return True
-    return any(isinstance(c, nn.ModuleList) for c in module.children())
-
-
-def default_layers(module: nn.Module, max_layers: int) -> list[str]:
-    """The outputs of the top-level blocks, whose last is the network's output or its last
-    hidden layer: descend through single-child wrappers, skip dropout/identity, loss
-    modules and metrics, open stacks of blocks (Sequentials, modules holding a
-    ModuleList) while the total stays within ``max_layers``, and keep at most
-    ``max_layers`` evenly spaced (the last always)."""
-    prefix, root = "", module
-    children = [(n, m) for n, m in _expand(prefix, root) if _watchable(m)]
-    while len(children) == 1 and next(children[0][1].children(), None) is not None:
-        prefix, root = children[0][0] + ".", children[0][1]
-        children = [(n, m) for n, m in _expand(prefix, root) if _watchable(m)]
-    opened = True
-    while opened:
-        opened = False
-        for i, (name, child) in enumerate(children):
-            if not _is_stack(child):
-                continue
-            inner = [(f"{name}.{n}", m) for n, m in _expand("", child) if _watchable(m)]
-            if inner and len(children) - 1 + len(inner) <= max_layers:
-                children = children[:i] + inner + children[i + 1 :]
-                opened = True
-                break
-    names = [n for n, _ in children]
-    if len(names) > max_layers:
-        picks = torch.linspace(0, len(names) - 1, max_layers).round().long().tolist()
-        names = [names[i] for i in sorted(set(picks))]
-    return names
-
-
-def _is_relu_like(module: nn.Module) -> bool:
-    if isinstance(module, _RELU_LIKE):
-        return True
-    leaves = [m for m in module.modules() if not list(m.children())]
-    return bool(leaves) and leaves[-1] is not module and isinstance(leaves[-1], _RELU_LIKE)
-
-
-def _loader_of(loaders: Any) -> DataLoader | None:
-    if isinstance(loaders, DataLoader):
-        return loaders
-    if isinstance(loaders, Mapping):
-        loaders = list(loaders.values())
-    if isinstance(loaders, (list, tuple)):
-        for item in loaders:
-            found = _loader_of(item)
-            if found is not None:
-                return found
-    return None
+__all__ = ["InputFn", "RepresentationDriftMonitor", "default_input_fn"]
 
 
 class RepresentationDriftMonitor(StabilityProbe):
@@ -270,6 +156,14 @@ class RepresentationDriftMonitor(StabilityProbe):
         trainer = Trainer(callbacks=[drift])
     """
 
+    # settings and state held by the activation capture
+    max_features = Kept("capture", "max_features")
+    chunk_size = Kept("capture", "chunk_size")
+    seed = Kept("capture", "seed")
+    _hashing = Kept("capture", "hashing")
+    _batch_idx = Kept("capture", "batch_idx")
+    _relu_like = Kept("capture", "relu_like")
+
     def __init__(
         self,
         layers: list[str] | None = None,
@@ -311,16 +205,15 @@ class RepresentationDriftMonitor(StabilityProbe):
         self.layers = list(layers) if layers is not None else None
         self.layer_types = list(layer_types) if layer_types is not None else None
         self.max_layers = max_layers
+        self.capture = ActivationCapture(limits.max_features, limits.chunk_size, probe.seed)
+        """Runs the probe set and reads the watched layers."""
         self.probe_size = probe.probe_size
         self.source = probe.source
-        self.seed = probe.seed
         self.every_n_epochs = cadence.every_n_epochs
         self.every_n_steps = cadence.every_n_steps
         self.min_steps = cadence.min_steps
         self.probe_inputs = probe_inputs
         self.input_fn = input_fn
-        self.max_features = limits.max_features
-        self.chunk_size = limits.chunk_size
         self.heatmap = heatmap
         self.max_history = limits.max_history
 
@@ -337,9 +230,6 @@ class RepresentationDriftMonitor(StabilityProbe):
         self._through_step = True
         self._initial: dict[str, Representation] = {}
         self._previous: dict[str, Representation] = {}
-        self._relu_like: set[str] = set()
-        self._hashing: dict[tuple[str, int, str], tuple[Tensor, Tensor]] = {}
-        self._batch_idx = 0
         self._heatmap_checks = 0
 
     @property
@@ -349,30 +239,10 @@ class RepresentationDriftMonitor(StabilityProbe):
 
     # ----------------------------------------------------------------------- selection
     def _resolve_layers(self, module: nn.Module) -> list[str]:
-        named = dict(module.named_modules())
-        available = [n for n in named if n]
-        chosen: list[str] = []
-        for pattern in self.layers or []:
-            matches = [n for n in available if n == pattern or fnmatch.fnmatchcase(n, pattern)]
-            if not matches:
-                listing = ", ".join(available[:60]) + (" ..." if len(available) > 60 else "")
-                raise ValueError(f"layers: no module named {pattern!r}; available: {listing}")
-            chosen.extend(matches)
-        if self.layer_types:
-            types = {type(m).__name__ for m in named.values()}
-            unknown = sorted(set(self.layer_types) - types)
-            if unknown:
-                raise ValueError(
-                    f"layer_types: no module of type {unknown}; available: {sorted(types)}"
-                )
-            chosen.extend(n for n in available if type(named[n]).__name__ in set(self.layer_types))
-        if not chosen:
-            chosen = default_layers(module, self.max_layers)
-        if not chosen:
-            raise ValueError("layers: the module has no submodules; name the layers to watch")
-        unique = list(dict.fromkeys(chosen))
-        self._relu_like = {n for n in unique if _is_relu_like(named[n])}
-        return unique
+        names, self.capture.relu_like = resolve_layers(
+            module, self.layers, self.layer_types, self.max_layers
+        )
+        return names
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -388,21 +258,6 @@ class RepresentationDriftMonitor(StabilityProbe):
         return True
 
     # ----------------------------------------------------------------------- probe set
-    def _source_loader(self, trainer: pl.Trainer) -> DataLoader:
-        source = self.source
-        if source == "auto":
-            source = "train" if self._through_step else "val"
-        loader = _loader_of(trainer.val_dataloaders) if source == "val" else None
-        loader = loader or _loader_of(trainer.train_dataloader)
-        if loader is None:
-            raise ValueError("no DataLoader to draw the probe set from; pass probe_inputs")
-        if isinstance(loader.dataset, IterableDataset):
-            raise ValueError(
-                "the dataset is iterable, so a fixed probe set cannot be drawn by index; pass "
-                "probe_inputs (with input_fn's forward path)"
-            )
-        return loader
-
     def _prepare_probe(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule | None = None
     ) -> None:
@@ -413,157 +268,34 @@ class RepresentationDriftMonitor(StabilityProbe):
             self._probe = self.probe_inputs[:total][rank::world]
             self._probe_n = int(self._probe.shape[0])
             return
-        loader = self._source_loader(trainer)
-        dataset = loader.dataset
+        loader = source_loader(trainer, self.source, self._through_step)
         if self.probe_indices is None:
-            generator = torch.Generator().manual_seed(self.seed)
-            count = min(self.probe_size, len(dataset)) // world * world  # type: ignore[arg-type]
-            perm = torch.randperm(len(dataset), generator=generator)  # type: ignore[arg-type]
-            self.probe_indices = perm[:count].tolist()
+            size = len(loader.dataset)  # type: ignore[arg-type]
+            self.probe_indices = draw_indices(size, self.probe_size, self.seed, world)
         if len(self.probe_indices) < 4 * world:
             raise ValueError(
                 f"probe_size: the probe set needs at least 4 samples per rank, got "
                 f"{len(self.probe_indices)} on {world} rank(s)"
             )
-        collate = loader.collate_fn or default_collate
-        local = self.probe_indices[rank::world]
-        # Datasets with random transforms draw from the global RNG.
-        with frozen_rng():
-            batch = collate([dataset[i] for i in local])
-        self._probe_n = len(local)
+        batch, self._probe_n = local_batch(loader, self.probe_indices, rank, world)
         self._probe = batch if self._through_step else (self.input_fn or default_input_fn)(batch)
 
     # ----------------------------------------------------------------------- measuring
     def _narrow(self, name: str, x: Tensor) -> Tensor:
-        """``x`` (``(n, d)`` float64) with at most ``max_features`` columns: wider layers
-        are summed into ``max_features`` buckets with fixed random signs."""
-        d = int(x.shape[1])
-        if d <= self.max_features:
-            return x
-        key = (name, d, str(x.device))
-        if key not in self._hashing:
-            # Seeded by the layer name as well, so that two layers of one width do not
-            # share collisions; the same on every rank and every check.
-            generator = torch.Generator().manual_seed(
-                self.seed * 1_000_003 + zlib.crc32(name.encode())
-            )
-            buckets = torch.randint(0, self.max_features, (d,), generator=generator)
-            signs = torch.randint(0, 2, (d,), generator=generator).double() * 2 - 1
-            self._hashing[key] = (buckets.to(x.device), signs.to(x.device))
-        buckets, signs = self._hashing[key]
-        return x.new_zeros(x.shape[0], self.max_features).index_add_(1, buckets, x * signs)
+        """``x`` (``(n, d)`` float64) with at most ``max_features`` columns
+        (:meth:`ActivationCapture.narrow`)."""
+        return self.capture.narrow(name, x)
 
-    def _run_probe(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        dtype: torch.dtype,
-        chunk: Any,
-        batch_idx: int,
-    ) -> bool:
-        """Run one piece of the probe set; whether the step returned a loss (always
-        ``True`` on the ``forward`` path)."""
-
-        def cast(t: Tensor) -> Tensor:
-            return t.to(dtype) if t.is_floating_point() else t
-
-        if not self._through_step:
-            pl_module(
-                apply_to_collection(move_data_to_device(chunk, pl_module.device), Tensor, cast)
-            )
-            return True
-        # The batch-transfer hooks the step's batches went through (device moves,
-        # normalisation in on_after_batch_transfer).
-        batch = (
-            trainer.strategy.batch_to_device(chunk)
-            if trainer.lightning_module is pl_module
-            else chunk
+    def _capture(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> dict[str, LayerCapture]:
+        """This rank's share of every watched layer; layers that gave no usable output
+        are dropped."""
+        layers, unusable = self.capture.capture(
+            trainer, pl_module, self.layer_names, self._probe, self._probe_n, self._through_step
         )
-        try:
-            module_loss(pl_module, apply_to_collection(batch, Tensor, cast), batch_idx)
-        except NoProbeLoss:
-            return False
-        return True
-
-    def _capture(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, _Layer]:
-        """This rank's share of every watched layer: its features (at most
-        ``max_features`` wide) and the raw statistics the health readings need."""
-        named = dict(pl_module.named_modules())
-        layers: dict[str, _Layer] = {}
-        unusable: dict[str, str] = {}
-        piece: dict[str, Tensor] = {}
-        samples = [0]
-
-        def hook_for(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: Any, output: Any) -> None:
-                # A layer called more than once per step (weight sharing, two views)
-                # contributes its first call, the same one at every check.
-                if name in piece or name in unusable:
-                    return
-                tensor = _first_tensor(output)
-                n = samples[0]
-                if tensor is None or tensor.dim() == 0 or tensor.shape[0] % n:
-                    shape = None if tensor is None else tuple(tensor.shape)
-                    unusable[name] = f"its output {shape} has no leading dimension of {n} samples"
-                    return
-                piece[name] = tensor.detach().reshape(n, -1).double()
-
-            return hook
-
-        dtype = resolve_compute_dtype(list(pl_module.parameters()), None)
-        handles = [named[n].register_forward_hook(hook_for(n)) for n in self.layer_names]
-        try:
-            with (
-                preserved_state(pl_module, train=False),
-                compute_precision(pl_module, dtype),
-                torch.no_grad(),
-            ):
-                for chunk, n in _chunks(self._probe, self._probe_n, self.chunk_size):
-                    samples[0] = n
-                    self._run_chunk(trainer, pl_module, dtype, chunk, piece)
-                    for name in self.layer_names:
-                        if name in piece:
-                            layers.setdefault(name, _Layer()).add(
-                                piece[name],
-                                self._narrow(name, piece[name]),
-                                name in self._relu_like,
-                            )
-                        elif name in layers:
-                            unusable[name] = "it ran for some probe chunks but not others"
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name in self.layer_names:
-            if name not in layers and name not in unusable:
-                unusable[name] = (
-                    "the probe's training_step never called it"
-                    if self._through_step
-                    else "the probe forward never called it"
-                )
         self._drop(trainer, unusable)
         return {n: layers[n] for n in self.layer_names}
-
-    def _run_chunk(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        dtype: torch.dtype,
-        chunk: Any,
-        piece: dict[str, Tensor],
-    ) -> None:
-        """Run ``chunk`` until the hooks filled ``piece``: a step that skips a batch by its
-        ``batch_idx`` (returning no loss and calling no watched layer) is tried with the
-        next index, and the index that worked is kept for every later check."""
-        first = self._batch_idx
-        for batch_idx in range(first, first + _BATCH_IDX_TRIES):
-            piece.clear()
-            # A step that draws noise or masks (augmentation, masked modelling) sees the
-            # same draws at every check, so CKA compares like with like.
-            _seed_generators(pl_module, self.seed)
-            returned = self._run_probe(trainer, pl_module, dtype, chunk, batch_idx)
-            if returned or piece:
-                self._batch_idx = batch_idx
-                return
 
     def _drop(self, trainer: pl.Trainer, unusable: Mapping[str, str]) -> None:
         """Stop watching ``unusable`` layers (name -> why), warning once; raise when none
@@ -593,11 +325,11 @@ class RepresentationDriftMonitor(StabilityProbe):
 
     def _capture_on_all_ranks(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
-    ) -> dict[str, _Layer]:
+    ) -> dict[str, LayerCapture]:
         """:meth:`_capture`, with every rank told whether any rank failed, so that no rank
         waits in a collective that another rank will never join."""
         error: Exception | None = None
-        layers: dict[str, _Layer] = {}
+        layers: dict[str, LayerCapture] = {}
         try:
             layers = self._capture(trainer, pl_module)
         except Exception as caught:
@@ -635,17 +367,18 @@ class RepresentationDriftMonitor(StabilityProbe):
             layer = captured[name]
             x = self._gather(trainer, torch.cat(layer.features))
             sums = self._sum(trainer, layer.sums)
-            values[f"act/{name}/rms"] = float((sums[0] / sums[1]).sqrt())
+            values[reading_name(activation_key(name, "rms"))] = float((sums[0] / sums[1]).sqrt())
             if layer.positive is not None:
                 fired = self._sum(trainer, layer.positive)
-                values[f"act/{name}/dead_fraction"] = float((fired <= 0).double().mean())
+                dead = float((fired <= 0).double().mean())
+                values[reading_name(activation_key(name, "dead_fraction"))] = dead
             rep = Representation.of(x)
             previous = self._previous.get(name)
             if previous is not None:
                 cka = float(representation_cka(previous.to(x.device), rep))
                 initial = float(representation_cka(self._initial[name].to(x.device), rep))
-                values[f"cka/{name}"] = cka
-                values[f"cka_initial/{name}"] = initial
+                values[reading_name(cka_key(name))] = cka
+                values[reading_name(cka_initial_key(name))] = initial
                 consecutive.append(cka)
                 row["cka"].append(cka)
                 row["cka_initial"].append(initial)
@@ -653,7 +386,7 @@ class RepresentationDriftMonitor(StabilityProbe):
             self._previous[name] = stored
             self._initial.setdefault(name, stored)
         if consecutive:
-            values["cka/min"] = min(consecutive)
+            values[reading_name(CKA_MIN)] = min(consecutive)
             if len(consecutive) == len(self.layer_names):
                 self.history = [*self.history, row][-self.max_history :]
         self.num_checks += 1
@@ -688,17 +421,9 @@ class RepresentationDriftMonitor(StabilityProbe):
         )
 
     # ----------------------------------------------------------------------- hooks
-    def _checks_by_epoch(self, trainer: pl.Trainer) -> bool:
-        if not self.every_n_epochs:
-            return False
-        if self.every_n_steps is None:
-            return True
-        steps = _steps_per_epoch(trainer)
-        return steps is not None and self.every_n_epochs * steps <= self.every_n_steps
-
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.by_epoch = self._checks_by_epoch(trainer)
+        self.by_epoch = checks_by_epoch(trainer, self.every_n_epochs, self.every_n_steps)
         try:
             self._prepare_probe(trainer, pl_module)
         except Exception as error:
@@ -716,24 +441,16 @@ class RepresentationDriftMonitor(StabilityProbe):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        step = trainer.global_step
-        if (
-            not self.by_epoch
-            and self.every_n_steps is not None
-            and step % self.every_n_steps == 0
-            and step != self.last_check_step
+        if step_check_due(
+            trainer.global_step, self.by_epoch, self.every_n_steps, self.last_check_step
         ):
             self._check(trainer, pl_module, log=True)
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        step = trainer.global_step
-        due = (
-            self.by_epoch
-            and (trainer.current_epoch + 1) % self.every_n_epochs == 0
-            and step - self.last_check_step >= self.min_steps
-        )
-        if (due or _last_epoch(trainer)) and step != self.last_check_step:
+        if epoch_check_due(
+            trainer, self.by_epoch, self.every_n_epochs, self.min_steps, self.last_check_step
+        ):
             self._check(trainer, pl_module, log=True)
         if (
             self.heatmap
@@ -742,17 +459,7 @@ class RepresentationDriftMonitor(StabilityProbe):
             and self.num_checks != self._heatmap_checks
         ):
             self._heatmap_checks = self.num_checks
-            self._log_heatmap(trainer)
-
-    def _log_heatmap(self, trainer: pl.Trainer) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        figure = cka_heatmap(self.layer_names, self.history)
-        for logger in loggers:
-            logger.experiment.add_figure(
-                "stability/cka_heatmap", figure, global_step=trainer.global_step, close=False
-            )
+            log_heatmap(trainer, self.layer_names, self.history)
 
     # ----------------------------------------------------------------------- resume
     @property
@@ -805,97 +512,3 @@ class RepresentationDriftMonitor(StabilityProbe):
             n: Representation.from_state(s) for n, s in state_dict.get("previous", {}).items()
         }
         self._probe = None  # redrawn from probe_indices for this run's rank layout
-
-
-class _Layer:
-    """What one check keeps of one layer on this rank: narrowed features per chunk, the
-    sum of squares and count of the raw activations, and which raw units ever fired."""
-
-    def __init__(self) -> None:
-        self.features: list[Tensor] = []
-        self.sums: Tensor = torch.zeros(2, dtype=torch.float64)
-        self.positive: Tensor | None = None
-
-    def add(self, raw: Tensor, narrowed: Tensor, relu_like: bool) -> None:
-        self.features.append(narrowed)
-        self.sums = self.sums.to(raw.device) + torch.stack(
-            [raw.square().sum(), raw.new_tensor(float(raw.numel()))]
-        )
-        if relu_like:
-            fired = (raw > 0).any(dim=0).double()
-            self.positive = fired if self.positive is None else self.positive.maximum(fired)
-
-
-def _steps_per_epoch(trainer: pl.Trainer) -> int | None:
-    """Optimizer steps in one training epoch, ``None`` when unknown (an iterable loader)."""
-    batches = trainer.num_training_batches
-    if not isinstance(batches, int) and not (isinstance(batches, float) and math.isfinite(batches)):
-        return None
-    return max(1, math.ceil(int(batches) / max(1, trainer.accumulate_grad_batches)))
-
-
-def _last_epoch(trainer: pl.Trainer) -> bool:
-    """Whether the epoch ending now is the fit's last (max_epochs or max_steps reached)."""
-    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-    if max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs:
-        return True
-    return max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps
-
-
-def _seed_generators(module: nn.Module, seed: int) -> None:
-    """Seed the CPU generator and those of the CUDA devices ``module`` lives on (the ones
-    :func:`preserved_state` restores), and no other."""
-    torch.random.default_generator.manual_seed(seed)
-    for device in {p.device for p in module.parameters()}:
-        if device.type == "cuda":
-            index = device.index if device.index is not None else torch.cuda.current_device()
-            torch.cuda.default_generators[index].manual_seed(seed)
-
-
-def _chunks(batch: Any, n: int, size: int) -> Iterator[tuple[Any, int]]:
-    """Pieces of at most ``size`` samples of a batch of ``n``; the whole batch when it
-    holds anything but tensors of ``n`` samples (which could not be split alike)."""
-    splittable = all(
-        isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n for t in _leaves(batch)
-    )
-    if n <= size or not splittable:
-        yield batch, n
-        return
-    for start in range(0, n, size):
-        stop = min(start + size, n)
-        piece = slice(start, stop)
-        yield apply_to_collection(batch, Tensor, lambda t, s=piece: t[s]), stop - start
-
-
-def _leaves(collection: Any) -> Iterator[Any]:
-    if isinstance(collection, Mapping):
-        for value in collection.values():
-            yield from _leaves(value)
-    elif isinstance(collection, (list, tuple)):
-        for item in collection:
-            yield from _leaves(item)
-    else:
-        yield collection
-
-
-def cka_heatmap(layer_names: Sequence[str], history: Sequence[Mapping[str, Any]]) -> Any:
-    """A matplotlib ``Figure``: layers x checks, CKA to the previous check and to the first.
-    Built without pyplot, so no global backend is touched."""
-    from matplotlib.figure import Figure
-
-    steps = [row["step"] for row in history]
-    fig = Figure(figsize=(4 + 0.25 * len(steps), 1.5 + 0.35 * len(layer_names)))
-    axes = fig.subplots(1, 2, squeeze=False)[0]
-    image = None
-    for ax, key, title in zip(
-        axes, ("cka", "cka_initial"), ("CKA to previous check", "CKA to first check")
-    ):
-        grid = torch.tensor([row[key] for row in history], dtype=torch.float64).T
-        image = ax.imshow(grid.numpy(), vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        ax.set_title(title, fontsize=9)
-        ax.set_yticks(range(len(layer_names)), labels=list(layer_names), fontsize=7)
-        ticks = list(range(0, len(steps), max(1, len(steps) // 8)))
-        ax.set_xticks(ticks, labels=[str(steps[i]) for i in ticks], fontsize=7)
-        ax.set_xlabel("step", fontsize=8)
-    fig.colorbar(image, ax=list(axes), shrink=0.8)
-    return fig

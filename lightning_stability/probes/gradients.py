@@ -23,7 +23,22 @@ from lightning_stability.estimators.sharding import (
     sum_over_shards,
 )
 from lightning_stability.probes.base import StabilityProbe, logs_this_step
-from lightning_stability.vocabulary import check_choice, check_nonnegative_int, check_positive_int
+from lightning_stability.vocabulary import (
+    GRAD_CLIP_EVENT,
+    GRAD_CLIP_RATE,
+    GRAD_CLIP_THRESHOLD,
+    GRAD_NONFINITE,
+    GRAD_NORM,
+    GRAD_NORM_AC1,
+    GRAD_NORM_VAR,
+    GRAD_UPDATE_RATIO,
+    GRAD_WEIGHT_NORM,
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    grad_group_key,
+    grad_group_update_key,
+)
 
 __all__ = ["GradientMonitor", "unbounded_adam_groups"]
 
@@ -369,7 +384,7 @@ class GradientMonitor(StabilityProbe):
         maxabs = host[2] if "maxabs" in out else math.nan
         dw = host[-1] if "dsq" in out else math.nan
 
-        values: dict[str, float] = {"grad/norm": norm, "grad/weight_norm": weight_norm}
+        values: dict[str, float] = {GRAD_NORM: norm, GRAD_WEIGHT_NORM: weight_norm}
         nonfinite = 0
         if not math.isfinite(norm):
             grads = [self._params[i].grad for i in out["with_grad"].tolist()]
@@ -379,15 +394,15 @@ class GradientMonitor(StabilityProbe):
                 nonfinite = int(sum(int((~torch.isfinite(g)).sum()) for g in grads))
         elif self.accumulating(trainer):
             self.norm_window.update(norm)
-        values["grad/nonfinite"] = float(nonfinite)
+        values[GRAD_NONFINITE] = float(nonfinite)
         if "dsq" in out:
-            values["grad/update_ratio"] = dw / weight_norm if weight_norm > 0 else math.nan
-        values["grad/norm_var"] = self.norm_window.var()
-        values["grad/norm_ac1"] = self.norm_window.ac1()
+            values[GRAD_UPDATE_RATIO] = dw / weight_norm if weight_norm > 0 else math.nan
+        values[GRAD_NORM_VAR] = self.norm_window.var()
+        values[GRAD_NORM_AC1] = self.norm_window.ac1()
 
         algo = self._clip_algorithm(trainer)
         if algo is not None:
-            values["grad/clip_threshold"] = float(trainer.gradient_clip_val)
+            values[GRAD_CLIP_THRESHOLD] = float(trainer.gradient_clip_val)
         if self._measure_post_clip:
             self._pending_post = out["norm"]
         elif algo is not None:
@@ -397,8 +412,8 @@ class GradientMonitor(StabilityProbe):
                 else norm > trainer.gradient_clip_val
             )
             self.clip_window.update(float(engaged))
-            values["grad/clip_event"] = float(engaged)
-            values["grad/clip_rate"] = self.clip_window.mean()
+            values[GRAD_CLIP_EVENT] = float(engaged)
+            values[GRAD_CLIP_RATE] = self.clip_window.mean()
 
         if self._log_groups(trainer):
             values.update(self._group_values(out))
@@ -417,10 +432,10 @@ class GradientMonitor(StabilityProbe):
             wsq = torch.zeros(n, device=device).index_add_(0, gid_all, out["wper"].square())
             stacked.append(dsq.sqrt() / wsq.sqrt())
         host = torch.stack(stacked).tolist()
-        values = {f"grad/group/{g}": host[0][i] for i, g in enumerate(self._groups)}
+        values = {grad_group_key(g): host[0][i] for i, g in enumerate(self._groups)}
         if "dsq" in out:
             values.update(
-                {f"grad/group_update/{g}": host[1][i] for i, g in enumerate(self._groups)}
+                {grad_group_update_key(g): host[1][i] for i, g in enumerate(self._groups)}
             )
         return values
 
@@ -456,6 +471,6 @@ class GradientMonitor(StabilityProbe):
         self.publish(
             trainer,
             pl_module,
-            {"grad/clip_event": float(engaged), "grad/clip_rate": self.clip_window.mean()},
+            {GRAD_CLIP_EVENT: float(engaged), GRAD_CLIP_RATE: self.clip_window.mean()},
             log=logs_this_step(trainer),
         )

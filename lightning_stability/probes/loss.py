@@ -13,7 +13,18 @@ from typing_extensions import override
 
 from lightning_stability.estimators.online_stats import RollingWindow
 from lightning_stability.probes.base import StabilityProbe, logs_this_step, step_loss
-from lightning_stability.vocabulary import check_positive_int
+from lightning_stability.vocabulary import (
+    LOSS_AC1,
+    LOSS_NONFINITE,
+    LOSS_SAMPLE_MAX,
+    LOSS_SAMPLE_Q,
+    LOSS_SPREAD,
+    LOSS_TAIL_MAX,
+    LOSS_TAIL_Q,
+    LOSS_VALUE,
+    LOSS_VAR,
+    check_positive_int,
+)
 
 __all__ = ["PER_SAMPLE_LOSS_KEY", "LossMonitor"]
 
@@ -106,19 +117,19 @@ class LossMonitor(StabilityProbe):
         finite = all(math.isfinite(v) for v in losses)
 
         values: dict[str, float] = {
-            "loss/value": sum(losses) / len(losses),
-            "loss/nonfinite": 0.0 if finite else 1.0,
+            LOSS_VALUE: sum(losses) / len(losses),
+            LOSS_NONFINITE: 0.0 if finite else 1.0,
         }
         if finite and self.accumulating(trainer):
-            self.loss_window.update(values["loss/value"])
+            self.loss_window.update(values[LOSS_VALUE])
             self.worst_window.update(max(losses))
         if len(self.worst_window):  # empty after a rollback; nan would read as non-finite
-            values["loss/tail_max"] = self.worst_window.max()
-            values["loss/tail_q"] = self.worst_window.quantile(self.quantile)
-            values["loss/spread"] = values["loss/tail_q"] - self.worst_window.quantile(0.5)
-        values["loss/var"] = self.loss_window.var()
-        values["loss/ac1"] = self.loss_window.ac1()
+            values[LOSS_TAIL_MAX] = self.worst_window.max()
+            values[LOSS_TAIL_Q] = self.worst_window.quantile(self.quantile)
+            values[LOSS_SPREAD] = values[LOSS_TAIL_Q] - self.worst_window.quantile(0.5)
+        values[LOSS_VAR] = self.loss_window.var()
+        values[LOSS_AC1] = self.loss_window.ac1()
         if len(row) == 3:
-            values["loss/sample_q"] = max(r[1] for r in host)
-            values["loss/sample_max"] = max(r[2] for r in host)
+            values[LOSS_SAMPLE_Q] = max(r[1] for r in host)
+            values[LOSS_SAMPLE_MAX] = max(r[2] for r in host)
         self.publish(trainer, pl_module, values, log=logs_this_step(trainer))

@@ -1,44 +1,24 @@
-"""Curvature of the loss landscape during training: top Hessian eigenvalues, the
-edge-of-stability ratio, preconditioned sharpness for Adam, and cheap directional and
-critical sharpness readings."""
+"""The curvature probe: a Lightning callback that measures the curvature of the loss
+landscape during training (top Hessian eigenvalues, the edge-of-stability ratio,
+preconditioned sharpness for Adam, cheap directional and critical sharpness readings) and
+publishes it. When it measures is :mod:`~lightning_stability.probes.curvature_schedule`'s,
+how is :mod:`~lightning_stability.probes.curvature_measurement`'s; this module holds the
+hooks, the probe batches, the checkpoint state and the publishing."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
 from lightning_stability.configuration import regroup
-from lightning_stability.estimators.critical_sharpness import LineLoss, critical_step_size
-from lightning_stability.estimators.density import slq_density
-from lightning_stability.estimators.hvp import HessianOperator, flatten
-from lightning_stability.estimators.isolation import (
-    compute_precision,
-    frozen_rng,
-    preserved_state,
-    resolve_compute_dtype,
-)
-from lightning_stability.estimators.lanczos import lanczos_top_k
-from lightning_stability.estimators.preconditioned import (
-    ScaledOperator,
-    adam_state_scale,
-)
-from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
-from lightning_stability.estimators.sharding import (
-    any_sharded,
-    flat_sharded,
-    full_tensor,
-    local_view,
-)
-from lightning_stability.estimators.subspace import log_flattening, subspace_shift
-from lightning_stability.estimators.trace import hutchpp_trace
+from lightning_stability.estimators.isolation import frozen_rng
+from lightning_stability.estimators.sharding import any_sharded, flat_sharded
 from lightning_stability.probes.base import (
     MANUAL_OPTIMIZATION,
     LossFn,
@@ -47,7 +27,6 @@ from lightning_stability.probes.base import (
     StabilityProbe,
     detach_batch,
     logs_this_step,
-    module_loss,
     needs_loss_fn,
     step_loss,
 )
@@ -57,47 +36,36 @@ from lightning_stability.probes.config import (
     SharpnessEstimator,
     SharpnessMeasures,
 )
+from lightning_stability.probes.curvature_measurement import CurvatureMeasurement, trainable
+from lightning_stability.probes.curvature_schedule import (
+    CurvatureSchedule,
+    closer_watch_requested,
+)
 from lightning_stability.probes.curvature_subset import (
     HVP_MODES,
     HvpMode,
     check_patterns,
-    make_operator,
     select_parameters,
     unmatched_patterns,
 )
-from lightning_stability.probes.edge import LR_JUMP, EdgePrediction, lambda_edge, step_lr
-from lightning_stability.vocabulary import check_positive_int
+from lightning_stability.probes.edge import EdgePrediction, step_lr
+from lightning_stability.probes.parts import Kept
+from lightning_stability.probes.probe_batches import check_probe_loader, is_plain, to_cpu
+from lightning_stability.probes.spectral_density import density_figure as density_figure
+from lightning_stability.vocabulary import (
+    SHARPNESS_DIRECTIONAL_RATIO,
+    SHARPNESS_EOS_RATIO,
+    SHARPNESS_LR_CHANGE,
+    SHARPNESS_NONFINITE,
+    SHARPNESS_PREDICTED_RATIO,
+    check_positive_int,
+    reading_name,
+)
 
 __all__ = ["SharpnessMonitor"]
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def _plain(obj: Any) -> bool:
-    """Whether ``obj`` is made only of tensors, numbers, strings, lists, tuples and dicts
-    (what ``torch.load(weights_only=True)`` accepts)."""
-    if obj is None or isinstance(obj, (Tensor, bool, int, float, str)):
-        return True
-    if isinstance(obj, (list, tuple)):
-        return all(_plain(x) for x in obj)
-    if isinstance(obj, dict):
-        return all(isinstance(k, str) and _plain(v) for k, v in obj.items())
-    return False
-
-
-def _to_cpu(obj: Any) -> Any:
-    """A :func:`_plain` ``obj`` with its tensors detached on the CPU, in plain lists, tuples
-    and dicts (a named tuple becomes a tuple), which ``torch.load(weights_only=True)`` reads
-    back; ``apply_to_collection`` would keep the named tuple's class."""
-    if isinstance(obj, Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, list):
-        return [_to_cpu(x) for x in obj]
-    if isinstance(obj, tuple):
-        return tuple(_to_cpu(x) for x in obj)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    return obj
+_EOS_RATIO = reading_name(SHARPNESS_EOS_RATIO)
+_DIRECTIONAL_RATIO = reading_name(SHARPNESS_DIRECTIONAL_RATIO)
 
 
 class SharpnessMonitor(StabilityProbe):
@@ -238,6 +206,36 @@ class SharpnessMonitor(StabilityProbe):
         trainer = Trainer(callbacks=[monitor])
     """
 
+    # settings and state held by the schedule (when) and the measurement (how)
+    every_n_steps = Kept("schedule", "every_n_steps")
+    directional_every_n_steps = Kept("schedule", "directional_every_n_steps")
+    adaptive = Kept("schedule", "adaptive")
+    ratio_threshold = Kept("schedule", "ratio_threshold")
+    adaptive_factor = Kept("schedule", "adaptive_factor")
+    recheck_jump = Kept("schedule", "recheck_jump")
+    recheck_gap = Kept("schedule", "recheck_gap")
+    _interval = Kept("schedule", "interval")
+    _directional_interval = Kept("schedule", "directional_interval")
+    _next_check = Kept("schedule", "next_check")
+    _next_directional = Kept("schedule", "next_directional")
+    _recheck_after = Kept("schedule", "recheck_after")
+    k = Kept("measurement", "k")
+    backend = Kept("measurement", "backend")
+    tol = Kept("measurement", "tol")
+    max_iter = Kept("measurement", "max_iter")
+    warm_start = Kept("measurement", "warm_start")
+    dtype = Kept("measurement", "dtype")
+    seed = Kept("measurement", "seed")
+    critical = Kept("measurement", "critical")
+    preconditioned = Kept("measurement", "preconditioned")
+    trace = Kept("measurement", "trace")
+    trace_samples = Kept("measurement", "trace_samples")
+    density_every_n_checks = Kept("measurement", "density_every_n_checks")
+    loss_fn = Kept("measurement", "loss_fn")
+    train_mode = Kept("measurement", "train_mode")
+    _pre_eigvecs = Kept("measurement", "pre_eigvecs")
+    _eta_c = Kept("measurement", "eta_c")
+
     def __init__(
         self,
         cadence: SharpnessCadence | None = None,
@@ -280,62 +278,27 @@ class SharpnessMonitor(StabilityProbe):
         if probe_batch is not None and probe_dataloader is not None:
             raise ValueError("probe_batch, probe_dataloader: give at most one of them")
         if probe_dataloader is not None:
-            _check_probe_loader(probe_dataloader)
+            check_probe_loader(probe_dataloader)
         self.cadence = cadence
         self.estimator = estimator
         self.measures = measures
-        every_n_steps = cadence.every_n_steps
-        self.every_n_steps = every_n_steps
-        self.k = estimator.k
-        self.directional_every_n_steps = min(
-            cadence.directional_every_n_steps or every_n_steps, every_n_steps
+        self.schedule = CurvatureSchedule(cadence)
+        """When the next check and directional reading are due."""
+        self.measurement = CurvatureMeasurement(
+            estimator, measures, cadence.density_every_n_checks, loss_fn, train_mode
         )
+        """The Lanczos check, edge ratio, directional and critical readings."""
         self.directional = measures.directional
-        self.critical = measures.critical
-        self.preconditioned = measures.preconditioned
-        self.trace = measures.trace
-        self.trace_samples = measures.trace_samples
-        self.density_every_n_checks = cadence.density_every_n_checks
         self.num_probe_batches = num_probe_batches
         self.probe_dataloader = probe_dataloader
-        self.loss_fn = loss_fn
-        self.train_mode = train_mode
-        self.backend = estimator.backend
-        self.tol = estimator.tol
-        self.max_iter = estimator.max_iter
-        self.warm_start = estimator.warm_start
-        self.adaptive = cadence.adaptive
-        self.ratio_threshold = cadence.ratio_threshold
-        self.adaptive_factor = cadence.adaptive_factor
-        self.dtype = _DTYPES[estimator.dtype] if estimator.dtype is not None else None
-        self.seed = estimator.seed
 
         self._fixed_batches = probe_batch is not None
         self._batches: list[Any] = [detach_batch(probe_batch)] if probe_batch is not None else []
         self._batch_idx: list[int] = []  # the batch_idx of each cached training batch
         self._candidate: tuple[Any, int] | None = None
-        self._interval = every_n_steps
-        self._directional_interval = self.directional_every_n_steps
-        self._next_check = every_n_steps
-        self._next_directional = self.directional_every_n_steps
         self._seen_step = -1
-        self.num_checks = 0
-        self._prev_lambda: float | None = None
-        self._eigvecs: Tensor | None = None
-        self._valid_eigvecs: Tensor | None = None
-        self._pre_eigvecs: Tensor | None = None
-        self.num_skipped = 0
-        """Readings published as NaN so far because they did not converge or were
-        undefined (published as ``sharpness/skipped``)."""
-        self._eta_c: float | None = None
-        self._weights_before: list[Tensor] | None = None
         self._world_size = 1
-        self.last_products: int = 0
-        """Hessian-vector products of the last Lanczos check (all eigenproblems)."""
         self.edge = EdgePrediction()
-        self.recheck_jump = LR_JUMP
-        self.recheck_gap = 10
-        self._recheck_after = -1
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -373,8 +336,8 @@ class SharpnessMonitor(StabilityProbe):
         if not self._fixed_batches and len(self._batches) < self.num_probe_batches:
             # kept at batch end only if training_step returned a loss for it
             self._candidate = (detach_batch(batch), batch_idx)
-        if self.adaptive and self._watch_requested(trainer):
-            self._tighten(trainer.global_step)
+        if self.adaptive and closer_watch_requested(trainer):
+            self.schedule.tighten(trainer.global_step)
 
     @override
     def on_before_optimizer_step(
@@ -383,7 +346,9 @@ class SharpnessMonitor(StabilityProbe):
         if trainer.optimizers and optimizer is trainer.optimizers[0]:
             self._predict(trainer, pl_module, optimizer)
         if self.directional and self.critical and trainer.global_step + 1 >= self._next_directional:
-            self._weights_before = [p.detach().clone() for p in self._measured(pl_module)]
+            self.measurement.weights_before = [
+                p.detach().clone() for p in self._measured(pl_module)
+            ]
 
     @override
     def on_train_batch_end(
@@ -415,11 +380,11 @@ class SharpnessMonitor(StabilityProbe):
         if step == self._seen_step:
             return  # no optimizer step since the last batch (gradient accumulation)
         self._seen_step = step
-        check = step >= self._next_check
-        directional = self.directional and step >= self._next_directional
+        check, directional_due = self.schedule.due(step)
+        directional = self.directional and directional_due
         if not (check or directional):
             return
-        if not _trainable(pl_module):
+        if not trainable(pl_module):
             # a fine-tuning schedule may unfreeze parameters later: skip, do not step aside
             self.warn_once(
                 "frozen",
@@ -442,8 +407,8 @@ class SharpnessMonitor(StabilityProbe):
             # The curvature itself is not finite (weights or probe loss blew up): that is a
             # reading for the warning layer, not a reason to stop the run. Warm starts from
             # a broken landscape are dropped.
-            self._eigvecs = self._pre_eigvecs = self._valid_eigvecs = None
-            values = {"sharpness/nonfinite": 1.0}
+            self.measurement.forget_landscape()
+            values = {reading_name(SHARPNESS_NONFINITE): 1.0}
         except NoProbeLoss as error:
             # Perhaps only for now (a module that skips non-finite losses): later checks try again.
             self.warn_once(
@@ -456,7 +421,7 @@ class SharpnessMonitor(StabilityProbe):
         except Exception as error:
             # An unsupported model or optimizer (no double backward, a learning rate that is
             # not a number, ...): the run itself does not depend on this measurement.
-            self._weights_before = None
+            self.measurement.weights_before = None
             self.directional = False
             self.step_aside(
                 "curvature",
@@ -466,12 +431,18 @@ class SharpnessMonitor(StabilityProbe):
                 "have a numeric 'lr' are needed; loss_fn=... can supply such a loss.",
             )
             return
-        self._weights_before = None
+        self.measurement.weights_before = None
         self.publish(trainer, pl_module, values)
-        self._schedule(trainer, step, check, directional, values.get("sharpness/eos_ratio"))
+        self.schedule.measured(
+            step,
+            check,
+            directional,
+            values.get(_EOS_RATIO),
+            lambda: closer_watch_requested(trainer),
+        )
         ratios = [
             values[k]
-            for k in ("sharpness/eos_ratio", "sharpness/directional_ratio")
+            for k in (_EOS_RATIO, _DIRECTIONAL_RATIO)
             if k in values and math.isfinite(values[k])
         ]
         if ratios and trainer.optimizers:
@@ -494,28 +465,23 @@ class SharpnessMonitor(StabilityProbe):
         predicted, change = self.edge.predict(lr)
         values = {}
         if math.isfinite(predicted):
-            values["sharpness/predicted_ratio"] = predicted
+            values[reading_name(SHARPNESS_PREDICTED_RATIO)] = predicted
         if math.isfinite(change):
-            values["sharpness/lr_change"] = change
+            values[reading_name(SHARPNESS_LR_CHANGE)] = change
         if not values:
             return
         self.publish(trainer, pl_module, values, log=logs_this_step(trainer))
         step = trainer.global_step
-        jumped = math.isfinite(change) and change >= self.recheck_jump
-        drifted = step >= self._recheck_after and self.edge.stale(lr, predicted)
-        if self._batches and (jumped or drifted):
-            self._recheck_after = step + self.recheck_gap
-            if self.directional:
-                self._next_directional = min(self._next_directional, step + 1)
-            else:
-                self._next_check = min(self._next_check, step + 1)
+        moved = self.schedule.edge_moved(step, change, lambda: self.edge.stale(lr, predicted))
+        if self._batches and moved:
+            self.schedule.recheck(step, self.directional)
 
     # ------------------------------------------------------------ measurement
     def _measured(self, pl_module: pl.LightningModule) -> list[Tensor]:
         """The parameters the curvature is taken over: the trainable ones, restricted to
         the ``params`` subset when given."""
         if self.params is None:
-            return _trainable(pl_module)
+            return trainable(pl_module)
         return select_parameters(pl_module, self.params)
 
     def _hvp_mode(self) -> HvpMode:
@@ -567,271 +533,76 @@ class SharpnessMonitor(StabilityProbe):
                 "FSDP1 flattened parameter shards (FSDPStrategy) are not supported; shard "
                 "with FSDP2's fully_shard (e.g. through ModelParallelStrategy) instead"
             )
-        dtype = resolve_compute_dtype(params, self.dtype)
-        reduce = _reducer(trainer)
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        lrs = [float(g["lr"]) for g in optimizer.param_groups] if optimizer else []
-        values: dict[str, float] = {}
-        # Fused attention kernels (flash / memory-efficient) have no double backward; the
-        # math kernel computes the same function and is twice differentiable.
-        with (
-            preserved_state(pl_module, train=self.train_mode),
-            compute_precision(pl_module, dtype),
-            sdpa_kernel(SDPBackend.MATH),
-        ):
-
-            def closure() -> Tensor:
-                # Same RNG state for every evaluation: one dropout mask per measurement.
-                with frozen_rng(list({p.device for p in params})):
-                    losses = [
-                        module_loss(pl_module, b, idx, self.loss_fn)
-                        for b, idx in zip(self._batches, self._probe_batch_idx())
-                    ]
-                return torch.stack(losses).mean()
-
-            grad: Tensor | None = None
-            with make_operator(
-                self._hvp_mode(), closure, params, reduce, list(pl_module.parameters())
-            ) as op:
-                if check:
-                    values.update(self._check(trainer, pl_module, op, closure, optimizer, dtype))
-                if directional:
-                    g = grad = op.gradient().to(dtype)
-                    gnorm = float(g.norm())
-                    if gnorm > 0 and math.isfinite(gnorm):
-                        u = g / gnorm
-                        d = float(u @ op.matvec(u).to(dtype))
-                        values["sharpness/directional"] = d
-                        if lrs and optimizer is not None:
-                            edge = lambda_edge(optimizer)
-                            values["sharpness/directional_ratio"] = d / edge
-            if directional and self.critical and self._weights_before is not None and lrs:
-                crit = self._critical(params, closure, reduce, max(lrs), dtype, grad)
-                if crit is not None:
-                    values["sharpness/critical"] = crit
-                    if not math.isfinite(crit):
-                        self.num_skipped += 1
-        if check or directional:
-            values["sharpness/skipped"] = float(self.num_skipped)
-        return values
-
-    def _check(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        op: HessianOperator,
-        closure: Callable[[], Tensor],
-        optimizer: torch.optim.Optimizer | None,
-        dtype: torch.dtype,
-    ) -> dict[str, float]:
-        values: dict[str, float] = {}
-        products_before = op.num_products
-        gen = torch.Generator().manual_seed(self.seed + self.num_checks)
-        if self.backend == "pyhessian":
-            res = PyHessianBackend(
-                closure, op.params, module=pl_module, seed=self.seed + self.num_checks
-            ).top_k(self.k, max_iter=self.max_iter, tol=max(self.tol, 1e-6))
-            external_products = res.num_products
-        else:
-            warm = self._eigvecs if self.warm_start else None
-            if warm is not None and warm.shape[0] != op.dim:
-                warm = None
-            res = lanczos_top_k(
-                op.matvec,
-                op.dim,
-                k=self.k,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                warm_start=warm,
-                generator=gen,
-                dtype=dtype,
-                device=op.device,
-            )
-            external_products = 0
-        eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
-        # A reading that did not converge is not a reading: NaN, counted, and kept out of
-        # the ratio, the shift and the flattening (its vectors still make a warm start).
-        valid = bool(res.converged)
-        lam = float(eigenvalues[0]) if valid else math.nan
-        values["sharpness/lambda_max"] = lam
-        for i, value in enumerate(eigenvalues[1:], start=1):
-            values[f"sharpness/lambda_{i}"] = float(value) if valid else math.nan
-        if not valid:
-            self.num_skipped += 1
-        elif (
-            self._valid_eigvecs is not None
-            and vecs is not None
-            and self._valid_eigvecs.shape[0] == vecs.shape[0]
-        ):
-            values["sharpness/shift"] = subspace_shift(self._valid_eigvecs, vecs)
-        if valid and self._prev_lambda is not None:
-            values["sharpness/flattening"] = log_flattening(self._prev_lambda, lam)
-        if vecs is not None:
-            self._eigvecs = vecs.detach().clone()
-            if valid:
-                self._valid_eigvecs = self._eigvecs
-        if valid:
-            self._prev_lambda = lam
-
-        if optimizer is not None and (valid or self._preconditioned_for(optimizer)):
-            values.update(self._ratio(optimizer, op, lam, dtype, gen))
-        if self.trace:
-            values["sharpness/trace"] = self._trace(op, dtype, gen)
-        if self.density_every_n_checks and (self.num_checks + 1) % self.density_every_n_checks == 0:
-            self._log_density(trainer, op, dtype, gen)
-        self.num_checks += 1
-        self.last_products = op.num_products - products_before + external_products
-        values["sharpness/hvps"] = float(self.last_products)
-        return values
-
-    def _preconditioned_for(self, optimizer: torch.optim.Optimizer) -> bool:
-        """The ratio comes from the preconditioned Hessian, not from ``lambda_max``."""
-        return self.preconditioned and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
-
-    def _ratio(
-        self,
-        optimizer: torch.optim.Optimizer,
-        op: HessianOperator,
-        lam: float,
-        dtype: torch.dtype,
-        gen: torch.Generator,
-    ) -> dict[str, float]:
-        if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-            if not self.preconditioned:
-                return {}
-            scaled = adam_state_scale(optimizer, op.params)
-            if scaled is None:
-                return {}
-            scale, edge = scaled
-            scale = full_tensor(scale)
-            sop = ScaledOperator(op.matvec, scale.to(device=op.device, dtype=dtype))
-            warm = self._pre_eigvecs if self.warm_start else None
-            if warm is not None and warm.shape[0] != op.dim:
-                warm = None
-            res = lanczos_top_k(
-                sop,
-                op.dim,
-                k=1,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                warm_start=warm,
-                generator=gen,
-                dtype=dtype,
-                device=op.device,
-            )
-            self._pre_eigvecs = res.eigenvectors.detach().clone()
-            if not res.converged:
-                # The ratio feeds the warning layer, which reads a non-finite value as
-                # damage: an unconverged ratio is withheld, its sharpness published as NaN.
-                self.num_skipped += 1
-                return {"sharpness/preconditioned": math.nan}
-            ratio = float(res.eigenvalues[0])
-            return {"sharpness/eos_ratio": ratio, "sharpness/preconditioned": ratio * edge}
-        edge = lambda_edge(optimizer)
-        return {"sharpness/eos_ratio": lam / edge}
-
-    def _critical(
-        self,
-        params: list[Tensor],
-        closure: Callable[[], Tensor],
-        reduce: Callable[[Tensor], Tensor] | None,
-        lr: float,
-        dtype: torch.dtype,
-        grad: Tensor | None,
-    ) -> float | None:
-        """Critical sharpness along the last update, NaN where undefined: the update is not
-        a descent direction of the probe loss (``d^T g >= 0``), or the crossing the search
-        found is below the loss's resolution (the first-order decrease over the bracket
-        is within the rounding of the loss), where ``2 / eta_c`` would read noise as a
-        huge curvature."""
-        assert self._weights_before is not None
-        step = flatten([full_tensor(p.detach()) for p in params], dtype) - flatten(
-            [full_tensor(w) for w in self._weights_before], dtype
+        return self.measurement.measure(
+            trainer,
+            pl_module,
+            params,
+            self._batches,
+            self._probe_batch_idx(),
+            self._hvp_mode(),
+            check=check,
+            directional=directional,
         )
-        if float(step.norm()) == 0.0 or lr <= 0:
-            return None
-        direction = step / lr
-        slope = float(direction @ grad.to(direction)) if grad is not None else None
 
-        def loss() -> Tensor:
-            value = closure().detach().reshape(1)
-            return reduce(value) if reduce is not None else value
+    @property
+    def num_checks(self) -> int:
+        """Lanczos checks taken so far."""
+        return self.measurement.num_checks
 
-        with LineLoss(*local_view(params, direction), loss) as line:
-            loss0 = line(0.0)
-            result = critical_step_size(line, loss0, self._eta_c or lr, rtol=0.05, slope=slope)
-        if not result.defined:
-            return math.nan
-        resolution = 16 * torch.finfo(dtype).eps * max(abs(loss0), 1e-30)
-        if (
-            slope is not None
-            and math.isfinite(result.upper)
-            and -slope * result.upper <= resolution
-        ):
-            return math.nan
-        if math.isfinite(result.eta):
-            self._eta_c = result.eta
-        return result.sharpness
+    @num_checks.setter
+    def num_checks(self, value: int) -> None:
+        self.measurement.num_checks = value
 
-    def _trace(self, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator) -> float:
-        return hutchpp_trace(
-            op.matvec,
-            op.dim,
-            max(3, self.trace_samples),
-            generator=gen,
-            dtype=dtype,
-            device=op.device,
-        ).estimate
+    @property
+    def num_skipped(self) -> int:
+        """Readings published as NaN so far because they did not converge or were
+        undefined (published as ``sharpness/skipped``)."""
+        return self.measurement.num_skipped
 
-    def _log_density(
-        self, trainer: pl.Trainer, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator
-    ) -> None:
-        from lightning.pytorch.loggers import TensorBoardLogger
+    @num_skipped.setter
+    def num_skipped(self, value: int) -> None:
+        self.measurement.num_skipped = value
 
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
-        if not loggers:
-            return
-        density = slq_density(op.matvec, op.dim, generator=gen, dtype=dtype, device=op.device)
-        if trainer.is_global_zero:
-            grid, values = density.curve(num_points=200)
-            _write_histogram(
-                loggers, "stability/sharpness/density", grid, values, op.dim, trainer.global_step
-            )
-            figure = density_figure(grid, values, trainer.global_step)
-            for logger in loggers:
-                logger.experiment.add_figure(
-                    "stability/sharpness/density_plot", figure, trainer.global_step, close=False
-                )
+    @property
+    def last_products(self) -> int:
+        """Hessian-vector products of the last Lanczos check (all eigenproblems)."""
+        return self.measurement.last_products
 
-    # --------------------------------------------------------------- cadence
-    def _watch_requested(self, trainer: pl.Trainer) -> bool:
-        watchers = [cb for cb in trainer.callbacks if hasattr(cb, "request_closer_watch")]
-        if not watchers:
-            return False
-        flag = any(bool(getattr(cb, "request_closer_watch", False)) for cb in watchers)
-        if trainer.world_size > 1:
-            flag = trainer.strategy.reduce_boolean_decision(flag, all=False)
-        return flag
+    @last_products.setter
+    def last_products(self, value: int) -> None:
+        self.measurement.last_products = value
 
-    def _tighten(self, step: int) -> None:
-        self._interval = max(1, self.every_n_steps // self.adaptive_factor)
-        self._directional_interval = max(1, self.directional_every_n_steps // self.adaptive_factor)
-        self._next_check = min(self._next_check, step + self._interval)
-        self._next_directional = min(self._next_directional, step + self._directional_interval)
+    @property
+    def _weights_before(self) -> list[Tensor] | None:
+        return self.measurement.weights_before
 
-    def _schedule(
-        self, trainer: pl.Trainer, step: int, check: bool, directional: bool, ratio: float | None
-    ) -> None:
-        if check and self.adaptive:
-            if ratio is not None and ratio > self.ratio_threshold:
-                self._tighten(step)
-            elif not self._watch_requested(trainer):
-                self._interval = self.every_n_steps
-                self._directional_interval = self.directional_every_n_steps
-        if check:
-            self._next_check = step + self._interval
-        if directional:
-            self._next_directional = step + self._directional_interval
+    @_weights_before.setter
+    def _weights_before(self, value: list[Tensor] | None) -> None:
+        self.measurement.weights_before = value
+
+    @property
+    def _eigvecs(self) -> Tensor | None:
+        return self.measurement.eigvecs
+
+    @_eigvecs.setter
+    def _eigvecs(self, value: Tensor | None) -> None:
+        self.measurement.eigvecs = value
+
+    @property
+    def _valid_eigvecs(self) -> Tensor | None:
+        return self.measurement.valid_eigvecs
+
+    @_valid_eigvecs.setter
+    def _valid_eigvecs(self, value: Tensor | None) -> None:
+        self.measurement.valid_eigvecs = value
+
+    @property
+    def _prev_lambda(self) -> float | None:
+        return self.measurement.prev_lambda
+
+    @_prev_lambda.setter
+    def _prev_lambda(self, value: float | None) -> None:
+        self.measurement.prev_lambda = value
 
     @property
     def interval(self) -> int:
@@ -872,92 +643,30 @@ class SharpnessMonitor(StabilityProbe):
             state["pre_eigvecs"] = self._pre_eigvecs.detach().cpu()
         # A checkpoint holds rank 0's state only: under DDP every rank would resume with
         # rank 0's batches, so there each rank caches its own again instead.
-        if self._batches and self._world_size == 1 and _plain(self._batches):
-            state["probe_batches"] = _to_cpu(self._batches)
+        if self._batches and self._world_size == 1 and is_plain(self._batches):
+            state["probe_batches"] = to_cpu(self._batches)
             state["probe_batch_idx"] = self._probe_batch_idx()
         return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._interval = int(state_dict["interval"])
-        self._directional_interval = int(state_dict["directional_interval"])
-        self._next_check = int(state_dict["next_check"])
-        self._next_directional = int(state_dict["next_directional"])
-        self.num_checks = int(state_dict["num_checks"])
-        self._prev_lambda = state_dict.get("prev_lambda")
-        self._eta_c = state_dict.get("eta_c")
+        self.schedule.interval = int(state_dict["interval"])
+        self.schedule.directional_interval = int(state_dict["directional_interval"])
+        self.schedule.next_check = int(state_dict["next_check"])
+        self.schedule.next_directional = int(state_dict["next_directional"])
+        self.measurement.num_checks = int(state_dict["num_checks"])
+        self.measurement.prev_lambda = state_dict.get("prev_lambda")
+        self.measurement.eta_c = state_dict.get("eta_c")
         self.readings = {
             k: Reading(float(v), int(s)) for k, (v, s) in state_dict["readings"].items()
         }
         if "edge" in state_dict:
             self.edge.load_state_dict(state_dict["edge"])
-        self._recheck_after = int(state_dict.get("recheck_after", -1))
-        self._eigvecs = state_dict.get("eigvecs")
-        self._valid_eigvecs = state_dict.get("valid_eigvecs", self._eigvecs)
-        self._pre_eigvecs = state_dict.get("pre_eigvecs")
-        self.num_skipped = int(state_dict.get("skipped", 0))
+        self.schedule.recheck_after = int(state_dict.get("recheck_after", -1))
+        self.measurement.eigvecs = state_dict.get("eigvecs")
+        self.measurement.valid_eigvecs = state_dict.get("valid_eigvecs", self._eigvecs)
+        self.measurement.pre_eigvecs = state_dict.get("pre_eigvecs")
+        self.measurement.num_skipped = int(state_dict.get("skipped", 0))
         if "probe_batches" in state_dict and not (self._fixed_batches and self._batches):
             self._batches = list(state_dict["probe_batches"])
             self._batch_idx = [int(i) for i in state_dict.get("probe_batch_idx", [])]
-
-
-def _check_probe_loader(loader: DataLoader) -> None:
-    sampler = getattr(loader, "sampler", None)
-    if (
-        isinstance(sampler, RandomSampler)
-        and sampler.generator is None
-        and loader.generator is None
-    ):
-        raise ValueError(
-            "probe_dataloader: a shuffled loader without its own generator draws from the "
-            "global RNG and would change the training run; pass shuffle=False or "
-            "generator=torch.Generator().manual_seed(...)"
-        )
-
-
-def _trainable(pl_module: pl.LightningModule) -> list[Tensor]:
-    return [p for p in pl_module.parameters() if p.requires_grad]
-
-
-def _reducer(trainer: pl.Trainer) -> Callable[[Tensor], Tensor] | None:
-    if trainer.world_size <= 1:
-        return None
-    return lambda t: trainer.strategy.reduce(t, reduce_op="mean")
-
-
-def density_figure(grid: Tensor, density: Tensor, step: int) -> Any:
-    """A matplotlib ``Figure`` of the smoothed Hessian spectral density (log scale, so the
-    bulk near zero and the outliers both show). Built without pyplot."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5, 2.6))
-    ax = fig.subplots()
-    ax.semilogy(grid.double().cpu().numpy(), density.double().cpu().clamp_min(1e-12).numpy())
-    ax.set_xlabel("eigenvalue", fontsize=8)
-    ax.set_ylabel("density", fontsize=8)
-    ax.set_title(f"Hessian spectral density (SLQ), step {step}", fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
-def _write_histogram(
-    loggers: list, tag: str, grid: Tensor, density: Tensor, dim: int, step: int
-) -> None:
-    """Write a smoothed spectral density as a TensorBoard histogram whose bucket counts
-    are expected numbers of eigenvalues (density x bucket width x dim)."""
-    grid = grid.detach().double().cpu()
-    width = float(grid[1] - grid[0]) if grid.numel() > 1 else 1.0
-    counts = density.detach().double().cpu() * width * dim
-    total = float(counts.sum())
-    for logger in loggers:
-        logger.experiment.add_histogram_raw(
-            tag,
-            min=float(grid[0]),
-            max=float(grid[-1]),
-            num=total,
-            sum=float((grid * counts).sum()),
-            sum_squares=float((grid**2 * counts).sum()),
-            bucket_limits=grid.tolist(),
-            bucket_counts=counts.tolist(),
-            global_step=step,
-        )
