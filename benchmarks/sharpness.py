@@ -7,6 +7,10 @@
    a few checks.
 2. Hessian-vector products per check with Lanczos warm-started from the previous check's
    eigenvectors against a cold (random) start, on the same run.
+3. What one product costs against one training forward and backward pass on the reference
+   batch (``--products`` measures only this and adds it to the existing JSON): exact
+   (double backward through the math attention kernel, as the monitor runs it) and
+   finite-difference. A check cannot cost less than its products.
 
     python -m benchmarks.sharpness --quick     # a few minutes on 2 cores
     python -m benchmarks.sharpness
@@ -19,16 +23,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks.overhead import measure, timed_fit
 from benchmarks.reference import quiet_trainer, reference_dataloader, reference_module
 from lightning_stability import SharpnessCadence, SharpnessEstimator, SharpnessMeasures
+from lightning_stability.estimators.finite_difference_hvp import FiniteDifferenceHessian
+from lightning_stability.estimators.hvp import HessianOperator
 from lightning_stability.probes.sharpness import SharpnessMonitor
 
 OUT = Path(__file__).with_name("sharpness.json")
@@ -78,12 +87,64 @@ def products_per_check(every: int, steps: int, warm: bool, preconditioned: bool)
     return counter.per_check
 
 
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def product_cost(repeats: int = 7) -> dict[str, float]:
+    """Seconds of one training forward and backward pass, one exact and one
+    finite-difference Hessian-vector product on the reference batch, and the products in
+    units of the first."""
+    pl.seed_everything(0, verbose=False)
+    module = reference_module()
+    module.train()
+    batch = next(iter(reference_dataloader(seed=0)))
+    params = [p for p in module.parameters() if p.requires_grad]
+
+    def loss() -> torch.Tensor:
+        return module.training_step(batch, 0)
+
+    step = _median_seconds(lambda: torch.autograd.grad(loss(), params), repeats)
+    v = torch.randn(sum(p.numel() for p in params), generator=torch.Generator().manual_seed(0))
+    with sdpa_kernel(SDPBackend.MATH), HessianOperator(loss, params) as op:
+        graph = _median_seconds(lambda: (op.close(), op.gradient()), repeats)
+        exact = _median_seconds(lambda: op.matvec(v), repeats)
+    with FiniteDifferenceHessian(loss, params) as fd:
+        finite = _median_seconds(lambda: fd.matvec(v), repeats)
+    return {
+        "forward_backward_s": step,
+        "gradient_graph_s": graph,
+        "exact_product_s": exact,
+        "finite_difference_product_s": finite,
+        "exact_product_steps": exact / step,
+        "finite_difference_product_steps": finite / step,
+        "gradient_graph_steps": graph / step,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs, 3 repeats")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--products", action="store_true", help="only the cost of one product (item 3)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.products:
+        cost = product_cost()
+        print(json.dumps(cost, indent=2))
+        payload = json.loads(OUT.read_text()) if OUT.exists() else {}
+        payload["product_cost"] = cost
+        OUT.write_text(json.dumps(payload, indent=2))
+        print(f"wrote the product cost into {OUT}")
+        return payload
     steps = 40 if args.quick else 300
     repeats = 2 if args.quick else 5
     cadences = (5, 10, 20) if args.quick else (25, 100, SharpnessMonitor().every_n_steps)
@@ -155,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "projected_overhead_pct_at_defaults": projected,
         "hvps_per_check": products,
+        "product_cost": product_cost(),
     }
     OUT.write_text(json.dumps(payload, indent=2))
     print(f"wrote {OUT}")
