@@ -12,7 +12,11 @@ import torch
 from lightning_stability import Baselines, DeviationThresholds, EdgeRule, LevelPolicy, TrendTest
 from lightning_stability.probes.base import Reading
 from lightning_stability.warning import EarlyWarning, Level, SignalSpec
-from lightning_stability.warning.baseline import RobustBaseline
+from lightning_stability.warning.baseline import (
+    RobustBaseline,
+    median,
+    median_abs_deviation_of_sorted,
+)
 from lightning_stability.warning.indicators import TrendIndicator, kendall_tau, variance_and_ac1
 from lightning_stability.warning.levels import LevelTracker
 from lightning_stability.warning.metastate import MetaState
@@ -322,3 +326,22 @@ def test_a_warning_is_repeated_only_while_its_evidence_grows():
 
     assert issued(worse=False) == [10]
     assert issued(worse=True) == [10, 35, 60, 85, 110, 135, 160, 185]
+
+
+@pytest.mark.parametrize("kind", ["ties", "gauss", "decades"])
+def test_median_abs_deviation_by_merging_equals_sorting_the_deviations(kind):
+    """Bit for bit, including ties, centers equal to a value, even and odd lengths."""
+    rng = random.Random(kind)
+    for _ in range(3000):
+        n = rng.randint(1, 70)
+        if kind == "ties":
+            values = [rng.choice([0.1, 0.2, 0.3, 0.5]) for _ in range(n)]
+        elif kind == "gauss":
+            values = [rng.gauss(0.0, 1.0) for _ in range(n)]
+        else:
+            values = [10 ** rng.uniform(-8, 3) for _ in range(n)]
+        ordered = sorted(values)
+        center = rng.choice(ordered) if rng.random() < 0.3 else median(values)
+        expected = median([abs(v - center) for v in ordered])
+        assert median_abs_deviation_of_sorted(ordered, center) == expected
+    assert math.isnan(median_abs_deviation_of_sorted([], 0.0))

@@ -8,7 +8,14 @@ from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["MAD_TO_SIGMA", "RobustBaseline", "SortedWindow", "median", "median_of_sorted"]
+__all__ = [
+    "MAD_TO_SIGMA",
+    "RobustBaseline",
+    "SortedWindow",
+    "median",
+    "median_abs_deviation_of_sorted",
+    "median_of_sorted",
+]
 
 MAD_TO_SIGMA = 1.4826
 """Scales a median absolute deviation to a standard deviation for Gaussian data."""
@@ -23,6 +30,30 @@ def median_of_sorted(s: list[float]) -> float:
     n = len(s)
     mid = n // 2
     return s[mid] if n % 2 else 0.5 * (s[mid - 1] + s[mid])
+
+
+def median_abs_deviation_of_sorted(s: list[float], center: float) -> float:
+    """The median of ``|v - center|`` over ``s`` (ascending, no NaN), by merging the two
+    sides of ``center`` outwards instead of sorting the deviations: ``O(n)`` rather than
+    ``O(n log n)``, and the same value, since ``center - v`` is exactly ``|v - center|``
+    for ``v < center`` in IEEE arithmetic."""
+    n = len(s)
+    if n == 0:
+        return math.nan
+    right = bisect.bisect_left(s, center)  # s[right:] >= center
+    left = right - 1  # s[:right] < center
+    upper = n // 2  # index of the upper middle deviation
+    previous = current = 0.0
+    for k in range(upper + 1):
+        below = center - s[left] if left >= 0 else math.inf
+        above = s[right] - center if right < n else math.inf
+        if below <= above:
+            current, left = below, left - 1
+        else:
+            current, right = above, right + 1
+        if k == upper - 1:
+            previous = current
+    return current if n % 2 else 0.5 * (previous + current)
 
 
 class SortedWindow:
@@ -120,8 +151,9 @@ class RobustBaseline:
         if not math.isfinite(value):
             return
         self._window.append(value)
-        center = self._center = self._window.median()
-        mad = median([abs(v - center) for v in self.values])
+        ordered = self._window.ordered()
+        center = self._center = median_of_sorted(ordered)
+        mad = median_abs_deviation_of_sorted(ordered, center)
         self._scale = max(MAD_TO_SIGMA * mad, self.min_scale)
 
     def score(self, value: float) -> float | None:
