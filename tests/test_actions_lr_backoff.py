@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import (
@@ -183,6 +185,28 @@ def test_trouble_after_a_rise_goes_back_to_the_calm_rate_and_holds_it():
         assert lrs[step] == pytest.approx(0.1, rel=1e-9)
     assert action.rise_step == 7 and action.backoffs == 1
     assert "before a rise" in action.events[0].message
+
+
+class _OneGroupJumps(TinyClassifier):
+    """Two param groups at lr 0.1: the first jumps x10 at step 5, the second stays."""
+
+    def configure_optimizers(self):
+        first, second = self.net[0], self.net[-1]
+        opt = torch.optim.SGD(
+            [{"params": first.parameters()}, {"params": second.parameters()}], lr=0.1
+        )
+        rules = [lambda s: 1.0 if s < 5 else 10.0, lambda s: 1.0]
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rules)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_only_the_group_whose_rate_rose_is_held():
+    action = LRBackoff(factor=0.5)
+    _fit(action, {7: "warning"}, max_steps=9, model=_OneGroupJumps())
+    # the first group goes back to its calm 0.1 and is held there; the second, which did
+    # not rise, is cut by one factor and not held
+    assert action.scales[0] == pytest.approx([0.1, 0.5])
+    assert action.caps[0][0] == pytest.approx(0.1) and action.caps[0][1] == math.inf
 
 
 class _WarmUpFromNearZero(TinyClassifier):

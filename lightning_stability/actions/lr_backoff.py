@@ -315,14 +315,15 @@ class LRBackoff(StabilityAction):
                 target = s * self.factor
                 lr = float(group["lr"])
                 scheduled = lr / s if s > 0 else 0.0
-                if calm is not None and scheduled > LR_JUMP * calm[index] > 0:
-                    after_rise = True
+                risen = calm is not None and scheduled > LR_JUMP * calm[index] > 0
+                if risen:
                     # at most factor**4 in one cut: a warm-up that starts near zero
                     # must not be sent back there by one event
                     back = max(calm[index] / scheduled, self.factor**4)
                     target = min(target, s * back)
                 new = min(s, max(target, floor))
-                if after_rise and s > 0:
+                if risen:
+                    after_rise = True
                     caps[i] = min(caps[i], lr * new / s)
                 row.append(new)
                 index += 1
