@@ -90,7 +90,8 @@ class Rollback(StabilityAction):
     ``max_steps``), never this callback's.
 
     Memory: two snapshots, i.e. about twice the weights plus the optimizer state (about
-    6x the parameters for Adam, 4x for SGD with momentum); ``offload`` keeps them in host
+    6x the parameters for Adam, 4x for SGD with momentum), and a third, the state a
+    rollback left, while its skip lasts (with ``skip_growth``); ``offload`` keeps them in host
     (CPU) memory instead of on the accelerator. Under sharding (FSDP2, ``DTensor``
     parameters) the module and optimizer state dicts hold each rank's local shards, so
     each rank keeps and restores its own part; whether the weights are finite (a
@@ -328,16 +329,13 @@ class Rollback(StabilityAction):
         if target is self.good:
             self.pending = None
         self._calm_since_pending = False
-        before = {key: action.state_dict() for key, action in others.items()}
         if self.skip_growth is not None and self.skip_steps > 0:
             self.abandoned = TrainingSnapshot.take(trainer, pl_module, others, offload=self.offload)
             latest = self._latest_loss
             local = latest.float().mean() if latest is not None else torch.tensor(math.nan)
             # every rank rolls back at this boundary, so every rank joins the reduction
             self._abandoned_loss = float(trainer.strategy.reduce(local, reduce_op="mean"))
-        target.restore(trainer, pl_module, others)
-        for key, action in others.items():
-            action.restored(trainer, pl_module, before[key])
+        self._restore(target, trainer, pl_module, others)
         self.sources_rearmed()
         self._skip_from, self._skip_until = step, step + self.skip_steps
         self._skip_losses = []
@@ -353,6 +351,20 @@ class Rollback(StabilityAction):
             signals=(ROLLBACKS_KEY,),
             details={"to_step": float(target.step), "rollbacks": float(self.rollbacks)},
         )
+
+    @staticmethod
+    def _restore(
+        snapshot: TrainingSnapshot,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        others: dict[str, StabilityAction],
+    ) -> None:
+        """Load ``snapshot``; each other action then keeps what it learned since (its
+        ``restored`` sees its state from before the restore)."""
+        before = {key: action.state_dict() for key, action in others.items()}
+        snapshot.restore(trainer, pl_module, others)
+        for key, action in others.items():
+            action.restored(trainer, pl_module, before[key])
 
     def _rearm(self, trainer: pl.Trainer, step: int) -> None:
         for cb in trainer.callbacks:
@@ -381,10 +393,7 @@ class Rollback(StabilityAction):
             action.mark_handled(step)  # the next events are theirs again
         back = ""
         if self.abandoned is not None and self._abandoned_loss < latest:
-            before = {key: action.state_dict() for key, action in others.items()}
-            self.abandoned.restore(trainer, pl_module, others)
-            for key, action in others.items():
-                action.restored(trainer, pl_module, before[key])  # cuts taken since stay
+            self._restore(self.abandoned, trainer, pl_module, others)
             back = f" from the weights of step {self.abandoned.step}, before the rollback"
             self.abandoned = None
         self.record(
