@@ -119,41 +119,35 @@ class LossBand:
         )
         shape, leaving, damage = groups["shape"], groups["leaving"], groups["damage"]
         self.shape, self.leaving, self.damage = shape, leaving, damage
-        window, warmup, smooth, memory = shape.window, shape.warmup, shape.smooth, shape.memory
-        quantile, rel_width, scale_frac = shape.quantile, shape.rel_width, shape.scale_frac
-        width, factor, confirm = leaving.width, leaving.factor, leaving.confirm
-        shock_width, shock_factor = leaving.shock_width, leaving.shock_factor
-        damage_width, damage_factor = damage.damage_width, damage.damage_factor
-        sustain, recovered = damage.sustain, damage.recovered
-        forget_low, forget_high = damage.forget_low, damage.forget_high
-        self.window = window
-        self.warmup = warmup
-        self.quantile = quantile
-        self.smooth = smooth
-        self.width = width
-        self.factor = factor
-        self.confirm = confirm
-        self.shock_width = shock_width
-        self.shock_factor = shock_factor
-        self.damage_width = damage_width
-        self.damage_factor = damage_factor
-        self.sustain = sustain
-        self.rel_width = rel_width
-        self.memory = memory
-        self.scale_frac = scale_frac
-        self.forget_low = forget_low
-        self.recovered = recovered
-        self.forget_high = forget_high
+        # the fields as attributes of their own: update() reads them at every step
+        self.window = shape.window
+        self.warmup = shape.warmup
+        self.quantile = shape.quantile
+        self.smooth = shape.smooth
+        self.rel_width = shape.rel_width
+        self.memory = shape.memory
+        self.scale_frac = shape.scale_frac
+        self.width = leaving.width
+        self.factor = leaving.factor
+        self.confirm = leaving.confirm
+        self.shock_width = leaving.shock_width
+        self.shock_factor = leaving.shock_factor
+        self.damage_width = damage.damage_width
+        self.damage_factor = damage.damage_factor
+        self.sustain = damage.sustain
+        self.recovered = damage.recovered
+        self.forget_low = damage.forget_low
+        self.forget_high = damage.forget_high
         self.scale = 0.0
-        self.bands: deque[tuple[float, float, float]] = deque(maxlen=memory)
+        self.bands: deque[tuple[float, float, float]] = deque(maxlen=self.memory)
         # candidates for min(self.bands) as the bands roll: (arrival number, band), bands
         # increasing from the front, so that the minimum is the front's
         self._lowest: deque[tuple[int, tuple[float, float, float]]] = deque()
         self._arrivals = 0
-        self._window = SortedWindow(window)
+        self._window = SortedWindow(self.window)
         self.values: deque[float] = self._window.values
-        self.recent: deque[float] = deque(maxlen=smooth)
-        self.trail: deque[float] = deque(maxlen=max(confirm, sustain))
+        self.recent: deque[float] = deque(maxlen=self.smooth)
+        self.trail: deque[float] = deque(maxlen=max(self.confirm, self.sustain))
         self.outside_streak = 0
         self.damage_streak = 0
         self.floor = math.nan
