@@ -184,11 +184,6 @@ class LevelPolicy:
         check_positive_int(self.repeat_every, "repeat_every", allow_none=True)
 
 
-def _band_int(value: object, name: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"band {name} must be an integer >= {minimum}, got {value!r}")
-
-
 def _band(ok: bool, name: str, allowed: str, value: object) -> None:
     if not ok:
         raise ValueError(f"band {name} must be {allowed}, got {value!r}")
@@ -227,12 +222,12 @@ class BandShape:
     memory: int = 200
 
     def __post_init__(self) -> None:
-        _band_int(self.window, "window")
-        _band_int(self.smooth, "smooth")
+        check_positive_int(self.window, "band window")
+        check_positive_int(self.smooth, "band smooth")
         _band(
             1 <= self.warmup <= self.window, "warmup", f"in [1, window={self.window}]", self.warmup
         )
-        _band_int(self.memory, "memory")
+        check_positive_int(self.memory, "band memory")
         _band(0 <= self.scale_frac < 1, "scale_frac", "in [0, 1)", self.scale_frac)
         _band(0.5 < self.quantile < 1, "quantile", "in (0.5, 1)", self.quantile)
         _band(self.rel_width > 0, "rel_width", "> 0", self.rel_width)
@@ -258,7 +253,7 @@ class BandLeaving:
     shock_factor: float = 10.0
 
     def __post_init__(self) -> None:
-        _band_int(self.confirm, "confirm")
+        check_positive_int(self.confirm, "band confirm")
         for name in ("width", "shock_width"):
             _band(getattr(self, name) > 0, name, "> 0", getattr(self, name))
         for name in ("factor", "shock_factor"):
@@ -293,7 +288,7 @@ class BandDamage:
     forget_high: float = 0.8
 
     def __post_init__(self) -> None:
-        _band_int(self.sustain, "sustain")
+        check_positive_int(self.sustain, "band sustain")
         _band(0 < self.recovered <= 1, "recovered", "in (0, 1]", self.recovered)
         if not 0 < self.forget_low < self.forget_high:
             raise ValueError(
