@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_stability.configuration import regroup
+from lightning_stability.vocabulary import META_DEVIATION
 from lightning_stability.warning.baseline import RobustBaseline
 from lightning_stability.warning.config import (
     WARNING_FLAT_ALIASES,
@@ -205,7 +206,7 @@ class MetaStateMonitor:
                 out.proposed = max(out.proposed, Level.WATCH)
                 out.drivers.append(
                     (
-                        "stability/meta/deviation",
+                        META_DEVIATION,
                         _Z_CAP if reason else 0.0,
                         f"deviation above {self.cusum.drift:g} sustained (CUSUM {s:.1f} >= "
                         f"{self.cusum.threshold:g})",

@@ -42,7 +42,6 @@ from lightning_stability.warning.metastate import DIMENSIONS, SignalSpec
 
 __all__ = ["EarlyWarning", "InstabilityWarning"]
 
-STEP_LOSS_KEY = LOSS_VALUE
 _LEVEL_FLAT_ALIASES = field_aliases(levels=LevelPolicy)
 
 
@@ -219,14 +218,14 @@ class EarlyWarning(IdentifiedCallback):
         for probe in self.probes:
             readings.update(probe.readings)
         step = trainer.global_step
-        if self.use_step_loss and STEP_LOSS_KEY not in readings and self._step_losses:
+        if self.use_step_loss and LOSS_VALUE not in readings and self._step_losses:
             total = 0.0
             for value in self._step_losses:
                 total += float(value)
             loss = torch.tensor(total / len(self._step_losses), dtype=torch.float64)
             if trainer.world_size > 1:
                 loss = trainer.strategy.reduce(loss.to(trainer.strategy.root_device), "mean")
-            readings[STEP_LOSS_KEY] = Reading(float(loss), step)
+            readings[LOSS_VALUE] = Reading(float(loss), step)
         self._step_losses = []
         return readings
 
