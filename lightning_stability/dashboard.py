@@ -28,7 +28,6 @@ from lightning_stability.probes.base import logs_this_step, step_loss
 from lightning_stability.probes.edge import lambda_edge, preconditioned_edge
 from lightning_stability.report import (
     SUMMARY_ROWS,
-    WARNING_SOURCE,
     RunLog,
     RunSummary,
     TimelineEntry,
@@ -59,6 +58,7 @@ from lightning_stability.vocabulary import (
     SHARPNESS_EOS_RATIO,
     SHARPNESS_LAMBDA_MAX,
     SHARPNESS_PRECONDITIONED,
+    WARNING_SOURCE,
 )
 from lightning_stability.vocabulary import key as tag_of
 from lightning_stability.warning.early_warning import EarlyWarning

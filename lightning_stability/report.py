@@ -45,6 +45,7 @@ from lightning_stability.vocabulary import (
     SHARPNESS_EOS_RATIO,
     SHARPNESS_LAMBDA_MAX,
     SHARPNESS_PRECONDITIONED,
+    WARNING_SOURCE,
     key,
 )
 
@@ -67,10 +68,6 @@ __all__ = [
     "summarize",
     "write_figures",
 ]
-
-WARNING_SOURCE = "early_warning"
-"""The ``source`` of the warning layer's events (level changes); every other source is
-an action."""
 
 Series = list[tuple[int, float]]
 

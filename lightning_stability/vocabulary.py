@@ -88,6 +88,7 @@ __all__ = [
     "TIMELINE_LR_SCHEDULE",
     "TIMELINE_ROLLBACKS",
     "TIMELINE_TEXT",
+    "WARNING_SOURCE",
     "Level",
     "activation_key",
     "audit_key",
@@ -97,7 +98,6 @@ __all__ = [
     "check_in_range",
     "check_nonnegative_int",
     "check_positive_int",
-    "check_probability",
     "cka_initial_key",
     "cka_key",
     "grad_group_key",
@@ -195,6 +195,10 @@ EVENTS = key("events")
 """TensorBoard text tag of the events."""
 ACTIONS = key("actions")
 """TensorBoard text tag of the actions (in logs written before the timeline)."""
+
+WARNING_SOURCE = "early_warning"
+"""The ``source`` of the warning layer's events (level changes); every other source is
+an action."""
 
 
 def meta_key(dimension: str) -> str:
@@ -304,12 +308,6 @@ def check_factor(value: Any, argument: str) -> None:
     """``ValueError`` naming ``argument`` unless ``value`` lies in the open interval (0, 1)."""
     if not _is_number(value) or not 0.0 < value < 1.0:
         raise ValueError(f"{argument} must be a number in the open interval (0, 1), got {value!r}")
-
-
-def check_probability(value: Any, argument: str) -> None:
-    """``ValueError`` naming ``argument`` unless ``value`` lies in [0, 1]."""
-    if not _is_number(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{argument} must be a number in [0, 1], got {value!r}")
 
 
 def check_finite_positive(value: Any, argument: str, allow_none: bool = False) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from lightning_stability.vocabulary import Level
+from lightning_stability.vocabulary import WARNING_SOURCE, Level
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -33,7 +33,7 @@ class InstabilityEvent:
     signals: tuple[str, ...] = ()
     message: str = ""
     deviation: float = float("nan")
-    source: str = "early_warning"
+    source: str = WARNING_SOURCE
     details: dict[str, float] = field(default_factory=dict)
 
 
