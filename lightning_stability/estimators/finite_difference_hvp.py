@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from lightning_stability.estimators.hvp import LossClosure, Reducer
+from lightning_stability.estimators.hvp import LossClosure, ParameterOperator, Reducer
 from lightning_stability.estimators.sharding import (
     full_tensor,
     full_to_local,
@@ -21,7 +21,7 @@ from lightning_stability.estimators.sharding import (
 __all__ = ["FiniteDifferenceHessian"]
 
 
-class FiniteDifferenceHessian:
+class FiniteDifferenceHessian(ParameterOperator):
     """The Hessian of ``loss_closure()`` with respect to ``params`` as a linear operator
     on flat vectors, by central differences of gradients:
 
@@ -92,13 +92,9 @@ class FiniteDifferenceHessian:
         step: float = 1e-3,
         guard: Sequence[Tensor] = (),
     ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("params: no parameter requires grad")
+        super().__init__(loss_closure, params, reduce)
         if not (isinstance(step, (int, float)) and step > 0):
             raise ValueError(f"step must be > 0, got {step!r}")
-        self._closure = loss_closure
-        self._reduce = reduce
         self._sharded = [is_sharded(p) for p in self.params]
         self._backward = any(self._sharded)
         ids = {id(p) for p in self.params}
@@ -108,16 +104,6 @@ class FiniteDifferenceHessian:
         self._saved_weights: list[Tensor] | None = None
         self._loss: float | None = None
         self._flat_grad: Tensor | None = None
-        self.num_products = 0
-
-    @property
-    def dim(self) -> int:
-        """Number of scalar parameters, over all shards."""
-        return sum(p.numel() for p in self.params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
 
     @property
     def device(self) -> torch.device:
@@ -214,8 +200,6 @@ class FiniteDifferenceHessian:
         minus = self._shifted_grad(u, -h)
         return ((plus - minus) * (norm / (2.0 * h))).to(self.dtype)
 
-    __call__ = matvec
-
     def close(self) -> None:
         """Put the saved weights (bit for bit) and ``.grad`` back."""
         if self._saved_weights is not None:
@@ -227,9 +211,3 @@ class FiniteDifferenceHessian:
         self._saved_grads = None
         self._flat_grad = None
         self._loss = None
-
-    def __enter__(self) -> FiniteDifferenceHessian:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -10,6 +10,7 @@ from torch import Tensor
 __all__ = [
     "HessianOperator",
     "LossClosure",
+    "ParameterOperator",
     "Reducer",
     "flatten",
     "forward_over_reverse_hvp",
@@ -38,7 +39,58 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
     return out
 
 
-class HessianOperator:
+class ParameterOperator:
+    """What a Hessian operator on a module's parameters keeps whatever computes its
+    products: the parameters that require grad, the loss closure, the reducer over ranks,
+    the count of products, its size and dtype; :meth:`close` runs on leaving a ``with``
+    block. Subclasses implement :meth:`matvec`, :meth:`gradient` and :meth:`close`."""
+
+    def __init__(
+        self,
+        loss_closure: LossClosure,
+        params: Sequence[Tensor],
+        reduce: Reducer | None = None,
+    ) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        if not self.params:
+            raise ValueError("params: no parameter requires grad")
+        self._closure = loss_closure
+        self._reduce = reduce
+        self.num_products = 0
+
+    @property
+    def dim(self) -> int:
+        """Number of scalar parameters (over all shards; the operator is ``dim x dim``)."""
+        return sum(p.numel() for p in self.params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def gradient(self) -> Tensor:
+        raise NotImplementedError
+
+    def matvec(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.matvec(v)
+
+    def close(self) -> None:
+        """Release what the products hold."""
+
+    def __enter__(self) -> ParameterOperator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HessianOperator(ParameterOperator):
     """The Hessian of ``loss_closure()`` with respect to ``params`` as a linear operator
     on flat vectors, by double backward.
 
@@ -65,28 +117,10 @@ class HessianOperator:
         params: Sequence[Tensor],
         reduce: Reducer | None = None,
     ) -> None:
-        self.params = [p for p in params if p.requires_grad]
-        if not self.params:
-            raise ValueError("params: no parameter requires grad")
-        self._closure = loss_closure
-        self._reduce = reduce
+        super().__init__(loss_closure, params, reduce)
         self._loss: Tensor | None = None
         self._grads: tuple[Tensor, ...] | None = None
         self._flat_grad: Tensor | None = None
-        self.num_products = 0
-
-    @property
-    def dim(self) -> int:
-        """Number of scalar parameters (the operator is ``dim x dim``)."""
-        return sum(p.numel() for p in self.params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.params[0].dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
 
     def _build(self) -> tuple[Tensor, ...]:
         if self._grads is None:
@@ -141,19 +175,11 @@ class HessianOperator:
         self.num_products += 1
         return self._reduced(flat)
 
-    __call__ = matvec
-
     def close(self) -> None:
         """Free the gradient graph."""
         self._grads = None
         self._loss = None
         self._flat_grad = None
-
-    def __enter__(self) -> HessianOperator:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def forward_over_reverse_hvp(
