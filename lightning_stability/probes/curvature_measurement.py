@@ -23,7 +23,7 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
-from lightning_stability.estimators.lanczos import lanczos_top_k
+from lightning_stability.estimators.lanczos import EigenResult, lanczos_top_k
 from lightning_stability.estimators.preconditioned import ScaledOperator, adam_state_scale
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.sharding import full_tensor, local_view
@@ -214,20 +214,7 @@ class CurvatureMeasurement:
             ).top_k(self.k, max_iter=self.max_iter, tol=max(self.tol, 1e-6))
             external_products = res.num_products
         else:
-            warm = self.eigvecs if self.warm_start else None
-            if warm is not None and warm.shape[0] != op.dim:
-                warm = None
-            res = lanczos_top_k(
-                op.matvec,
-                op.dim,
-                k=self.k,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                warm_start=warm,
-                generator=gen,
-                dtype=dtype,
-                device=op.device,
-            )
+            res = self._lanczos(op.matvec, op, self.k, self.eigvecs, dtype, gen)
             external_products = 0
         eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
         # A reading that did not converge is not a reading: NaN, counted, and kept out of
@@ -265,6 +252,32 @@ class CurvatureMeasurement:
         values[_HVPS] = float(self.last_products)
         return values
 
+    def _lanczos(
+        self,
+        matvec: Callable[[Tensor], Tensor],
+        op: HessianOperator,
+        k: int,
+        previous: Tensor | None,
+        dtype: torch.dtype,
+        gen: torch.Generator,
+    ) -> EigenResult:
+        """The top ``k`` eigenpairs of ``matvec`` (of ``op``'s dimension), warm-started from
+        ``previous`` when warm starts are on and its dimension still matches."""
+        warm = previous if self.warm_start else None
+        if warm is not None and warm.shape[0] != op.dim:
+            warm = None
+        return lanczos_top_k(
+            matvec,
+            op.dim,
+            k=k,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            warm_start=warm,
+            generator=gen,
+            dtype=dtype,
+            device=op.device,
+        )
+
     def _preconditioned_for(self, optimizer: torch.optim.Optimizer) -> bool:
         """The ratio comes from the preconditioned Hessian, not from ``lambda_max``."""
         return self.preconditioned and isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
@@ -288,20 +301,7 @@ class CurvatureMeasurement:
             scale, edge = scaled
             scale = full_tensor(scale)
             sop = ScaledOperator(op.matvec, scale.to(device=op.device, dtype=dtype))
-            warm = self.pre_eigvecs if self.warm_start else None
-            if warm is not None and warm.shape[0] != op.dim:
-                warm = None
-            res = lanczos_top_k(
-                sop,
-                op.dim,
-                k=1,
-                tol=self.tol,
-                max_iter=self.max_iter,
-                warm_start=warm,
-                generator=gen,
-                dtype=dtype,
-                device=op.device,
-            )
+            res = self._lanczos(sop, op, 1, self.pre_eigvecs, dtype, gen)
             self.pre_eigvecs = res.eigenvectors.detach().clone()
             if not res.converged:
                 # The ratio feeds the warning layer, which reads a non-finite value as
