@@ -137,17 +137,24 @@ def _grouped(tensors: Sequence[Tensor]) -> dict[Any, list[int]]:
     return groups
 
 
-def sum_over_shards(tensors: Sequence[Tensor], values: Tensor) -> Tensor:
-    """``values[i]``, computed from this rank's part of ``tensors[i]``, summed over the
-    ranks that hold the other parts of a sharded ``tensors[i]`` (one ``all_reduce`` per
-    mesh); entries of plain tensors are returned as they are."""
+def _reduce_over_shards(tensors: Sequence[Tensor], values: Tensor, op: Any) -> Tensor:
+    """``values[i]``, computed from this rank's part of ``tensors[i]``, reduced with ``op``
+    over the ranks that hold the other parts of a sharded ``tensors[i]`` (one
+    ``all_reduce`` per mesh); entries of plain tensors are returned as they are."""
     for key, idx in _grouped(tensors).items():
         if key is None:
             continue
         index = torch.tensor(idx, device=values.device)
-        part = _all_reduce(values.index_select(0, index), key[1], dist.ReduceOp.SUM)
+        part = _all_reduce(values.index_select(0, index), key[1], op)
         values = values.index_copy(0, index, part)
     return values
+
+
+def sum_over_shards(tensors: Sequence[Tensor], values: Tensor) -> Tensor:
+    """``values[i]``, computed from this rank's part of ``tensors[i]``, summed over the
+    ranks that hold the other parts of a sharded ``tensors[i]`` (one ``all_reduce`` per
+    mesh); entries of plain tensors are returned as they are."""
+    return _reduce_over_shards(tensors, values, dist.ReduceOp.SUM)
 
 
 def global_sq_norms(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
@@ -168,13 +175,7 @@ def global_max(tensors: Sequence[Tensor], device: torch.device, p: float = float
     per = torch.stack(
         [n.to(device=device, dtype=torch.float32) for n in torch._foreach_norm(local, p)]
     )
-    for key, idx in _grouped(tensors).items():
-        if key is None:
-            continue
-        index = torch.tensor(idx, device=device)
-        part = _all_reduce(per.index_select(0, index), key[1], dist.ReduceOp.MAX)
-        per = per.index_copy(0, index, part)
-    return per.max()
+    return _reduce_over_shards(tensors, per, dist.ReduceOp.MAX).max()
 
 
 def global_count_nonfinite(tensors: Sequence[Tensor]) -> int:
