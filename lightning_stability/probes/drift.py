@@ -162,7 +162,6 @@ class RepresentationDriftMonitor(StabilityProbe):
     seed = Kept("capture", "seed")
     _hashing = Kept("capture", "hashing")
     _batch_idx = Kept("capture", "batch_idx")
-    _relu_like = Kept("capture", "relu_like")
 
     def __init__(
         self,
