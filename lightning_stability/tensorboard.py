@@ -39,6 +39,7 @@ from lightning_stability.vocabulary import (
     ACTION_LR_SCALE,
     ACTION_SKIPPED_STEPS,
     ACTION_STAGE,
+    DIMENSIONS,
     GRAD_CLIP_EVENT,
     GRAD_CLIP_RATE,
     GRAD_CLIP_THRESHOLD,
@@ -70,7 +71,6 @@ from lightning_stability.vocabulary import (
     TIMELINE_ROLLBACKS,
     TIMELINE_TEXT,
 )
-from lightning_stability.warning.metastate import DIMENSIONS
 
 __all__ = [
     "LAYOUT_TAG",

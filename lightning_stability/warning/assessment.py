@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lightning_stability.configuration import regroup
-from lightning_stability.vocabulary import META_DEVIATION
+from lightning_stability.vocabulary import DIMENSIONS, META_DEVIATION
 from lightning_stability.warning.baseline import RobustBaseline
 from lightning_stability.warning.config import (
     WARNING_FLAT_ALIASES,
@@ -22,7 +22,7 @@ from lightning_stability.warning.cusum import Cusum
 from lightning_stability.warning.events import Level
 from lightning_stability.warning.indicators import TrendIndicator
 from lightning_stability.warning.loss_band import BandEvidence, LossBand
-from lightning_stability.warning.metastate import DIMENSIONS, MetaState, SignalSpec
+from lightning_stability.warning.metastate import MetaState, SignalSpec
 from lightning_stability.warning.rules import LOSS_KEY, HardRules, RuleHit
 
 __all__ = ["Assessment", "MetaStateMonitor"]

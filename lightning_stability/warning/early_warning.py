@@ -19,7 +19,13 @@ from lightning_stability.probes.base import (
     step_loss,
     write_to_loggers,
 )
-from lightning_stability.vocabulary import LOSS_VALUE, META_DEVIATION, META_LEVEL, meta_key
+from lightning_stability.vocabulary import (
+    DIMENSIONS,
+    LOSS_VALUE,
+    META_DEVIATION,
+    META_LEVEL,
+    meta_key,
+)
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
 from lightning_stability.warning.config import (
     WARNING_FLAT_ALIASES,
@@ -38,7 +44,7 @@ from lightning_stability.warning.events import (
 )
 from lightning_stability.warning.levels import LevelTracker
 from lightning_stability.warning.loss_band import LossBand
-from lightning_stability.warning.metastate import DIMENSIONS, SignalSpec
+from lightning_stability.warning.metastate import SignalSpec
 
 __all__ = ["EarlyWarning", "InstabilityWarning"]
 
