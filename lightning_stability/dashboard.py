@@ -349,10 +349,7 @@ class StabilityDashboard(IdentifiedCallback):
             loss = step_loss(trainer, pl_module, outputs)
             if loss is not None:
                 self._write(trainer, step, {TIMELINE.EVENT_LOSS: float(loss)})
-            self.run_log.events += entries
-            if trainer.is_global_zero:
-                for writer in tensorboard_writers(trainer.loggers):
-                    writer.add_text(TIMELINE.TEXT, format_entries(entries), step)
+            self._add_events(trainer, step, entries)
         if logging and self.run_log.loss_tag:
             value = trainer.callback_metrics.get(self.run_log.loss_tag)
             if value is not None and self.run_log.loss_tag != LOSS_VALUE:
@@ -403,6 +400,13 @@ class StabilityDashboard(IdentifiedCallback):
                 self._event_keys.add(key)
                 entries.append(TimelineEntry(step, event.source, int(event.level), event.message))
         return sorted(entries, key=lambda e: e.source != WARNING_SOURCE)
+
+    def _add_events(self, trainer: pl.Trainer, step: int, entries: list[TimelineEntry]) -> None:
+        """Keep ``entries`` for the summary and write them as one text entry at ``step``."""
+        self.run_log.events += entries
+        if trainer.is_global_zero:
+            for writer in tensorboard_writers(trainer.loggers):
+                writer.add_text(TIMELINE.TEXT, format_entries(entries), step)
 
     def _timeline(
         self, trainer: pl.Trainer, step: int, logging: bool, entries: list[TimelineEntry]
@@ -510,10 +514,7 @@ class StabilityDashboard(IdentifiedCallback):
         self._follow_readings(trainer, step, logging=False)
         entries = self._new_events(step)
         if entries:
-            self.run_log.events += entries
-        if trainer.is_global_zero and entries:
-            for writer in tensorboard_writers(trainer.loggers):
-                writer.add_text(TIMELINE.TEXT, format_entries(entries), step)
+            self._add_events(trainer, step, entries)
         self._seconds_in_callbacks = self._seconds(trainer)
         self.last_summary = self.build_summary()
         if trainer.is_global_zero:
