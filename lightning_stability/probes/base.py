@@ -184,8 +184,9 @@ def step_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) 
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         return None
     loss = loss.detach().float().reshape(())
-    if pl_module.automatic_optimization:
-        loss = loss * trainer.accumulate_grad_batches
+    accumulate = trainer.accumulate_grad_batches
+    if pl_module.automatic_optimization and accumulate != 1:  # a product costs microseconds
+        loss = loss * accumulate
     return loss
 
 
