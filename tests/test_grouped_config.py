@@ -28,6 +28,7 @@ from lightning_stability import (
     TrendTest,
 )
 from lightning_stability.vocabulary import DIMENSIONS, LEVEL_NAMES, Level
+from lightning_stability.warning import events
 
 
 def _settings(obj: object, names: list[str]) -> dict[str, object]:
@@ -169,4 +170,7 @@ def test_the_default_set_and_its_dict_options_raise_no_deprecation():
 
 def test_one_set_of_level_names():
     assert tuple(level.name.lower() for level in Level) == LEVEL_NAMES
+    assert LEVEL_NAMES == ("ok", "watch", "warning", "critical")
+    assert [int(level) for level in Level] == [0, 1, 2, 3]
     assert ls.Level is Level
+    assert events.Level is Level
