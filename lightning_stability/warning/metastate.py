@@ -180,11 +180,12 @@ class MetaState:
             spec = self.spec_for(key)
             if spec is None:
                 continue
-            age = step - int(reading.step)
+            seen = int(reading.step)
+            age = step - seen
             if age > self.max_age:
                 continue
-            fresh = self.last_seen.get(key) != int(reading.step)
-            self.last_seen[key] = int(reading.step)
+            fresh = self.last_seen.get(key) != seen
+            self.last_seen[key] = seen
             raw = float(reading.value)
             value = spec.direction * transform(raw, spec.transform) if math.isfinite(raw) else raw
             out.append(Observation(key, spec.dimension, value, raw, age, fresh, spec))
