@@ -331,15 +331,12 @@ class GradientMonitor(StabilityProbe):
         wper = self._norms(self._params, device)
         out["wper"] = wper
         out["weight_norm"] = torch.linalg.vector_norm(wper)
-        if self._clip_algorithm(trainer) == "value" and self._sharded:
-            out["maxabs"] = global_max(grads, device)
-        elif self._clip_algorithm(trainer) == "value":
-            out["maxabs"] = torch.stack(
-                [
-                    n.to(device=device, dtype=torch.float32)
-                    for n in torch._foreach_norm(grads, math.inf)
-                ]
-            ).max()
+        if self._clip_algorithm(trainer) == "value":
+            out["maxabs"] = (
+                global_max(grads, device)
+                if self._sharded
+                else _stacked_f32(torch._foreach_norm(grads, math.inf), device).max()
+            )
         if self.update_ratio != "off":
             if self._snapshot is not None:
                 now = self._take_snapshot()
