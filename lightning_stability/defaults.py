@@ -8,7 +8,7 @@ from typing import Any, Literal
 from lightning.pytorch.callbacks import Callback
 
 from lightning_stability.actions import LRBackoff, LRGuard, Rollback, StagedTraining
-from lightning_stability.configuration import FlatAliases, field_aliases, regroup
+from lightning_stability.configuration import FlatAliases, regroup
 from lightning_stability.dashboard import StabilityDashboard
 from lightning_stability.probes import (
     GradientMonitor,
@@ -29,7 +29,7 @@ from lightning_stability.probes.config import (
 from lightning_stability.vocabulary import check_choice
 from lightning_stability.warning import EarlyWarning
 from lightning_stability.warning.config import (
-    WARNING_FLAT_ALIASES,
+    EARLY_WARNING_FLAT_ALIASES,
     Baselines,
     DeviationThresholds,
     EdgeRule,
@@ -55,7 +55,7 @@ _GROUPED: dict[type[Callback], tuple[FlatAliases, dict[str, type]]] = {
         {"cadence": DriftCadence, "probe": DriftProbe, "limits": DriftLimits},
     ),
     EarlyWarning: (
-        {**WARNING_FLAT_ALIASES, **field_aliases(levels=LevelPolicy)},
+        EARLY_WARNING_FLAT_ALIASES,
         {
             "deviation": DeviationThresholds,
             "levels": LevelPolicy,

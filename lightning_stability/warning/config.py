@@ -14,6 +14,7 @@ from lightning_stability.vocabulary import check_nonnegative_int, check_positive
 
 __all__ = [
     "BAND_FLAT_ALIASES",
+    "EARLY_WARNING_FLAT_ALIASES",
     "WARNING_FLAT_ALIASES",
     "BandDamage",
     "BandLeaving",
@@ -324,3 +325,7 @@ WARNING_FLAT_ALIASES: dict[str, tuple[str, str]] = {
 }
 """The flat keywords of ``MetaStateMonitor`` and ``EarlyWarning`` before their settings
 were grouped (``EarlyWarning`` adds those of :class:`LevelPolicy`)."""
+
+EARLY_WARNING_FLAT_ALIASES = {**WARNING_FLAT_ALIASES, **field_aliases(levels=LevelPolicy)}
+"""The flat keywords of ``EarlyWarning``: :data:`WARNING_FLAT_ALIASES` and the fields of
+:class:`LevelPolicy`."""

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_deprecation, rank_zero_warn
 from typing_extensions import override
 
 from lightning_stability.callback_identity import IdentifiedCallback
-from lightning_stability.configuration import field_aliases, regroup
+from lightning_stability.configuration import regroup
 from lightning_stability.probes.base import (
     Reading,
     StabilityProbe,
@@ -28,7 +28,7 @@ from lightning_stability.vocabulary import (
 )
 from lightning_stability.warning.assessment import Assessment, MetaStateMonitor
 from lightning_stability.warning.config import (
-    WARNING_FLAT_ALIASES,
+    EARLY_WARNING_FLAT_ALIASES,
     Baselines,
     DeviationThresholds,
     EdgeRule,
@@ -47,8 +47,6 @@ from lightning_stability.warning.loss_band import LossBand
 from lightning_stability.warning.metastate import SignalSpec
 
 __all__ = ["EarlyWarning", "InstabilityWarning"]
-
-_LEVEL_FLAT_ALIASES = field_aliases(levels=LevelPolicy)
 
 
 class InstabilityWarning(UserWarning):
@@ -162,7 +160,7 @@ class EarlyWarning(IdentifiedCallback):
         groups = regroup(
             "EarlyWarning",
             deprecated,
-            {**WARNING_FLAT_ALIASES, **_LEVEL_FLAT_ALIASES},
+            EARLY_WARNING_FLAT_ALIASES,
             {
                 "deviation": (DeviationThresholds, deviation),
                 "levels": (LevelPolicy, levels),
