@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning.pytorch.callbacks import Callback
 
@@ -67,7 +67,7 @@ _GROUPED: dict[type[Callback], tuple[FlatAliases, dict[str, type]]] = {
 }
 
 Actions = Literal["none", "backoff", "staged"]
-_ACTIONS = ("none", "backoff", "staged")
+_ACTIONS: tuple[str, ...] = get_args(Actions)
 
 
 def stability_callbacks(
