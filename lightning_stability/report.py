@@ -204,11 +204,11 @@ def confirmed_max(values: Iterable[float]) -> float:
 
 
 def _reduce(values: Sequence[float], how: str) -> float:
-    finite = [v for v in values if math.isfinite(v)]
     if how == "last":
         return values[-1] if values else math.nan
     if how == "confirmed_max":
         return confirmed_max(values)
+    finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return math.nan
     if how == "max":
