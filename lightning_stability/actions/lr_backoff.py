@@ -22,11 +22,12 @@ from lightning_stability.actions.lr_scaling import scale_learning_rates, schedul
 from lightning_stability.actions.optimizer_repair import DEFAULT_REPAIR, AdamRepair, RepairRung
 from lightning_stability.probes.base import step_loss
 from lightning_stability.probes.edge import LR_JUMP
+from lightning_stability.vocabulary import ACTION_LR_SCALE
 from lightning_stability.warning.events import Level
 
 __all__ = ["LRBackoff"]
 
-LR_SCALE_KEY = "stability/action/lr_scale"
+LR_SCALE_KEY = ACTION_LR_SCALE
 LOSS_WINDOW = 20
 """Training steps whose median loss stands for the loss at a cut."""
 

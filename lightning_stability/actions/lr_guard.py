@@ -13,12 +13,12 @@ from typing_extensions import override
 from lightning_stability.actions.base import StabilityAction
 from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes.edge import EdgePrediction, step_lr
-from lightning_stability.vocabulary import check_positive_int
+from lightning_stability.vocabulary import ACTION_LR_GUARD_SCALE, check_positive_int
 from lightning_stability.warning.events import Level
 
 __all__ = ["LRGuard"]
 
-GUARD_SCALE_KEY = "stability/action/lr_guard_scale"
+GUARD_SCALE_KEY = ACTION_LR_GUARD_SCALE
 
 
 class LRGuard(StabilityAction):

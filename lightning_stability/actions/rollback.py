@@ -23,12 +23,13 @@ from lightning_stability.actions.lr_scaling import scale_learning_rates, schedul
 from lightning_stability.actions.snapshot import TrainingSnapshot
 from lightning_stability.actions.staged_training import StagedTraining
 from lightning_stability.estimators.sharding import all_finite
+from lightning_stability.vocabulary import ACTION_ROLLBACKS, ACTION_SKIPPED_STEPS
 from lightning_stability.warning.events import Level
 
 __all__ = ["Rollback"]
 
-ROLLBACKS_KEY = "stability/action/rollbacks"
-SKIPPED_KEY = "stability/action/skipped_steps"
+ROLLBACKS_KEY = ACTION_ROLLBACKS
+SKIPPED_KEY = ACTION_SKIPPED_STEPS
 
 
 class Rollback(StabilityAction):

@@ -20,11 +20,12 @@ from lightning_stability.actions.base import (
 )
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
 from lightning_stability.actions.optimizer_repair import DEFAULT_REPAIR, AdamRepair, RepairRung
+from lightning_stability.vocabulary import ACTION_STAGE
 from lightning_stability.warning.events import Level
 
 __all__ = ["DEFAULT_STAGES", "STAGE_KEYS", "StagedTraining"]
 
-STAGE_KEY = "stability/action/stage"
+STAGE_KEY = ACTION_STAGE
 
 STAGE_KEYS = ("lr_scale", "gradient_clip_val", "accumulate_grad_batches", "freeze", "warmup_steps")
 """The knobs a stage may set. Missing knobs mean: ``lr_scale`` 1.0, the Trainer's own
