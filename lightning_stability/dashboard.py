@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_stability.actions import LRBackoff, LRGuard, Rollback, StagedTraining
+from lightning_stability.actions.adaptive_clip import AdaptiveGradientClipping
 from lightning_stability.actions.base import StabilityAction
 from lightning_stability.callback_identity import IdentifiedCallback
 from lightning_stability.probes import (
@@ -239,7 +240,7 @@ class StabilityDashboard(IdentifiedCallback):
             parts.add("warning")
         clipping = trainer.gradient_clip_val or "staged_training" in parts
         if "gradients" in parts and (
-            clipping or any(type(a).__name__ == "AdaptiveClip" for a in self._actions)
+            clipping or any(isinstance(cb, AdaptiveGradientClipping) for cb in trainer.callbacks)
         ):
             parts.add("clipping")
         return parts

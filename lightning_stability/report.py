@@ -103,7 +103,13 @@ ASPECTS: tuple[tuple[str, tuple[str, ...], str, str], ...] = (
     ),
     ("early warning", ("EarlyWarning",), key("meta/"), TIMELINE.LEVEL),
 )
-ACTION_CLASSES = ("LRBackoff", "StagedTraining", "Rollback", "LRGuard", "AdaptiveClip")
+ACTION_CLASSES = (
+    "LRBackoff",
+    "StagedTraining",
+    "Rollback",
+    "LRGuard",
+    "AdaptiveGradientClipping",
+)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,13 @@ from tensorboard.backend.event_processing.event_accumulator import (
 from tensorboard.plugins.custom_scalar import layout_pb2
 from test_actions_lr_guard import FixedEdge, LinearRegression, full_batch, regression_data
 
-from lightning_stability import EarlyWarning, LRGuard, StabilityDashboard, stability_callbacks
+from lightning_stability import (
+    EarlyWarning,
+    GradientMonitor,
+    LRGuard,
+    StabilityDashboard,
+    stability_callbacks,
+)
 from lightning_stability.report import (
     confirmed_max,
     find_runs,
@@ -301,3 +307,21 @@ def test_learning_rate_as_applied_includes_the_guards_clamp(tmp_path):
     assert schedule == pytest.approx([0.1, 0.05, 0.025, 0.0125], rel=1e-6)
     layout = _layout(acc)
     assert "stability/action/lr_guard_scale" in layout["Stability: actions"][0].tags
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_adaptive_clipping_gets_the_clipping_chart_and_is_named_an_action(tmp_path, adaptive):
+    from lightning_stability.actions.adaptive_clip import AdaptiveGradientClipping
+
+    tb = TensorBoardLogger(tmp_path)
+    callbacks = [GradientMonitor(), StabilityDashboard()]
+    if adaptive:
+        callbacks.insert(1, AdaptiveGradientClipping(warmup=2))
+    t = trainer(max_steps=4, log_every_n_steps=1, logger=tb, callbacks=callbacks)
+    t.fit(TinyClassifier(), loader(classification_data(128)))
+    acc = _read(tb.log_dir)
+    titles = [c.title for charts in _layout(acc).values() for c in charts]
+    clipping = [t for t in titles if t.startswith("gradient clipping")]
+    assert bool(clipping) == adaptive
+    names = dict(summarize("run", load_run(tb.log_dir)).monitored)["actions"]
+    assert ("AdaptiveGradientClipping" in names) == adaptive
