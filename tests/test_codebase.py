@@ -202,12 +202,6 @@ ALLOWED_ASSIGNMENTS = {
     ("probes/audit.py", "fork.module.trainer"),
     # A frozen config normalises its own fields in __post_init__ (the dataclass idiom).
     ("estimators/perturbation.py", "__setattr__(self, ...)"),
-    # muted_logging: Lightning has no public way to re-run training_step with its logging
-    # muted, so the running loop's result collection is swapped for a throwaway one and
-    # the hook name is set as Lightning's own hook caller sets it, both restored at once
-    # after the step (issue 24: a supported path is still to be found).
-    ("probes/base.py", "owner._results"),
-    ("probes/base.py", "pl_module._current_fx_name"),
 }
 
 _OWNERS = {"trainer", "pl_module", "lightning_module"}

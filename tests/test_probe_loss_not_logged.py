@@ -68,3 +68,28 @@ def test_the_probe_loss_is_never_logged(tmp_path):
     (epoch,) = _logged(tmp_path, "train_loss_epoch").values()
     assert math.isclose(epoch, sum(losses.losses.values()) / 8, rel_tol=1e-6)
     assert math.isclose(float(t.callback_metrics["train_loss_step"]), losses.losses[7])
+
+
+class CountsItsSteps(LogsStepAndEpoch):
+    """Sets a plain attribute on ``self`` in every training step, as some modules do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps_seen = 0
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        self.steps_seen += 1
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_probe_re_run_leaves_the_module_and_the_trainer_as_they_were(tmp_path):
+    model = CountsItsSteps()
+    probe = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=1), estimator=SharpnessEstimator(max_iter=3)
+    )
+    t = trainer(max_steps=6, logger=CSVLogger(tmp_path), callbacks=[probe])
+    t.fit(model, loader(classification_data(256), shuffle=False))
+    assert probe.readings["stability/sharpness/lambda_max"].step == 6
+    # six real steps; the probe's re-runs (several per check) changed nothing on the module
+    assert model.steps_seen == 6
+    assert "log" not in vars(model) and "log_dict" not in vars(model)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, NamedTuple
 
 import lightning.pytorch as pl
@@ -22,7 +21,7 @@ __all__ = [
     "StabilityProbe",
     "logs_this_step",
     "module_loss",
-    "muted_logging",
+    "muted_view",
     "needs_loss_fn",
     "step_loss",
     "write_to_loggers",
@@ -190,49 +189,24 @@ def step_loss(trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any) 
     return loss
 
 
-@contextlib.contextmanager
-def muted_logging(pl_module: pl.LightningModule, batch: Any = None) -> Iterator[None]:
-    """Run a probe's ``training_step`` so that what it logs is never seen as a training
-    metric: ``self.log`` works as in any training step, but records into a throwaway
-    result collection (with ``batch`` for batch-size inference) that no logger, progress
-    bar or ``callback_metrics`` reads. No method of the module or the Trainer is replaced:
-    the collection ``self.log`` writes to belongs to the Trainer's running loop, and
-    ``_current_fx_name`` is the hook name Lightning itself sets around each hook call.
-    Outside the Trainer's loops nothing is changed."""
-    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+def muted_view(pl_module: pl.LightningModule) -> pl.LightningModule:
+    """A view of ``pl_module`` through which a probe re-runs ``training_step`` without
+    anything it logs being seen as a training metric.
 
-    owner = _results_owner(pl_module._trainer)
-    if owner is None:
-        yield
-        return
-    results, fx_name = owner._results, pl_module._current_fx_name
-    throwaway = _ResultCollection(training=True)
-    throwaway.batch = batch
-    owner._results = throwaway
-    pl_module._current_fx_name = "training_step"
-    try:
-        yield
-    finally:
-        owner._results = results
-        pl_module._current_fx_name = fx_name
+    The view is a new object of the module's own class that shares the module's state
+    (parameters, buffers, submodules, hooks and Trainer), so the loss it computes is the
+    module's loss at its current weights and gradients flow into the module's parameters;
+    its ``log`` and ``log_dict`` discard their arguments. Neither the module nor the
+    Trainer is modified: what ``training_step`` logs, and any plain attribute it sets on
+    ``self``, stays on the view, which is dropped after the call.
+    """
+    view = object.__new__(type(pl_module))
+    vars(view).update(vars(pl_module), log=_discard, log_dict=_discard)
+    return view
 
 
-def _results_owner(trainer: pl.Trainer | None) -> Any:
-    """The loop that holds, as a plain attribute, the result collection ``self.log`` writes
-    to now (the fit loop only forwards to its epoch loop's); ``None`` outside the loops."""
-    if trainer is None:
-        return None
-    try:
-        current = trainer._results
-    except RuntimeError:  # a loop asked outside its scope
-        return None
-    if current is None:
-        return None
-    fit = trainer.fit_loop
-    for loop in (fit.epoch_loop, fit.epoch_loop.val_loop, trainer._active_loop):
-        if loop is not None and vars(loop).get("_results") is current:
-            return loop
-    return None
+def _discard(*args: Any, **kwargs: Any) -> None:
+    """``LightningModule.log`` for a probe's view: the value is not a training metric."""
 
 
 MANUAL_OPTIMIZATION = (
@@ -267,8 +241,7 @@ def module_loss(
         out = loss_fn(pl_module, batch)
         source = "loss_fn"
     else:
-        with muted_logging(pl_module, batch):
-            out = pl_module.training_step(batch, batch_idx)
+        out = muted_view(pl_module).training_step(batch, batch_idx)
         source = "training_step"
     loss = out.get("loss") if isinstance(out, Mapping) else out
     if not isinstance(loss, Tensor) or loss.numel() != 1 or not loss.is_floating_point():
