@@ -31,7 +31,12 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
-from lightning_stability.estimators.lanczos import EigenResult, lanczos_iterations, lanczos_top_k
+from lightning_stability.estimators.lanczos import (
+    EigenResult,
+    gradient_start,
+    lanczos_iterations,
+    lanczos_top_k,
+)
 from lightning_stability.estimators.online_stats import (
     EMAStats,
     RollingWindow,
@@ -82,6 +87,7 @@ __all__ = [
     "flatten",
     "forward_over_reverse_hvp",
     "frozen_rng",
+    "gradient_start",
     "hessian_density",
     "hessian_top_k",
     "hessian_trace",

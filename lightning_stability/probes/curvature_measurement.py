@@ -23,7 +23,12 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
-from lightning_stability.estimators.lanczos import EigenResult, lanczos_top_k
+from lightning_stability.estimators.lanczos import (
+    WARM_NOISE,
+    EigenResult,
+    gradient_start,
+    lanczos_top_k,
+)
 from lightning_stability.estimators.preconditioned import ScaledOperator, adam_state_scale
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.sharding import full_tensor, local_view
@@ -262,10 +267,14 @@ class CurvatureMeasurement:
         gen: torch.Generator,
     ) -> EigenResult:
         """The top ``k`` eigenpairs of ``matvec`` (of ``op``'s dimension), warm-started from
-        ``previous`` when warm starts are on and its dimension still matches."""
+        ``previous`` when warm starts are on and its dimension still matches; a cold start
+        of the Hessian itself begins from the probe gradient (:func:`gradient_start`)."""
         warm = previous if self.warm_start else None
         if warm is not None and warm.shape[0] != op.dim:
             warm = None
+        noise = WARM_NOISE
+        if warm is None and matvec == op.matvec:
+            warm, noise = gradient_start(op)
         return lanczos_top_k(
             matvec,
             op.dim,
@@ -273,6 +282,7 @@ class CurvatureMeasurement:
             tol=self.tol,
             max_iter=self.max_iter,
             warm_start=warm,
+            warm_noise=noise,
             generator=gen,
             dtype=dtype,
             device=op.device,
