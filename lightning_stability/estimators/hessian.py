@@ -129,15 +129,15 @@ def hessian_top_k(
     dtype: torch.dtype | None = None,
     reduce: Reducer | None = None,
     backend: Literal["lanczos", "pyhessian"] = "lanczos",
-    block_size: int = 1,
+    block_size: int | None = None,
 ) -> EigenResult:
     """Top ``k`` Hessian eigenpairs of ``loss_fn()`` (see :func:`lanczos_top_k`).
 
     ``backend="pyhessian"`` uses PyHessian's power iteration instead (largest
     *magnitude* first; ``warm_start``, ``generator`` and ``reduce`` are not supported
     there). Under DDP, pass ``reduce`` and a generator seeded alike on every rank.
-    ``block_size`` > 1 runs block Lanczos (see :func:`lanczos_top_k`; needed for repeated
-    eigenvalues among the top ``k``).
+    ``block_size`` > 1 runs block Lanczos (see :func:`lanczos_top_k`: needed for repeated
+    eigenvalues among the top ``k``; default 1 for ``k = 1``, else 2).
     """
     if backend not in ("lanczos", "pyhessian"):
         raise ValueError(f"backend must be 'lanczos' or 'pyhessian', got {backend!r}")

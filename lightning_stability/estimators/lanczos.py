@@ -294,7 +294,7 @@ def lanczos_top_k(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
     warm_noise: float = WARM_NOISE,
-    block_size: int = 1,
+    block_size: int | None = None,
     confirm: bool = True,
 ) -> EigenResult:
     """The ``k`` largest (algebraic) eigenvalues and their eigenvectors of a symmetric
@@ -324,8 +324,11 @@ def lanczos_top_k(
             sees one copy of a repeated eigenvalue only (its Krylov space holds one
             direction of each eigenspace), so with an eigenvalue of multiplicity ``m``
             among the top ``k``, a block size of at least ``m`` is needed for the next
-            slots to hold its copies. Default 1.
-        confirm: once the residuals pass, take ``max(2, ceil(m / 8))`` more products
+            slots to hold its copies. Beyond multiplicities, a second start vector makes it
+            unlikely that a member of a cluster among the top ``k`` is nearly absent from
+            the start, where a single vector can settle on the member below it. Default
+            ``None``: 1 for ``k = 1``, 2 for ``k >= 2``.
+        confirm: once the residuals pass, take ``max(2, ceil(m / 4))`` more products
             (``m`` = products so far) and accept only if they passed at every one, the last
             is the lowest of them (or below ``tol * scale / 8``) and no top-``k``
             Ritz value moved by more than ``tol * scale``. A residual bounds the distance
@@ -348,6 +351,8 @@ def lanczos_top_k(
         raise ValueError(f"max_iter must be >= k={k}, got {max_iter}")
     if warm_noise < 0:
         raise ValueError(f"warm_noise must be >= 0, got {warm_noise}")
+    if block_size is None:
+        block_size = 1 if k == 1 else 2
     last: LanczosStep | None = None
     converged = False
     candidate: tuple[int, Tensor, Tensor] | None = None
@@ -388,7 +393,7 @@ def lanczos_top_k(
         settled = bool((residuals <= lowest).all()) or bool((residuals <= tol * scale / 8).all())
         lowest = torch.minimum(lowest, residuals)
         candidate = (first, values, lowest)
-        if step.num_products < first + max(2, math.ceil(first / 8)):
+        if step.num_products < first + max(2, math.ceil(first / 4)):
             continue
         if settled and float((theta - values).abs().max()) <= tol * scale:
             converged = True
