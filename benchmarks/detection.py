@@ -493,11 +493,53 @@ def _markdown(payload: dict[str, Any]) -> str:
                 NA if r is None else f"{_fmt(r['median'])} / {_fmt(r['last_before_divergence'])}"
             )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _critical_lines(payload.get("critical_bound", {}))
     lines += ["", "## Scenarios", ""]
     for s in SCENARIOS.values():
         kind = s.kind if scenario_type(s) == "-" else f"{s.kind}, {scenario_type(s)}"
         lines.append(f"- `{s.name}` ({kind}): {s.description}")
     return "\n".join(lines) + "\n"
+
+
+CRITICAL_BOUND = 100.0
+"""No ``critical`` reading may exceed this multiple of ``lambda_max`` (issue 18)."""
+
+
+def _critical_summary(runs: list[Any]) -> dict[str, Any]:
+    """``critical / lambda_max`` over every reading of ``runs``: count, largest, and how
+    many exceed :data:`CRITICAL_BOUND`."""
+    ratios = [x for r in runs for x in r.critical_over_lambda]
+    return {
+        "readings": len(ratios),
+        "max": max(ratios) if ratios else math.nan,
+        "median": statistics.median(ratios) if ratios else math.nan,
+        "above_bound": sum(x > CRITICAL_BOUND for x in ratios),
+    }
+
+
+def _critical_lines(bound: dict[str, Any]) -> list[str]:
+    if not bound:
+        return []
+    lines = [
+        "",
+        "## Critical sharpness against lambda_max (actions off, every seed)",
+        "",
+        "`critical` (curvature along the last update implied by its critical step) over the "
+        "latest `lambda_max` before it; target: no reading above "
+        f"{CRITICAL_BOUND:g}x. On a quadratic the ratio is at most 1 for any optimizer.",
+        "",
+        f"| scenario | readings | median | max | above {CRITICAL_BOUND:g}x |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in bound.items():
+        lines.append(
+            f"| {name} | {row['readings']} | {_fmt(row['median'])} | {_fmt(row['max'])} | "
+            f"{row['above_bound']} |"
+        )
+    total = sum(row["above_bound"] for row in bound.values())
+    count = sum(row["readings"] for row in bound.values())
+    lines += ["", f"Readings above {CRITICAL_BOUND:g}x: {total} of {count}."]
+    return lines
 
 
 def _type_lines(by_type: dict[str, Any]) -> list[str]:
@@ -673,7 +715,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else math.nan
     )
     rule = DivergenceRule()
+    critical_bound = {
+        name: _critical_summary([r for r in off if r.scenario == name]) for name in SCENARIOS
+    }
     payload = {
+        "critical_bound": critical_bound,
         "rescue": _rescue_summary(rows) if has_actions else {},
         "guard": _guard_summary(rows) if has_guard else {},
         "command": " ".join(["python -m benchmarks.detection", *(argv or sys.argv[1:])]),

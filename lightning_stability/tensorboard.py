@@ -192,7 +192,7 @@ def stability_layout(parts: Collection[str], loss_tag: str | None = None) -> dic
         if has("directional") and has("critical"):
             curvature.append(
                 Chart(
-                    "critical sharpness 2/eta_c (loss / parameter^2; gaps = undefined)",
+                    "critical sharpness along the update (loss / parameter^2; gaps = undefined)",
                     (SHARPNESS_CRITICAL,),
                 )
             )

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TinyClassifier, classification_data, loader, trainer
+from helpers import TinyClassifier, classification_data, flat_weights, loader, trainer
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_stability import SharpnessCadence, SharpnessEstimator, SharpnessMeasures
@@ -76,6 +78,70 @@ def test_critical_sharpness_along_a_descent_update_is_finite_and_bounded():
     t.fit(TinyClassifier(opt="sgd", lr=0.05), loader(classification_data(), shuffle=False))
     crit = cb.readings[KEY + "critical"].value
     assert math.isfinite(crit) and 0 < crit < 100 * cb.readings[KEY + "lambda_max"].value
+
+
+class _LeastSquares(pl.LightningModule):
+    """``mean((x w + b - y)^2)`` on one fixed batch: the Hessian is ``2 [x 1]^T [x 1] / n``
+    at every point, so the curvature along any update is known exactly."""
+
+    def __init__(self, optimizer: str) -> None:
+        super().__init__()
+        self.net = nn.Linear(5, 1)
+        self.optimizer = optimizer
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        if self.optimizer == "adam":
+            return torch.optim.Adam(self.parameters(), lr=0.05)
+        return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9)
+
+
+class _Updates(Callback):
+    """The flat weights before and after each optimizer step."""
+
+    def __init__(self) -> None:
+        self.before: list[torch.Tensor] = []
+        self.after: list[torch.Tensor] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.before.append(flat_weights(pl_module).clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.after.append(flat_weights(pl_module).clone())
+
+
+@pytest.mark.parametrize("optimizer", ["sgd_momentum", "adam"])
+def test_critical_sharpness_is_the_curvature_along_the_update(optimizer):
+    """On a quadratic, ``critical`` is ``d^T H d / d^T d`` for the last update ``d`` whatever
+    the optimizer (under Adam ``2 / eta_c`` alone scales with the preconditioner), and so at
+    most ``lambda_max``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=g) * torch.tensor([3.0, 1.0, 0.5, 0.2, 0.1])
+    y = torch.randn(64, 1, generator=g)
+    cb = SharpnessMonitor(
+        cadence=SharpnessCadence(every_n_steps=6, directional_every_n_steps=6),
+        estimator=SharpnessEstimator(tol=1e-6, max_iter=6),
+        measures=SharpnessMeasures(preconditioned=False),
+    )
+    updates = _Updates()
+    t = trainer(max_steps=6, callbacks=[cb, updates])
+    t.fit(_LeastSquares(optimizer), loader(torch.utils.data.TensorDataset(x, y), batch_size=64))
+    ones = torch.ones(64, 1)
+    a = torch.cat([x, ones], dim=1).double()
+    hessian = 2 * a.T @ a / 64
+    # flat_weights orders weight then bias, as the columns of a
+    d = (updates.after[-1] - updates.before[-1]).double()
+    expected = float(d @ hessian @ d / (d @ d))
+    crit = cb.readings[KEY + "critical"].value
+    lam = float(torch.linalg.eigvalsh(hessian)[-1])
+    assert cb.readings[KEY + "critical"].step == 6
+    # the line search brackets the crossing to 5%
+    assert crit == pytest.approx(expected, rel=0.06)
+    assert crit <= 1.06 * lam
+    assert cb.readings[KEY + "lambda_max"].value == pytest.approx(lam, rel=1e-5)
 
 
 # ------------------------------------------------------------------- shift, flattening

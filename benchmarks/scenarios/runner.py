@@ -42,6 +42,7 @@ from benchmarks.reference import quiet_trainer
 from benchmarks.scenarios.divergence import divergence_step
 from benchmarks.scenarios.registry import Scenario
 from lightning_stability.probes.config import DriftCadence, SharpnessCadence
+from lightning_stability.vocabulary import SHARPNESS_CRITICAL, SHARPNESS_LAMBDA_MAX
 
 __all__ = [
     "MODES",
@@ -109,6 +110,7 @@ class RunRecord:
     steps_done: int = 0
     weights_digest: str = ""
     action_events: list[dict[str, Any]] = field(default_factory=list)
+    critical_over_lambda: list[float] = field(default_factory=list)
 
     @property
     def warning_available(self) -> bool:
@@ -324,6 +326,18 @@ def weights_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def critical_over_lambda(history: dict[str, list[tuple[int, float]]]) -> list[float]:
+    """Every finite ``critical`` reading over the latest finite ``lambda_max`` reading at
+    or before its step (both in loss / parameter^2)."""
+    lam = sorted((s, v) for s, v in history.get(SHARPNESS_LAMBDA_MAX, []) if math.isfinite(v))
+    out = []
+    for step, value in history.get(SHARPNESS_CRITICAL, []):
+        before = [v for s, v in lam if s <= step]
+        if math.isfinite(value) and before and before[-1] > 0:
+            out.append(value / before[-1])
+    return out
+
+
 def _summarise(history: dict[str, list[tuple[int, float]]], until: int | None):
     """Per reading key: its median over the run, its maximum, and its last value at or
     before ``until`` (the divergence step; the run's end when ``None``)."""
@@ -432,6 +446,7 @@ def run_scenario(
     record.early_stopping_reason = stopper.fired_reason
     record.final_val_loss = record.val_losses[-1][1] if record.val_losses else math.nan
     record.readings = _summarise(recorder.history, record.divergence_step)
+    record.critical_over_lambda = critical_over_lambda(recorder.history)
     if keep_history:
         record.history = recorder.history  # type: ignore[attr-defined]
         record.arrivals = recorder.arrivals  # type: ignore[attr-defined]

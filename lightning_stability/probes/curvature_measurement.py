@@ -332,11 +332,19 @@ class CurvatureMeasurement:
         dtype: torch.dtype,
         grad: Tensor | None,
     ) -> float | None:
-        """Critical sharpness along the last update, NaN where undefined: the update is not
-        a descent direction of the probe loss (``d^T g >= 0``), or the crossing the search
-        found is below the loss's resolution (the first-order decrease over the bracket
-        is within the rounding of the loss), where ``2 / eta_c`` would read noise as a
-        huge curvature."""
+        """Critical sharpness along the last update, in curvature units (loss /
+        parameter^2), NaN where undefined: the update is not a descent direction of the
+        probe loss (``d^T g >= 0``), or the crossing the search found is below the loss's
+        resolution (the first-order decrease over the bracket is within the rounding of
+        the loss), where it would read noise as a huge curvature.
+
+        Along the unit direction ``u = d / |d|`` the loss returns to its starting value at
+        the distance ``s_c = eta_c |d|``; the curvature that puts the crossing there is
+        ``-2 (u . g) / s_c = (2 / eta_c) (-d . g) / |d|^2``. For plain SGD (``d = -g``) this
+        is ``2 / eta_c``; for any update it is, on a quadratic, the Rayleigh quotient
+        ``d^T H d / d^T d``, so it is read against ``lambda_max`` whatever the optimizer
+        (``2 / eta_c`` itself is in units of the optimizer's step: under Adam it scales with
+        the preconditioner)."""
         assert self.weights_before is not None
         step = flatten([full_tensor(p.detach()) for p in params], dtype) - flatten(
             [full_tensor(w) for w in self.weights_before], dtype
@@ -344,7 +352,10 @@ class CurvatureMeasurement:
         if float(step.norm()) == 0.0 or lr <= 0:
             return None
         direction = step / lr
-        slope = float(direction @ grad.to(direction)) if grad is not None else None
+        if grad is None:
+            return math.nan
+        slope = float(direction @ grad.to(direction))
+        norm2 = float(direction @ direction)
 
         def loss() -> Tensor:
             value = closure().detach().reshape(1)
@@ -356,15 +367,11 @@ class CurvatureMeasurement:
         if not result.defined:
             return math.nan
         resolution = 16 * torch.finfo(dtype).eps * max(abs(loss0), 1e-30)
-        if (
-            slope is not None
-            and math.isfinite(result.upper)
-            and -slope * result.upper <= resolution
-        ):
+        if math.isfinite(result.upper) and -slope * result.upper <= resolution:
             return math.nan
         if math.isfinite(result.eta):
             self.eta_c = result.eta
-        return result.sharpness
+        return result.sharpness * (-slope) / norm2
 
     def _trace(self, op: HessianOperator, dtype: torch.dtype, gen: torch.Generator) -> float:
         """Hutch++ estimate of the Hessian's trace."""

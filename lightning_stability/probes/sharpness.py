@@ -118,11 +118,14 @@ class SharpnessMonitor(StabilityProbe):
     of ``2/lr`` precedes spikes, Bai et al. 2025), ``directional_ratio`` =
     ``directional / edge`` with the same optimizer edge as ``eos_ratio`` for SGD (so 1.0
     is the edge for both readings; ``directional * lr / 2`` without momentum) and
-    ``directional * lr / 2`` for other optimizers (largest group lr), and ``critical`` = ``2 / eta_c`` where
-    ``eta_c`` is the smallest step, in learning-rate units, along the last update
-    direction ``(w_t - w_{t-1}) / lr`` that raises the probe loss (Kalra et al. 2026;
-    forward passes only). For plain gradient descent ``critical`` equals ``directional``
-    on a quadratic. It needs a copy of the trainable weights taken just before the
+    ``directional * lr / 2`` for other optimizers (largest group lr), and ``critical``, the
+    critical sharpness along the last update ``d = (w_t - w_{t-1}) / lr``: with ``eta_c``
+    the smallest step, in learning-rate units, along ``d`` that raises the probe loss
+    (Kalra et al. 2026; forward passes only), ``critical = (2 / eta_c) (-d . g) / |d|^2``,
+    the curvature along ``d`` that puts the crossing there (loss / parameter^2, as
+    ``lambda_max``). For plain gradient descent it is ``2 / eta_c``; on a quadratic it is
+    ``d^T H d / d^T d`` for any optimizer, at most ``lambda_max``, so under momentum or
+    Adam it is not inflated by the size of the step the optimizer takes. It needs a copy of the trainable weights taken just before the
     optimizer step that precedes a directional check (one model's worth of memory,
     released after the check).
 
