@@ -8,7 +8,7 @@ has the same read-out curvature), two identical towers (every eigenvalue exactly
 and a least-squares problem whose feature covariance has a designed cluster. For each,
 ``k`` in {1, 2, 3, 5}, tolerances 1e-3 and 1e-4, and three starts (random, the monitor's
 gradient start, and warm from the previous eigenvectors after one SGD step), over 10
-seeds, for the models built with seed 0 (calibration: the confirmation window of
+seeds, for the models built with seed 0 (calibration: the default block size of
 ``lanczos_top_k`` was chosen on them) and seeds 1 and 2 (validation, reported apart): how many solves converged, how many of those are *false* (some returned eigenvalue
 farther than ``tol * scale`` from the true ``i``-th eigenvalue, ``scale`` = the largest
 ``|theta|``, the solver's own criterion), the worst error in units of ``tol * scale``, and
@@ -39,7 +39,7 @@ KS = (1, 2, 3, 5)
 TOLS = (1e-3, 1e-4)
 SEEDS = 10
 CALIBRATION = (0,)
-"""Model seeds the confirmation window was chosen on."""
+"""Model seeds the default block size was chosen on."""
 VALIDATION = (1, 2)
 """Model seeds reported separately, never tuned on."""
 MAX_ITER = 200

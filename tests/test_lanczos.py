@@ -412,14 +412,3 @@ def test_gradient_orthogonal_to_the_top_eigenvector_does_not_hide_it(gap, k):
         )  # fmt: skip
         assert res.converged
         assert float((res.eigenvalues - spectrum[:k]).abs().max()) <= tol, seed
-
-
-def test_confirmation_window_is_a_quarter_as_far_as_max_iter_allows():
-    from lightning_stability.estimators.lanczos import _confirmation
-
-    assert _confirmation(8, 100) == 2
-    assert _confirmation(40, 100) == 10
-    # near the cap it shrinks, but never below an eighth (at least 2)
-    assert _confirmation(26, 30) == 4
-    assert _confirmation(12, 30) == 3
-    assert _confirmation(29, 30) == 4

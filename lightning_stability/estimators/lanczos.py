@@ -282,15 +282,6 @@ def gradient_start(op: ParameterOperator) -> tuple[Tensor | None, float]:
     return g, GRADIENT_NOISE
 
 
-def _confirmation(first: int, max_iter: int) -> int:
-    """Products that confirm residuals that first passed after ``first`` products: a
-    quarter of those, as far as ``max_iter`` allows, and never fewer than an eighth (at
-    least 2), so that a cap that fits the short window never turns a confirmation into a
-    failure to converge."""
-    short = max(2, math.ceil(first / 8))
-    return max(short, min(max(2, math.ceil(first / 4)), max_iter - first))
-
-
 def lanczos_top_k(
     matvec: Matvec,
     dim: int,
@@ -337,9 +328,8 @@ def lanczos_top_k(
             unlikely that a member of a cluster among the top ``k`` is nearly absent from
             the start, where a single vector can settle on the member below it. Default
             ``None``: 1 for ``k = 1``, 2 for ``k >= 2``.
-        confirm: once the residuals pass, take ``max(2, ceil(m / 4))`` more products
-            (``m`` = products so far; fewer where ``max_iter`` would cut them short, but
-            at least ``max(2, ceil(m / 8))``) and accept only if they passed at every one, the last
+        confirm: once the residuals pass, take ``max(2, ceil(m / 8))`` more products
+            (``m`` = products so far) and accept only if they passed at every one, the last
             is the lowest of them (or below ``tol * scale / 8``) and no top-``k``
             Ritz value moved by more than ``tol * scale``. A residual bounds the distance
             to *some* eigenvalue; in a tight cluster whose member is nearly absent from
@@ -403,7 +393,7 @@ def lanczos_top_k(
         settled = bool((residuals <= lowest).all()) or bool((residuals <= tol * scale / 8).all())
         lowest = torch.minimum(lowest, residuals)
         candidate = (first, values, lowest)
-        if step.num_products < first + _confirmation(first, max_iter):
+        if step.num_products < first + max(2, math.ceil(first / 8)):
             continue
         if settled and float((theta - values).abs().max()) <= tol * scale:
             converged = True
