@@ -219,7 +219,7 @@ class CurvatureMeasurement:
             ).top_k(self.k, max_iter=self.max_iter, tol=max(self.tol, 1e-6))
             external_products = res.num_products
         else:
-            res = self._lanczos(op.matvec, op, self.k, self.eigvecs, dtype, gen)
+            res = self._lanczos(op.matvec, op, self.k, self.eigvecs, dtype, gen, from_gradient=True)
             external_products = 0
         eigenvalues, vecs = res.eigenvalues.tolist(), res.eigenvectors
         # A reading that did not converge is not a reading: NaN, counted, and kept out of
@@ -265,15 +265,17 @@ class CurvatureMeasurement:
         previous: Tensor | None,
         dtype: torch.dtype,
         gen: torch.Generator,
+        from_gradient: bool = False,
     ) -> EigenResult:
         """The top ``k`` eigenpairs of ``matvec`` (of ``op``'s dimension), warm-started from
         ``previous`` when warm starts are on and its dimension still matches; a cold start
-        of the Hessian itself begins from the probe gradient (:func:`gradient_start`)."""
+        begins from the probe gradient when ``from_gradient`` (the Hessian itself,
+        :func:`gradient_start`), else from a random vector."""
         warm = previous if self.warm_start else None
         if warm is not None and warm.shape[0] != op.dim:
             warm = None
         noise = WARM_NOISE
-        if warm is None and matvec == op.matvec:
+        if warm is None and from_gradient:
             warm, noise = gradient_start(op)
         return lanczos_top_k(
             matvec,

@@ -125,9 +125,9 @@ class SharpnessMonitor(StabilityProbe):
     the curvature along ``d`` that puts the crossing there (loss / parameter^2, as
     ``lambda_max``). For plain gradient descent it is ``2 / eta_c``; on a quadratic it is
     ``d^T H d / d^T d`` for any optimizer, at most ``lambda_max``, so under momentum or
-    Adam it is not inflated by the size of the step the optimizer takes. It needs a copy of the trainable weights taken just before the
-    optimizer step that precedes a directional check (one model's worth of memory,
-    released after the check).
+    Adam it is not inflated by the size of the step the optimizer takes. It needs a copy
+    of the trainable weights taken just before the optimizer step that precedes a
+    directional check (one model's worth of memory, released after the check).
 
     Probe batch: the first ``num_probe_batches`` training batches for which
     ``training_step`` returned a loss are cached (detached clones, taken in
