@@ -716,7 +716,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     rule = DivergenceRule()
     critical_bound = {
-        name: _critical_summary([r for r in off if r.scenario == name]) for name in SCENARIOS
+        name: _critical_summary([r for r in off if r.scenario == name])
+        for name in dict.fromkeys(r.scenario for r in off)
     }
     payload = {
         "critical_bound": critical_bound,
