@@ -412,3 +412,34 @@ def test_gradient_orthogonal_to_the_top_eigenvector_does_not_hide_it(gap, k):
         )  # fmt: skip
         assert res.converged
         assert float((res.eigenvalues - spectrum[:k]).abs().max()) <= tol, seed
+
+
+def test_hessian_top_k_starts_from_the_gradient_unless_asked_for_a_random_start():
+    """The front end's cold start is the monitor's: the loss gradient plus a random part,
+    the same solve as ``lanczos_top_k`` from :func:`gradient_start`; ``start="random"`` is
+    the plain random start. Both are exact on the issue's clustered model."""
+    problem = softplus_mlp(0)
+    exact = exact_spectrum(problem)
+    with HessianOperator(problem.loss, problem.params) as op:
+        g, noise = gradient_start(op)
+        by_hand = lanczos_top_k(
+            op.matvec, op.dim, 1, tol=1e-4, warm_start=g, warm_noise=noise, generator=_gen(3)
+        )
+        random = lanczos_top_k(op.matvec, op.dim, 1, tol=1e-4, generator=_gen(3))
+    default = hessian_top_k(problem.module, problem.loss, 1, tol=1e-4, generator=_gen(3))
+    asked = hessian_top_k(
+        problem.module, problem.loss, 1, tol=1e-4, generator=_gen(3), start="random"
+    )
+    assert default.num_products == by_hand.num_products
+    torch.testing.assert_close(default.eigenvalues, by_hand.eigenvalues)
+    assert asked.num_products == random.num_products
+    torch.testing.assert_close(asked.eigenvalues, random.eigenvalues)
+    for res in (default, asked):
+        assert res.converged
+        assert float(res.eigenvalues[0]) == pytest.approx(float(exact[0]), rel=1e-4)
+
+
+def test_hessian_top_k_rejects_an_unknown_start():
+    problem = softplus_mlp(0)
+    with pytest.raises(ValueError, match="start must be 'gradient' or 'random', got 'grad'"):
+        hessian_top_k(problem.module, problem.loss, 1, start="grad")

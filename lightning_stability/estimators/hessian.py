@@ -23,7 +23,12 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
-from lightning_stability.estimators.lanczos import EigenResult, lanczos_top_k
+from lightning_stability.estimators.lanczos import (
+    WARM_NOISE,
+    EigenResult,
+    gradient_start,
+    lanczos_top_k,
+)
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.trace import (
     DEFAULT_BUDGET,
@@ -130,8 +135,17 @@ def hessian_top_k(
     reduce: Reducer | None = None,
     backend: Literal["lanczos", "pyhessian"] = "lanczos",
     block_size: int | None = None,
+    start: Literal["gradient", "random"] = "gradient",
 ) -> EigenResult:
     """Top ``k`` Hessian eigenpairs of ``loss_fn()`` (see :func:`lanczos_top_k`).
+
+    Without ``warm_start`` the Lanczos basis starts from the loss gradient plus a random
+    part (``start="gradient"``, the default, as :class:`~lightning_stability.probes.
+    SharpnessMonitor` does; :func:`~lightning_stability.estimators.lanczos.gradient_start`)
+    or from a random vector (``start="random"``). The gradient start keeps every
+    eigenvector about as present as a random start does and adds the top eigenspace, where
+    gradients concentrate, so it converges in fewer products and is less likely to miss
+    the top of a tight cluster; ``benchmarks/RESULTS.md`` reports both.
 
     ``backend="pyhessian"`` uses PyHessian's power iteration instead (largest
     *magnitude* first; ``warm_start``, ``generator`` and ``reduce`` are not supported
@@ -141,6 +155,8 @@ def hessian_top_k(
     """
     if backend not in ("lanczos", "pyhessian"):
         raise ValueError(f"backend must be 'lanczos' or 'pyhessian', got {backend!r}")
+    if start not in ("gradient", "random"):
+        raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
     if backend == "pyhessian":
         if reduce is not None or warm_start is not None:
             raise ValueError("backend='pyhessian' supports neither reduce nor warm_start")
@@ -149,6 +165,9 @@ def hessian_top_k(
     with isolated_hessian(
         module, loss_fn, params=params, train=train, dtype=dtype, reduce=reduce
     ) as op:
+        noise = WARM_NOISE
+        if warm_start is None and start == "gradient":
+            warm_start, noise = gradient_start(op)
         return lanczos_top_k(
             op.matvec,
             op.dim,
@@ -156,6 +175,7 @@ def hessian_top_k(
             tol=tol,
             max_iter=max_iter,
             warm_start=warm_start,
+            warm_noise=noise,
             generator=generator,
             dtype=op.dtype,
             device=op.device,
