@@ -212,6 +212,17 @@ class BandShape:
         memory: a loss is judged against the lowest band (lowest top) of the last
             ``memory`` steps (default 200), so that a loss creeping upwards is compared
             with where it was, not with a band it has already lifted.
+        lag: length of the lagged local level of the start band (>= 2, at most
+            ``window`` is used; 0 = no start band, the window's own quantile from the
+            first steps; default 16). Until the window has rolled over once (the first ``2 * window``
+            losses since the band began), it may still hold the fast fall of early
+            training, and its quantile then measures that fall, not the noise: a run that
+            turns unstable as soon as it has fallen would be judged against a band as
+            wide as the fall. Over those steps the band is also drawn about a lagged local
+            level (floor: the median of the last ``lag`` losses; top: the floor plus the
+            ``quantile`` of each loss's excess over the median of the ``lag`` losses
+            before it), and the lowest such band is the reference. A falling loss has no
+            excess over its lagged level, so the fall does not widen that band.
     """
 
     window: int = 64
@@ -221,6 +232,7 @@ class BandShape:
     rel_width: float = 0.05
     scale_frac: float = 0.01
     memory: int = 200
+    lag: int = 16
 
     def __post_init__(self) -> None:
         check_positive_int(self.window, "band window")
@@ -232,6 +244,15 @@ class BandShape:
         _band(0 <= self.scale_frac < 1, "scale_frac", "in [0, 1)", self.scale_frac)
         _band(0.5 < self.quantile < 1, "quantile", "in (0.5, 1)", self.quantile)
         _band(self.rel_width > 0, "rel_width", "> 0", self.rel_width)
+        _band(
+            isinstance(self.lag, int)
+            and not isinstance(self.lag, bool)
+            and self.lag != 1
+            and self.lag >= 0,
+            "lag",
+            "0 or an integer >= 2",
+            self.lag,
+        )
 
 
 @dataclass(frozen=True)
@@ -300,7 +321,13 @@ class BandDamage:
         _band(self.damage_factor >= 1, "damage_factor", ">= 1", self.damage_factor)
 
 
-BAND_FLAT_ALIASES = field_aliases(shape=BandShape, leaving=BandLeaving, damage=BandDamage)
+BAND_FLAT_ALIASES = {
+    name: where
+    for name, where in field_aliases(
+        shape=BandShape, leaving=BandLeaving, damage=BandDamage
+    ).items()
+    if name != "lag"  # added after the grouping: it never had a flat keyword
+}
 """The flat keywords of ``LossBand`` before its settings were grouped."""
 
 WARNING_FLAT_ALIASES: dict[str, tuple[str, str]] = {

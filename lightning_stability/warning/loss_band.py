@@ -21,6 +21,12 @@ Three pieces of evidence come out of it, in increasing severity:
   widths above the top for ``sustain`` consecutive steps, without recovering (the rule by
   which a run is said to diverge: far above its recent floor for several steps).
 
+Until the window has rolled over once, it may still hold the fast fall of early training,
+whose quantile measures the fall rather than the noise; over those steps the reference is
+instead the lowest band drawn about a lagged local level
+(:attr:`~lightning_stability.warning.config.BandShape.lag`), so that a run which turns
+unstable as soon as it has fallen is judged against the noise it had, not against its fall.
+
 A change of data is not a change of the run: when the first batch of an epoch jumps above
 a band that was calm until then (a curriculum that moves to harder data, a new shard), the
 band starts again from the new level. A shift that begins anywhere else is judged as usual.
@@ -126,6 +132,7 @@ class LossBand:
         self.smooth = shape.smooth
         self.rel_width = shape.rel_width
         self.memory = shape.memory
+        self.lag = min(shape.lag, shape.window)
         self.scale_frac = shape.scale_frac
         self.width = leaving.width
         self.factor = leaving.factor
@@ -156,8 +163,13 @@ class LossBand:
         self.ref_floor = self.ref_top = self.ref_spread = math.nan
         self.data_changes = 0
         self._boundary = False
+        self._epoch_steps = 0
         self._first: list[float] = []
         self.learned = False
+        # losses learned since the band began, and the lowest lagged band of the start
+        self._count = 0
+        self._start_band: tuple[float, float, float] | None = None
+        self._own_top = math.nan
 
     @property
     def ready(self) -> bool:
@@ -179,7 +191,34 @@ class LossBand:
         self.top = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
         self.spread = max(self.top - self.floor, self.rel_width * abs(self.floor), 1e-12)
         self._add_band((self.top, self.floor, self.spread))
-        self.ref_top, self.ref_floor, self.ref_spread = self._lowest[0][1]
+        reference = self._lowest[0][1]
+        self._own_top = reference[0]
+        if self.lag and self._count < 2 * self.window:
+            lagged = self._lagged_band(list(self.values))
+            if self._start_band is None or lagged < self._start_band:
+                self._start_band = lagged
+            reference = self._start_band
+        self.ref_top, self.ref_floor, self.ref_spread = reference
+
+    def _lagged_band(self, values: list[float]) -> tuple[float, float, float]:
+        """``(top, floor, spread)`` of the window with the fall of its local level taken
+        out: each loss moved by the change of the local level (the median of the last
+        ``lag`` losses) between its step and now, then the band drawn as usual. On a
+        loss at its noise floor the local level does not move and the band is the
+        window's own; during a fall the early, higher losses are brought down to where
+        the level is now (see :attr:`~lightning_stability.warning.config.BandShape.lag`)."""
+        lag = self.lag
+        levels = [median(values[max(0, i - lag + 1) : i + 1]) for i in range(len(values))]
+        now = levels[-1]
+        shifted = sorted(v - level + now for v, level in zip(values, levels))
+        n = len(shifted)
+        floor = median_of_sorted(shifted)
+        pos = self.quantile * (n - 1)
+        lo = int(pos)
+        hi = min(lo + 1, n - 1)
+        top = shifted[lo] + (pos - lo) * (shifted[hi] - shifted[lo])
+        spread = max(top - floor, self.rel_width * abs(floor), 1e-12)
+        return (top, floor, spread)
 
     def _add_band(self, band: tuple[float, float, float]) -> None:
         """Append ``band`` to :attr:`bands` and keep ``min(self.bands)`` at the front of
@@ -203,15 +242,20 @@ class LossBand:
 
     def new_epoch(self) -> None:
         """The next loss is the first of a new epoch (the data may change there)."""
-        self._boundary = True
+        # An epoch shorter than the trailing median (full-batch training: one step) shows
+        # no change of data at its first batch: every batch is a first one.
+        self._boundary = self._epoch_steps >= self.smooth
+        self._epoch_steps = 0
 
     def update(self, loss: float, learn: bool = True) -> BandEvidence:
         """Add one step's loss; ``learn=False`` keeps it out of the band itself."""
         if not math.isfinite(loss):
             return BandEvidence()
         boundary, self._boundary = self._boundary, False
+        self._epoch_steps += 1
         # calm: until this batch the trailing loss sat inside the band's ordinary noise
-        calm = bool(self.trail) and self.trail[-1] <= self.ref_top
+        # (the window's own band: the start band is for judging instability, not data)
+        calm = bool(self.trail) and self.trail[-1] <= self._own_top
         if boundary and calm and self.ready and self._above(loss, self.width, self.factor):
             # The first batch of an epoch jumps above a calm band: the data changed
             # (a curriculum, a new shard), not the run. The band starts again from the
@@ -222,6 +266,7 @@ class LossBand:
             self.trail.clear()
             self.outside_streak = self.damage_streak = 0
             self.data_changes += 1
+            self._count, self._start_band = 0, None
         self.recent.append(loss)
         trailing = median(list(self.recent))
         self.trail.append(trailing)
@@ -262,6 +307,7 @@ class LossBand:
                 self._first.append(loss)
                 self.scale = median(self._first)
             self._window.append(loss)
+            self._count += 1
             if self.ready:
                 self._refresh()
         return out
@@ -285,6 +331,9 @@ class LossBand:
             "bands": [list(b) for b in self.bands],
             "first": list(self._first),
             "learned": self.learned,
+            "count": self._count,
+            "epoch_steps": self._epoch_steps,
+            "start_band": None if self._start_band is None else list(self._start_band),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -301,11 +350,20 @@ class LossBand:
         self.scale = median(self._first) if self._first else 0.0
         self.learned = bool(state.get("learned", False))
         saved = [tuple(float(x) for x in b) for b in state.get("bands", [])]
+        # a state saved before the start band existed: its run is past the start
+        self._count = int(state.get("count", 2 * self.window))
+        self._epoch_steps = int(state.get("epoch_steps", 0))
+        start = state.get("start_band")
         if self.ready:
             self._refresh()
+        self._start_band = None if start is None else tuple(float(x) for x in start)
         # the history as it was saved (the refresh above appended its band once more)
         self._clear_bands()
         for band in saved:
             self._add_band(band)
         if self.bands:
-            self.ref_top, self.ref_floor, self.ref_spread = self._lowest[0][1]
+            reference = self._lowest[0][1]
+            self._own_top = reference[0]
+            if self.lag and self._count < 2 * self.window and self._start_band is not None:
+                reference = self._start_band
+            self.ref_top, self.ref_floor, self.ref_spread = reference
