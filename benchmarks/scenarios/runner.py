@@ -191,14 +191,22 @@ class _Recorder(Callback):
         self.val_losses: list[tuple[int, float]] = []
         self.history: dict[str, list[tuple[int, float]]] = {}
         # (batch index at which it was first seen, its step, its value): what EarlyWarning
-        # saw at each batch, for replaying the warning offline (benchmarks.calibration)
+        # saw at each batch, for replaying the warning offline (benchmarks.replay)
         self.arrivals: dict[str, list[tuple[int, int, float]]] = {}
+        # the optimizer step at each batch's end and the batches that begin an epoch: the
+        # rest of what EarlyWarning saw (benchmarks.replay)
+        self.steps: list[int] = []
+        self.epoch_starts: list[int] = []
         self.warning = warning
         self.level_step: int | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.epoch_starts.append(len(self.losses))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self.losses.append(float(loss.detach()) if loss is not None else math.nan)
+        self.steps.append(int(trainer.global_step))
         self.lrs.append(float(trainer.optimizers[0].param_groups[0]["lr"]))
         for cb in trainer.callbacks:
             for key, reading in (getattr(cb, "readings", None) or {}).items():
@@ -367,8 +375,9 @@ def run_scenario(
 
     ``callbacks_factory(mode, scenario) -> (callbacks, missing)`` replaces
     :func:`stability_set`. With ``keep_history`` the record also carries the readings'
-    per-step series in ``record.history`` (for plots) and ``record.arrivals`` (the batch at
-    which each reading arrived, for replays).
+    per-step series in ``record.history`` (for plots), and ``record.arrivals`` (the batch at
+    which each reading arrived), ``record.steps`` (the optimizer step at each batch's end)
+    and ``record.epoch_starts`` (the batches that begin an epoch), for replays.
     """
     pl.seed_everything(seed, verbose=False)
     module, train_loader, val_loader, extra, max_steps = scenario.make(seed, lr_scale)
@@ -450,4 +459,6 @@ def run_scenario(
     if keep_history:
         record.history = recorder.history  # type: ignore[attr-defined]
         record.arrivals = recorder.arrivals  # type: ignore[attr-defined]
+        record.steps = recorder.steps  # type: ignore[attr-defined]
+        record.epoch_starts = recorder.epoch_starts  # type: ignore[attr-defined]
     return record
