@@ -23,12 +23,7 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
-from lightning_stability.estimators.lanczos import (
-    WARM_NOISE,
-    EigenResult,
-    gradient_start,
-    lanczos_top_k,
-)
+from lightning_stability.estimators.lanczos import EigenResult, lanczos_top_k, start_vector
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.trace import (
     DEFAULT_BUDGET,
@@ -165,9 +160,7 @@ def hessian_top_k(
     with isolated_hessian(
         module, loss_fn, params=params, train=train, dtype=dtype, reduce=reduce
     ) as op:
-        noise = WARM_NOISE
-        if warm_start is None and start == "gradient":
-            warm_start, noise = gradient_start(op)
+        warm_start, noise = start_vector(op, warm_start, start == "gradient")
         return lanczos_top_k(
             op.matvec,
             op.dim,

@@ -46,6 +46,7 @@ __all__ = [
     "gradient_start",
     "lanczos_iterations",
     "lanczos_top_k",
+    "start_vector",
 ]
 
 Matvec = Callable[[Tensor], Tensor]
@@ -280,6 +281,17 @@ def gradient_start(op: ParameterOperator) -> tuple[Tensor | None, float]:
     if norm == 0.0 or not math.isfinite(norm):
         return None, WARM_NOISE
     return g, GRADIENT_NOISE
+
+
+def start_vector(
+    op: ParameterOperator, warm_start: Tensor | None, from_gradient: bool
+) -> tuple[Tensor | None, float]:
+    """The start of a solve on ``op`` and the weight of its random part: ``warm_start``
+    (with :data:`WARM_NOISE`) when given, else the gradient start when ``from_gradient``
+    (:func:`gradient_start`), else a random start ``(None, WARM_NOISE)``."""
+    if warm_start is None and from_gradient:
+        return gradient_start(op)
+    return warm_start, WARM_NOISE
 
 
 def lanczos_top_k(

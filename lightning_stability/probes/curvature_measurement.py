@@ -23,12 +23,7 @@ from lightning_stability.estimators.isolation import (
     preserved_state,
     resolve_compute_dtype,
 )
-from lightning_stability.estimators.lanczos import (
-    WARM_NOISE,
-    EigenResult,
-    gradient_start,
-    lanczos_top_k,
-)
+from lightning_stability.estimators.lanczos import EigenResult, lanczos_top_k, start_vector
 from lightning_stability.estimators.preconditioned import ScaledOperator, adam_state_scale
 from lightning_stability.estimators.pyhessian_backend import PyHessianBackend
 from lightning_stability.estimators.sharding import full_tensor, local_view
@@ -270,13 +265,11 @@ class CurvatureMeasurement:
         """The top ``k`` eigenpairs of ``matvec`` (of ``op``'s dimension), warm-started from
         ``previous`` when warm starts are on and its dimension still matches; a cold start
         begins from the probe gradient when ``from_gradient`` (the Hessian itself,
-        :func:`gradient_start`), else from a random vector."""
+        :func:`start_vector`), else from a random vector."""
         warm = previous if self.warm_start else None
         if warm is not None and warm.shape[0] != op.dim:
             warm = None
-        noise = WARM_NOISE
-        if warm is None and from_gradient:
-            warm, noise = gradient_start(op)
+        warm, noise = start_vector(op, warm, from_gradient)
         return lanczos_top_k(
             matvec,
             op.dim,

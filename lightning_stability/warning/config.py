@@ -212,17 +212,17 @@ class BandShape:
         memory: a loss is judged against the lowest band (lowest top) of the last
             ``memory`` steps (default 200), so that a loss creeping upwards is compared
             with where it was, not with a band it has already lifted.
-        lag: length of the lagged local level of the start band (>= 2, at most
-            ``window`` is used; 0 = no start band, the window's own quantile from the
-            first steps; default 16). Until the window has rolled over once (the first ``2 * window``
-            losses since the band began), it may still hold the fast fall of early
-            training, and its quantile then measures that fall, not the noise: a run that
-            turns unstable as soon as it has fallen would be judged against a band as
-            wide as the fall. Over those steps the band is also drawn about a lagged local
-            level (floor: the median of the last ``lag`` losses; top: the floor plus the
-            ``quantile`` of each loss's excess over the median of the ``lag`` losses
-            before it), and the lowest such band is the reference. A falling loss has no
-            excess over its lagged level, so the fall does not widen that band.
+        lag: losses in the local level of the start band (>= 2, at most ``window`` is
+            used; 0 = no start band: the window's own band from the first steps; default
+            16). Until the window has rolled over once (the first ``2 * window`` losses
+            since the band began) it may still hold the fast fall of early training, and
+            its quantile then measures that fall, not the noise: a run that turns unstable
+            as soon as it has fallen would be judged against a band as wide as the fall.
+            Over those steps the reference is instead the lowest start band: the window
+            with each loss moved by the change of the local level (the median of the last
+            ``lag`` losses) between its step and now, then drawn as usual. On a loss at
+            its noise floor the level does not move and the start band is close to the
+            window's own.
     """
 
     window: int = 64

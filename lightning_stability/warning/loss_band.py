@@ -169,7 +169,6 @@ class LossBand:
         # losses learned since the band began, and the lowest lagged band of the start
         self._count = 0
         self._start_band: tuple[float, float, float] | None = None
-        self._own_top = math.nan
 
     @property
     def ready(self) -> bool:
@@ -181,22 +180,40 @@ class LossBand:
         any)."""
         return median(self._first[:3]) if self._first else math.nan
 
-    def _refresh(self) -> None:
-        ordered = self._window.ordered()
+    def _band_of(self, ordered: list[float]) -> tuple[float, float, float]:
+        """``(top, floor, spread)`` of sorted losses: the median, the ``quantile`` (linear
+        interpolation) and their distance, never below ``rel_width`` of the floor."""
         n = len(ordered)
-        self.floor = median_of_sorted(ordered)
+        floor = median_of_sorted(ordered)
         pos = self.quantile * (n - 1)
         lo = int(pos)
         hi = min(lo + 1, n - 1)
-        self.top = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
-        self.spread = max(self.top - self.floor, self.rel_width * abs(self.floor), 1e-12)
+        top = ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
+        return top, floor, max(top - floor, self.rel_width * abs(floor), 1e-12)
+
+    def _refresh(self) -> None:
+        self.top, self.floor, self.spread = self._band_of(self._window.ordered())
         self._add_band((self.top, self.floor, self.spread))
-        reference = self._lowest[0][1]
-        self._own_top = reference[0]
-        if self.lag and self._count < 2 * self.window:
+        if self._in_start():
             lagged = self._lagged_band(list(self.values))
             if self._start_band is None or lagged < self._start_band:
                 self._start_band = lagged
+        self._set_reference()
+
+    def _in_start(self) -> bool:
+        """Whether the window may still hold the first losses since the band began."""
+        return bool(self.lag) and self._count < 2 * self.window
+
+    @property
+    def _window_top(self) -> float:
+        """The top of the lowest of the window's own bands in memory (NaN before any)."""
+        return self._lowest[0][1][0] if self._lowest else math.nan
+
+    def _set_reference(self) -> None:
+        """The band losses are judged against: the start band while the window may still
+        hold the fall of early training, else the lowest of the window's own bands."""
+        reference = self._lowest[0][1]
+        if self._in_start() and self._start_band is not None:
             reference = self._start_band
         self.ref_top, self.ref_floor, self.ref_spread = reference
 
@@ -210,15 +227,7 @@ class LossBand:
         lag = self.lag
         levels = [median(values[max(0, i - lag + 1) : i + 1]) for i in range(len(values))]
         now = levels[-1]
-        shifted = sorted(v - level + now for v, level in zip(values, levels))
-        n = len(shifted)
-        floor = median_of_sorted(shifted)
-        pos = self.quantile * (n - 1)
-        lo = int(pos)
-        hi = min(lo + 1, n - 1)
-        top = shifted[lo] + (pos - lo) * (shifted[hi] - shifted[lo])
-        spread = max(top - floor, self.rel_width * abs(floor), 1e-12)
-        return (top, floor, spread)
+        return self._band_of(sorted(v - level + now for v, level in zip(values, levels)))
 
     def _add_band(self, band: tuple[float, float, float]) -> None:
         """Append ``band`` to :attr:`bands` and keep ``min(self.bands)`` at the front of
@@ -255,7 +264,7 @@ class LossBand:
         self._epoch_steps += 1
         # calm: until this batch the trailing loss sat inside the band's ordinary noise
         # (the window's own band: the start band is for judging instability, not data)
-        calm = bool(self.trail) and self.trail[-1] <= self._own_top
+        calm = bool(self.trail) and self.trail[-1] <= self._window_top
         if boundary and calm and self.ready and self._above(loss, self.width, self.factor):
             # The first batch of an epoch jumps above a calm band: the data changed
             # (a curriculum, a new shard), not the run. The band starts again from the
@@ -362,8 +371,4 @@ class LossBand:
         for band in saved:
             self._add_band(band)
         if self.bands:
-            reference = self._lowest[0][1]
-            self._own_top = reference[0]
-            if self.lag and self._count < 2 * self.window and self._start_band is not None:
-                reference = self._start_band
-            self.ref_top, self.ref_floor, self.ref_spread = reference
+            self._set_reference()
