@@ -19,10 +19,11 @@ from helpers import (
     trainer,
 )
 from lightning.pytorch.callbacks import Callback
-from test_actions_events import NonFiniteLossSource, ScriptedSource
+from test_actions_events import LrRecorder, NonFiniteLossSource, ScriptedSource
 from torch.utils.data import TensorDataset
 
 from lightning_stability.actions import LRBackoff, Rollback, StagedTraining
+from lightning_stability.warning.events import Level
 
 
 @pytest.mark.parametrize(
@@ -406,3 +407,69 @@ def test_when_the_restored_state_is_no_refuge_training_goes_back_to_the_abandone
     assert torch.equal(after.states[34][0], before.states[31][0])
     assert _same_optimizer_state(after.states[34][1], before.states[31][1])
     assert rollback.abandoned is None
+
+
+def test_the_loss_band_goes_back_with_the_weights():
+    """A digits MLP learns for 150 steps, then a scripted CRITICAL rolls it back to its
+    starting weights (the only good state with ``every=1000``). Their loss is the loss the
+    run started from; judged against the band learned on the later, lower losses, the
+    skipped batches would be "back at the level the run started from" and extend the skip
+    again and again. The band goes back with the weights instead: right after the
+    rollback it is the band of step 0 (empty, nothing learned), no critical event
+    extends the skip, and training resumes at step 150 + skip_steps."""
+    from test_warning_callback import LabelsWrongFrom, digits
+
+    from lightning_stability import LossMonitor
+    from lightning_stability.warning import EarlyWarning
+
+    torch.manual_seed(0)
+    ew = EarlyWarning()
+    rollback = Rollback(every=1000, skip_steps=15)
+    bands = {}
+
+    class BandRecorder(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            bands[trainer.global_step] = (ew.monitor.band.learned, len(ew.monitor.band.values))
+
+    after = StateRecorder()
+    callbacks = [LossMonitor(), ew, ScriptedSource({150: "critical"}), rollback]
+    t = trainer(max_steps=200, callbacks=[*callbacks, BandRecorder(), after])
+    t.fit(LabelsWrongFrom(None), loader(digits(), batch_size=32))
+    assert bands[149][0] and bands[149][1] == ew.monitor.band.window  # it had learned
+    assert bands[150] == (False, 0)  # the band of the starting weights
+    assert rollback.rollbacks == 1
+    assert [e.step for e in rollback.events] == [150]
+    assert [e for e in ew.events if e.level >= Level.CRITICAL] == []
+    # the skip ended after skip_steps: the weights move again from step 166
+    assert torch.equal(after.states[165][0], after.states[150][0])
+    assert not torch.equal(after.states[166][0], after.states[150][0])
+
+
+def test_data_at_fault_undoes_the_cuts_since_the_restored_state():
+    """A critical event at 31 rolls back to step 25 and halves the learning rate; the
+    critical event at 34 arrives while the restored weights are frozen (skip_growth=None:
+    the skipped loss is not consulted), so the data is at fault: the learning rate goes
+    back to what it was at step 25, and the skip goes on."""
+    backoff = LRBackoff(calm_steps=None)
+    rollback = Rollback(every=5, skip_steps=5, skip_growth=None)
+    lrs = LrRecorder()
+    script = {31: "critical", 34: "critical"}
+    t = trainer(max_steps=40, callbacks=[ScriptedSource(script), backoff, rollback, lrs])
+    t.fit(TinyClassifier(lr=0.1), loader(classification_data(2048)))
+    assert [e.step for e in rollback.events] == [31, 34]
+    assert "the data is at fault" in rollback.events[1].message
+    assert lrs.lrs[31] == pytest.approx(0.05)
+    assert lrs.lrs[34] == pytest.approx(0.1) and lrs.lrs[39] == pytest.approx(0.1)
+    assert backoff.scales == [[1.0]]
+
+
+def test_data_at_fault_returns_staged_training_to_the_restored_stage():
+    staged = StagedTraining(calm_steps=None)
+    rollback = Rollback(every=5, skip_steps=5, skip_growth=None)
+    script = {28: "warning", 31: "critical", 34: "critical"}
+    t = trainer(max_steps=40, callbacks=[ScriptedSource(script), staged, rollback])
+    t.fit(TinyClassifier(lr=0.1), loader(classification_data(2048)))
+    # stage 1 at 28, then stage 2 at the rollback, then back to the snapshot's stage 0
+    assert rollback.events[1].message.endswith("the data is at fault, not the run: back to stage 0")
+    assert staged.stage == 0
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)

@@ -184,6 +184,16 @@ class StabilityAction(IdentifiedCallback):
         :meth:`state_dict` from just before the rollback, for what it learned on the
         abandoned trajectory that should outlive it."""
 
+    def data_at_fault(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
+    ) -> str | None:
+        """A rollback found the data, not the run, at fault: the restored weights, frozen
+        while their batches are skipped, meet trouble that their own loss band calls
+        damage. Undo what this action changed since ``state`` (its state when the restored
+        weights were saved) for the trouble it answered, and say what, or ``None`` when
+        nothing changed."""
+        return None
+
     # ------------------------------------------------------------- recording
     def record(
         self,

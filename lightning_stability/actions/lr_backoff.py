@@ -79,7 +79,9 @@ class LRBackoff(StabilityAction):
     still cut. A rollback
     (:class:`Rollback`) restores this callback's state with the weights, but keeps the
     lower of the restored and the pre-rollback scale and ceiling: the weights go back,
-    what the run learned about its learning rate does not.
+    what the run learned about its learning rate does not, unless the rollback later finds
+    the data at fault (the restored weights, frozen, meet damage on the skipped batches):
+    then the scale, ceiling and caps return to those saved with the restored weights.
 
     Args:
         level: lowest event level that triggers a backoff (``"watch"``, ``"warning"``,
@@ -436,6 +438,23 @@ class LRBackoff(StabilityAction):
         self._ramp_done = 0
         self._raised = False
         self.repair.restored(trainer.optimizers, before.get("repair") or {})
+
+    def data_at_fault(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
+    ) -> str | None:
+        """The cuts since the restored weights were saved answered trouble in the data,
+        not a learning rate too high for the weights: back to that state's scales,
+        ceilings and caps (what was learned about the learning rate on the abandoned
+        trajectory is void)."""
+        scales = [[float(s) for s in row] for row in state["scales"]]
+        if all(new <= old for a, b in zip(scales, self.scales) for new, old in zip(a, b)):
+            return None
+        self.ceiling = [[float(c) for c in row] for row in state["ceiling"]]
+        self.caps = [[float(c) for c in row] for row in state["caps"]]
+        self._apply(trainer, scales)
+        self._cut_losses, self._declined = [], False
+        self._ramp_from, self._ramp_done, self._raised = None, 0, False
+        return f"learning rate back to {self.scales[0][0]:.4g}x"
 
     # ---------------------------------------------------------------- resume
     @property

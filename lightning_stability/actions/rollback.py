@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -29,6 +30,8 @@ from lightning_stability.warning.events import Level
 __all__ = ["Rollback"]
 
 ROLLBACKS_KEY = ACTION_ROLLBACKS
+_VIEW = "view:"
+"""Prefix of a snapshot's entries that hold a judging callback's ``rollback_state``."""
 SKIPPED_KEY = ACTION_SKIPPED_STEPS
 
 
@@ -65,10 +68,19 @@ class Rollback(StabilityAction):
     gradient scaler or clipping by value they are zeroed instead, so momentum still
     moves the weights), since a
     bad stretch of data often outlasts the batch that raised the alarm (PaLM skipped 200
-    to 500 batches after restarting, Chowdhery et al., 2022). A critical event while
-    skipping cannot come from the restored weights' updates, so it extends the skip
-    instead of rolling back again, for at most ``5 * skip_steps`` steps after the
-    rollback, unless the skipped batches' loss has grown past ``skip_growth`` times its
+    to 500 batches after restarting, Chowdhery et al., 2022). The loss band of an
+    :class:`EarlyWarning` goes back with the weights (each snapshot keeps the
+    ``rollback_state`` of the callbacks that judge the run, and a rollback hands it to
+    their ``restore_view``): a band learned on later, lower losses would call the restored
+    weights' own loss damage. A critical event while skipping therefore cannot come from
+    the restored weights' updates nor from the weights themselves: the batches are at
+    fault. It extends the skip instead of rolling back again, for at most
+    ``5 * skip_steps`` steps after the rollback, and the other actions undo what they
+    changed since the restored weights were saved (``data_at_fault``: an
+    :class:`LRBackoff` returns to that state's learning rate, a :class:`StagedTraining` to
+    its stage), since a learning rate or stage that answered bad data says nothing about
+    the run; this happens only on that evidence, never at the rollback itself. This holds
+    unless the skipped batches' loss has grown past ``skip_growth`` times its
     value at the first of them. With the weights frozen, a loss that keeps growing means
     the data moves with the model (a feedback loop) or away from it: waiting does not end
     the trouble, and the restored state is no refuge, since restoring it again would give
@@ -231,7 +243,7 @@ class Rollback(StabilityAction):
             if skipped and self._skipped_loss_grew():
                 self._resume(trainer, pl_module, level, step)
             elif skipped and bounded:
-                self._extend_skip(trainer, level, step)
+                self._extend_skip(trainer, pl_module, level, step)
             elif self.snapshot is not None and self.snapshot.step == self._no_refuge_step:
                 self._make_safer_in_place(trainer, pl_module, level)
             elif self.rollbacks >= self.max_rollbacks:
@@ -290,9 +302,20 @@ class Rollback(StabilityAction):
         # Weights are identical on every rank under DDP, so this check agrees everywhere.
         if not all_finite(pl_module.parameters()):
             return None
-        return TrainingSnapshot.take(
-            trainer, pl_module, self._others(trainer), offload=self.offload
-        )
+        return self._snapshot(trainer, pl_module, self._others(trainer))
+
+    def _snapshot(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        others: dict[str, StabilityAction],
+    ) -> TrainingSnapshot:
+        snapshot = TrainingSnapshot.take(trainer, pl_module, others, offload=self.offload)
+        # the views of the run that describe these weights (the loss band) go back with them
+        for cb in trainer.callbacks:
+            if cb is not self and callable(getattr(cb, "rollback_state", None)):
+                snapshot.callbacks[_VIEW + cb.state_key] = copy.deepcopy(cb.rollback_state())
+        return snapshot
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Snapshot time: promote ``pending`` if the interval since it was calm, then take
@@ -331,7 +354,7 @@ class Rollback(StabilityAction):
             self.pending = None
         self._calm_since_pending = False
         if self.skip_growth is not None and self.skip_steps > 0:
-            self.abandoned = TrainingSnapshot.take(trainer, pl_module, others, offload=self.offload)
+            self.abandoned = self._snapshot(trainer, pl_module, others)
             latest = self._latest_loss
             local = latest.float().mean() if latest is not None else torch.tensor(math.nan)
             # every rank rolls back at this boundary, so every rank joins the reduction
@@ -340,7 +363,7 @@ class Rollback(StabilityAction):
         self.sources_rearmed()
         self._skip_from, self._skip_until = step, step + self.skip_steps
         self._skip_losses = []
-        self._rearm(trainer, step)
+        self._rearm(trainer, step, target)
         self.rollbacks += 1
         safer = self._make_safer(trainer, pl_module, others, f"rollback {self.rollbacks}")
         self.record(
@@ -367,7 +390,21 @@ class Rollback(StabilityAction):
         for key, action in others.items():
             action.restored(trainer, pl_module, before[key])
 
-    def _rearm(self, trainer: pl.Trainer, step: int) -> None:
+    def _restore_views(self, trainer: pl.Trainer, snapshot: TrainingSnapshot) -> None:
+        """The weights of ``snapshot`` are back: so are the views of the run saved with
+        them (each judging callback's ``rollback_state``, loaded by its ``restore_view``)."""
+        for cb in trainer.callbacks:
+            view = snapshot.callbacks.get(_VIEW + cb.state_key)
+            if cb is not self and view is not None:
+                cb.restore_view(copy.deepcopy(view))
+
+    def _rearm(
+        self, trainer: pl.Trainer, step: int, restored: TrainingSnapshot | None = None
+    ) -> None:
+        """Re-arm every callback that judges the run; ``restored``: the snapshot just
+        loaded, whose saved views go back with its weights."""
+        if restored is not None:
+            self._restore_views(trainer, restored)
         for cb in trainer.callbacks:
             rearm = getattr(cb, "rearm", None)
             if cb is not self and callable(rearm):
@@ -395,6 +432,7 @@ class Rollback(StabilityAction):
         back = ""
         if self.abandoned is not None and self._abandoned_loss < latest:
             self._restore(self.abandoned, trainer, pl_module, others)
+            self._restore_views(trainer, self.abandoned)
             back = f" from the weights of step {self.abandoned.step}, before the rollback"
             self.abandoned = None
         self.record(
@@ -422,18 +460,37 @@ class Rollback(StabilityAction):
             signals=(ROLLBACKS_KEY,),
         )
 
-    def _extend_skip(self, trainer: pl.Trainer, level: Level, step: int) -> None:
+    def _extend_skip(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, level: Level, step: int
+    ) -> None:
         self._skip_until = step + self.skip_steps
         self.sources_rearmed()
         self._rearm(trainer, step)
+        undone = self._data_at_fault(trainer, pl_module)
         self.record(
             trainer,
             level,
             f"{level.name} event while skipping batches after a rollback: skipping "
-            f"{self.skip_steps} more",
+            f"{self.skip_steps} more"
+            + (f"; the data is at fault, not the run: {undone}" if undone else ""),
             signals=(SKIPPED_KEY,),
             details={"skip_until": float(self._skip_until)},
         )
+
+    def _data_at_fault(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """The restored weights, unchanged since the rollback and judged against their own
+        loss band, meet damage: the batches are what is wrong. The other actions undo what
+        they changed since those weights were saved."""
+        target = self.snapshot
+        if target is None:
+            return ""
+        said = []
+        for key, action in self._others(trainer).items():
+            if key in target.callbacks:
+                what = action.data_at_fault(trainer, pl_module, target.callbacks[key])
+                if what:
+                    said.append(what)
+        return "; ".join(said)
 
     def _make_safer(
         self,

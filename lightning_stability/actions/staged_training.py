@@ -273,6 +273,21 @@ class StagedTraining(StabilityAction):
         self.repair.restored(trainer.optimizers, before.get("repair") or {})
         self._apply_knobs(trainer, pl_module)
 
+    def data_at_fault(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, state: dict[str, Any]
+    ) -> str | None:
+        """The stages climbed since the restored weights were saved answered trouble in
+        the data: back to that state's stage and learning-rate scale (a repair of the
+        optimizer stays: it answered the optimizer's configuration, not the data)."""
+        stage = int(state["stage"])
+        if stage >= self.stage:
+            return None
+        self.stage = stage
+        self._ramp = None
+        self._set_scale(trainer, float(state["applied_scale"]))
+        self._apply_knobs(trainer, pl_module)
+        return f"back to stage {stage}"
+
     def _repair(self, trainer: pl.Trainer, level: Level, reason: str) -> bool:
         if not self.repair.answer(self, trainer, level, reason):
             return False

@@ -276,6 +276,19 @@ class EarlyWarning(IdentifiedCallback):
         if new is not None:
             self._emit(trainer, pl_module, new, step, deviation, dims, local, src)
 
+    def rollback_state(self) -> dict[str, Any]:
+        """What of this callback's view goes back with the weights at a rollback: the loss
+        band, which describes the losses of the weights it was learned on."""
+        return {"band": self.monitor.band.state_dict()}
+
+    def restore_view(self, state: dict[str, Any]) -> None:
+        """The weights were replaced by those ``state`` (:meth:`rollback_state`) was saved
+        with: judge their losses against the band learned on them. A band learned on
+        later, lower losses would call the restored weights' own loss damage (a rollback
+        to the start of a run is back at the loss the run started from)."""
+        if state.get("band") is not None:
+            self.monitor.band.load_state_dict(state["band"])
+
     def rearm(self, step: int, pause: int = 0) -> None:
         """Called by a rollback on every rank at the same step: the weights are back at a
         good state, so the level returns to OK and may rise again at once, the trend
