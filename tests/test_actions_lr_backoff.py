@@ -16,14 +16,16 @@ from helpers import (
     loader,
     trainer,
 )
+from lightning.pytorch.callbacks import Callback
 from test_actions_events import LrRecorder, ScriptedSource
 
 from lightning_stability.actions import LRBackoff
 
 
-def _fit(action, script, max_steps=12, model=None, **kw):
+def _fit(action, script, max_steps=12, model=None, extra=(), **kw):
     rec = LrRecorder()
-    t = trainer(max_steps=max_steps, callbacks=[ScriptedSource(script), action, rec], **kw)
+    callbacks = [ScriptedSource(script), action, rec, *extra]
+    t = trainer(max_steps=max_steps, callbacks=callbacks, **kw)
     t.fit(model or TinyClassifier(lr=0.1), loader(classification_data(256), shuffle=False))
     return rec.lrs, t
 
@@ -319,3 +321,48 @@ def test_warning_on_one_rank_cuts_on_both(tmp_path):
     assert r0["lr"] == r1["lr"] == pytest.approx(0.05)
     assert r0["backoffs"] == r1["backoffs"] == 1
     assert torch.equal(r0["weights"], r1["weights"])
+
+
+def test_a_ramp_that_meets_the_held_rate_early_waits_calm_steps_before_the_next_probe():
+    """The schedule keeps rising 10% a step, so a ramp towards the ceiling meets the held
+    rate long before its ``recovery_steps``: the ramp is over there, and the next probe
+    (twice the held rate) waits ``calm_steps`` calm steps at it, as every probe does."""
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=20)
+    lrs, _ = _fit(action, {7: "warning", 8: "ok"}, max_steps=30, model=_Jumping())
+    assert lrs[8] == pytest.approx(0.1, rel=1e-9)
+    first = min(s for s in lrs if s > 8 and lrs[s] >= 0.2 * (1 - 1e-9))
+    second = min(s for s in lrs if s > 8 and lrs[s] >= 0.4 * (1 - 1e-9))
+    for step in range(first, first + 2):  # held from the step it met 0.2 until 2 calm steps
+        assert lrs[step] == pytest.approx(0.2, rel=1e-9)
+    assert second >= first + 3
+    assert lrs[30] < 2 * 0.8
+
+
+class _Restarting(TinyClassifier):
+    """lr 0.1, x10 at step 5; from step 8 the schedule starts again from 0.01x and rises
+    30% a step (a warm-up restarted, as a rollback restarts it)."""
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1)
+        rule = lambda s: 1.0 if s < 5 else 10.0 if s < 8 else 0.01 * 1.3 ** (s - 8)  # noqa: E731
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, rule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def test_a_held_rate_is_kept_while_the_schedule_rises_towards_it():
+    """After the rise at step 5 the rate is held at 0.1. The restarted schedule is below
+    it when the calm check comes, but rising: the held rate stays (probed higher one
+    factor per calm period) instead of being dropped, and the rate never passes it."""
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
+    caps = {}
+
+    class Caps(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            caps[trainer.global_step] = action.caps[0][0]
+
+    lrs, _ = _fit(
+        action, {7: "warning", 8: "ok"}, max_steps=30, model=_Restarting(), extra=[Caps()]
+    )
+    for step in range(8, 31):
+        assert caps[step] < math.inf, step
+        assert lrs[step] <= caps[step] * (1 + 1e-9), step

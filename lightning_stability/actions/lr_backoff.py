@@ -67,7 +67,11 @@ class LRBackoff(StabilityAction):
     warm-up that starts near zero is not sent back there), and the rate is held there
     however the schedule
     moves: returning to the rate that caused the trouble would only repeat it. Later
-    probes above it follow the ceiling rule, raising the held rate by ``1 / factor`` each.
+    probes above it follow the ceiling rule, raising the held rate by ``1 / factor`` each,
+    ``calm_steps`` calm steps apart also when a rising schedule meets the held rate before
+    the ramp's ``recovery_steps`` are over. The hold is dropped once the schedule is below
+    it and not rising (a decay has passed it), not while a schedule climbs towards it (a
+    warm-up that a rollback restarted).
     A :class:`Rollback` in the Trainer also takes the weights back to before the rise.
 
     Cuts that do not work are not repeated: a step size that is too large shows in the
@@ -365,6 +369,13 @@ class LRBackoff(StabilityAction):
             for g, s in zip(opt.param_groups, scales)
         ]
 
+    def _schedule_rising(self) -> list[bool]:
+        """Whether each group's scheduled rate (flattened over optimizers) rose at the
+        latest step."""
+        if len(self._recent_lrs) < 2:
+            return [False] * sum(len(row) for row in self.scales)
+        return [now > then for now, then in zip(self._recent_lrs[-1], self._recent_lrs[-2])]
+
     def _calm_rates(self) -> list[float] | None:
         """The lowest scheduled learning rate of each group over the remembered steps."""
         if not self._recent_lrs:
@@ -378,14 +389,21 @@ class LRBackoff(StabilityAction):
         ]
         pairs = [zip(s, c) for s, c in zip(self.scales, limits)]
         if all(s >= c * (1 - 1e-9) for row in pairs for s, c in row):  # rounding of the cap
-            self._ramp_from = None
+            if self._ramp_from is not None:
+                # the ramp met its limit before its end (a cap that a rising schedule
+                # reaches early): it is over, and the next probe waits `calm_steps` more
+                self._ramp_from = None
+                self._calm = 0
+                return
             binding = [
                 [self._capped(g, s, 1.0, cap) < 1.0 for g, s, cap in zip(opt.param_groups, *rows)]
                 for opt, *rows in zip(trainer.optimizers, self.scales, self.caps)
             ]
-            # a cap the schedule no longer reaches holds nothing: drop it
+            # a cap the schedule no longer reaches holds nothing: drop it, unless the
+            # schedule is still rising towards it (a warm-up that a rollback restarted)
+            rising = iter(self._schedule_rising())
             self.caps = [
-                [cap if b else math.inf for cap, b in zip(*rows)]
+                [cap if b or next(rising) else math.inf for cap, b in zip(*rows)]
                 for rows in zip(self.caps, binding)
             ]
             held = any(b for row in binding for b in row)
