@@ -366,3 +366,31 @@ def test_a_held_rate_is_kept_while_the_schedule_rises_towards_it():
     for step in range(8, 31):
         assert caps[step] < math.inf, step
         assert lrs[step] <= caps[step] * (1 + 1e-9), step
+
+
+def test_each_probe_that_fails_doubles_the_wait_before_the_next():
+    """A cut at 5; calm, the ramp back reaches 1.0 at step 9; trouble at 11 follows that
+    ramp, so 0.5 becomes the ceiling and the next probe waits 2 * calm_steps calm steps;
+    trouble after that probe doubles the wait again, and a probe that holds resets it."""
+    action = LRBackoff(factor=0.5, calm_steps=2, recovery_steps=2)
+    failed = {}
+
+    class Failed(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            failed[trainer.global_step] = action.failed_probes
+
+    script = {5: "warning", 6: "ok", 11: "warning", 12: "ok", 18: "warning", 19: "ok"}
+    lrs, _ = _fit(action, script, max_steps=40, extra=[Failed()])
+    assert lrs[5] == pytest.approx(0.05) and lrs[9] == pytest.approx(0.1)
+    assert lrs[11] == pytest.approx(0.05) and failed[11] == 1
+    # the first ramp began after 2 calm steps (6, 7); calm from step 12, the probe
+    # begins after 4 (12-15)
+    assert lrs[7] > 0.05
+    assert all(lrs[s] == pytest.approx(0.05) for s in range(11, 15))
+    assert lrs[15] > 0.05 and lrs[16] == pytest.approx(0.1)
+    # trouble after that probe: 8 calm steps (19-26) before the next
+    assert failed[18] == 2
+    assert all(lrs[s] == pytest.approx(0.05) for s in range(18, 26))
+    assert lrs[26] > 0.05 and lrs[27] == pytest.approx(0.1)
+    # that probe held: after 2 calm steps at 1.0 the count is reset
+    assert failed[30] == 0 and lrs[40] == pytest.approx(0.1)

@@ -57,7 +57,11 @@ class LRBackoff(StabilityAction):
     at the ceiling it is raised by ``1 / factor`` (never above 1.0) and the run ramps up
     to it, so a transient incident costs a slow, staged return rather than the rest of
     the run's learning rate, and a learning rate that is really too high is found again
-    one step below where it failed.
+    one step below where it failed. Each probe that trouble follows doubles the calm
+    wait before the next one (``calm_steps * 2**failed_probes``, as TCP backs off its
+    retransmission timer, Karn and Partridge, 1987), so a rate that keeps failing is tried
+    a logarithmic number of times in a long run, not every few hundred steps; a probe
+    that holds resets the count.
 
     Trouble that follows a rise of the learning rate is put down to that rise: when the
     rate a group's schedule sets (before this callback's cut) is more than ``LR_JUMP``
@@ -98,8 +102,8 @@ class LRBackoff(StabilityAction):
         max_backoffs: most backoffs in the whole run (``None``: unbounded). Default 10.
         calm_steps: calm steps (the sources' level below ``level``: an event marks a
             change of level, so a level held high is not calm) before ramping back
-            towards the ceiling, and between probes above it; ``None`` (default) never
-            ramps back.
+            towards the ceiling, and between probes above it (doubled after each probe
+            that trouble followed); ``None`` (default) never ramps back.
         recovery_steps: length in steps of the ramp back, which is geometric and never
             exceeds the ceiling (at most the original learning rate). Default 100.
         optimizer_repair: tried before a cut: on an event while an Adam-family param
@@ -184,6 +188,7 @@ class LRBackoff(StabilityAction):
         # of its rate (inf: not held), so a schedule still rising cannot undo the cut
         self.caps: list[list[float]] = []
         self._raised = False  # a ramp raised the scales since the last cut
+        self.failed_probes = 0  # ramps in a row that trouble followed
         self.backoffs = 0
         self.rise_step = -1  # step of the latest cut that answered a rise of the rate
         self._last_backoff_step = -(10**12)
@@ -338,6 +343,8 @@ class LRBackoff(StabilityAction):
         if new_scales == self.scales:
             return False  # every group already sits at min_lr
         self._apply(trainer, new_scales)
+        if self._raised:
+            self.failed_probes += 1
         if self._raised or after_rise or level >= Level.CRITICAL:
             self.ceiling = [
                 [min(c, s) for c, s in zip(*rows)] for rows in zip(self.ceiling, new_scales)
@@ -395,6 +402,10 @@ class LRBackoff(StabilityAction):
                 self._ramp_from = None
                 self._calm = 0
                 return
+            if self._raised:
+                self.failed_probes = 0  # the rate the last ramp reached has held
+            elif self._calm < self.calm_steps * 2**self.failed_probes:
+                return  # each probe that failed doubles the wait before the next
             binding = [
                 [self._capped(g, s, 1.0, cap) < 1.0 for g, s, cap in zip(opt.param_groups, *rows)]
                 for opt, *rows in zip(trainer.optimizers, self.scales, self.caps)
@@ -452,6 +463,7 @@ class LRBackoff(StabilityAction):
         self.backoffs = max(self.backoffs, int(before["backoffs"]))
         self._last_backoff_step = max(self._last_backoff_step, int(before["last_backoff_step"]))
         self.rise_step = max(self.rise_step, int(before.get("rise_step", -1)))
+        self.failed_probes = max(self.failed_probes, int(before.get("failed_probes", 0)))
         self._ramp_from = None
         self._ramp_done = 0
         self._raised = False
@@ -472,6 +484,7 @@ class LRBackoff(StabilityAction):
         self._apply(trainer, scales)
         self._cut_losses, self._declined = [], False
         self._ramp_from, self._ramp_done, self._raised = None, 0, False
+        self.failed_probes = int(state.get("failed_probes", 0))
         return f"learning rate back to {self.scales[0][0]:.4g}x"
 
     # ---------------------------------------------------------------- resume
@@ -494,6 +507,7 @@ class LRBackoff(StabilityAction):
             "ceiling": [list(row) for row in self.ceiling],
             "caps": [list(row) for row in self.caps],
             "raised": self._raised,
+            "failed_probes": self.failed_probes,
             "backoffs": self.backoffs,
             "last_backoff_step": self._last_backoff_step,
             "rise_step": self.rise_step,
@@ -525,6 +539,7 @@ class LRBackoff(StabilityAction):
             else [[float(c) for c in row] for row in caps]
         )
         self._raised = bool(state_dict.get("raised", False))
+        self.failed_probes = int(state_dict.get("failed_probes", 0))
         self.backoffs = int(state_dict["backoffs"])
         self._last_backoff_step = int(state_dict["last_backoff_step"])
         self.rise_step = int(state_dict.get("rise_step", -1))
