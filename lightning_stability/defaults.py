@@ -91,7 +91,7 @@ def stability_callbacks(
         actions: what may change training. ``"none"`` (default) only measures and warns;
             ``"backoff"`` halves the learning rate on each warning and ramps it back
             over 100 steps after 100 calm ones, never above a level at which trouble
-            returned (:class:`LRBackoff`);
+            returned, each failed return doubling the wait (:class:`LRBackoff`);
             ``"staged"`` climbs the default ladder of safer stages (:class:`StagedTraining`).
             With either, :class:`Rollback` restores the last good state on a critical
             event unless ``rollback=False``.
