@@ -105,3 +105,35 @@ def test_resume_from_a_checkpoint_without_snapshots_does_not_trust_unsettled_wei
     t = trainer(max_steps=1, callbacks=[ScriptedSource({}), rollback])
     t.fit(TinyClassifier(), loader(classification_data(32), shuffle=False))
     assert rollback.good is None and rollback.pending is not None
+
+
+def test_a_resumed_run_rolls_back_to_the_same_loss_band(tmp_path):
+    """With an EarlyWarning watching the loss, the snapshots carry its band: a run resumed
+    at step 6 rolls back at step 10 to the band of the same snapshot as the uninterrupted
+    run, and its band, events and weights match it from then on."""
+    from lightning_stability import LossMonitor
+    from lightning_stability.warning import EarlyWarning
+
+    def fit(max_steps, ckpt_path=None):
+        torch.manual_seed(0)
+        model = TinyClassifier(lr=0.1)
+        ew, rollback, weights = EarlyWarning(), Rollback(every=2, skip_steps=0), StepWeights()
+        script = ScriptedSource({3: "warning", 10: "critical"})
+        cbs = [LossMonitor(), ew, script, rollback, weights]
+        t = trainer(max_steps=max_steps, max_epochs=-1, callbacks=cbs)
+        t.fit(model, loader(classification_data(32), shuffle=False), ckpt_path=ckpt_path)
+        return t, ew, rollback, weights
+
+    _, full_ew, full, full_weights = fit(14)
+    assert [e.details["to_step"] for e in full.events] == [0.0]
+    first, _, _, _ = fit(6)
+    path = tmp_path / "with-band.ckpt"
+    first.save_checkpoint(path)
+    torch.load(path, weights_only=True)  # the saved bands are checkpoint-safe
+    _, ew, resumed, weights = fit(14, ckpt_path=str(path))
+    assert [(e.step, e.message) for e in resumed.events] == [
+        (e.step, e.message) for e in full.events
+    ]
+    assert ew.monitor.band.state_dict() == full_ew.monitor.band.state_dict()
+    for step in range(7, 15):
+        assert torch.equal(weights.weights[step], full_weights.weights[step]), step

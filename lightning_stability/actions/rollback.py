@@ -395,8 +395,9 @@ class Rollback(StabilityAction):
         them (each judging callback's ``rollback_state``, loaded by its ``restore_view``)."""
         for cb in trainer.callbacks:
             view = snapshot.callbacks.get(_VIEW + cb.state_key)
-            if cb is not self and view is not None:
-                cb.restore_view(copy.deepcopy(view))
+            restore = getattr(cb, "restore_view", None)
+            if cb is not self and view is not None and callable(restore):
+                restore(copy.deepcopy(view))
 
     def _rearm(
         self, trainer: pl.Trainer, step: int, restored: TrainingSnapshot | None = None
