@@ -164,3 +164,27 @@ def test_rung_state_round_trip_and_merge() -> None:
     opt.param_groups[0]["betas"] = (0.9, 0.6)
     fresh.reapply([opt])
     assert opt.param_groups[0]["betas"] == (0.9, 0.95)
+
+
+def test_a_warning_that_the_repair_answers_rolls_back_before_the_unbounded_updates() -> None:
+    """The WARNING at 12 is answered by the repair (beta2 0.5 -> 0.95): the trouble is what
+    the unbounded updates did, so the Rollback returns to the good state of step 5 and the
+    repaired optimizer goes on from there, at the same learning rate (the repair answered
+    the event, no cut). The same WARNING on a bounded Adam is cut, not rolled back."""
+    from test_actions_rollback import StateRecorder
+
+    backoff, rollback, after = LRBackoff(), Rollback(every=5), StateRecorder()
+    t = trainer(max_steps=14, callbacks=[ScriptedSource({12: "warning"}), backoff, rollback, after])
+    t.fit(UnsafeAdam(lr=0.01), loader(classification_data(512), shuffle=False))
+    assert [e.step for e in rollback.events] == [12]
+    assert "to step 5" in rollback.events[0].message
+    assert "optimizer repair" in rollback.events[0].message
+    assert torch.equal(after.states[12][0], after.states[5][0])
+    assert t.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
+    assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)
+    assert backoff.backoffs == 0
+
+    backoff, rollback = LRBackoff(), Rollback(every=5)
+    t = trainer(max_steps=14, callbacks=[ScriptedSource({12: "warning"}), backoff, rollback])
+    t.fit(TinyClassifier(lr=0.01, opt="adam"), loader(classification_data(512), shuffle=False))
+    assert rollback.events == [] and backoff.backoffs == 1

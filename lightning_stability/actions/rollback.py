@@ -21,6 +21,7 @@ from lightning_stability.actions.base import (
 )
 from lightning_stability.actions.lr_backoff import LRBackoff
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
+from lightning_stability.actions.optimizer_repair import RepairRung
 from lightning_stability.actions.snapshot import TrainingSnapshot
 from lightning_stability.actions.staged_training import StagedTraining
 from lightning_stability.estimators.sharding import all_finite
@@ -92,7 +93,11 @@ class Rollback(StabilityAction):
     until a newer good state replaces it. An event below ``level`` that an
     :class:`LRBackoff` answered as the damage of a rise of the learning rate (a schedule's
     jump or ramp; see there) also rolls back: the updates taken at the risen rate are
-    what hurt the weights, and going back before them costs only the steps since. Every
+    what hurt the weights, and going back before them costs only the steps since. So
+    does one that an optimizer repair answered (an Adam-family group with
+    ``beta2 <= beta1**2``, whose update ``m/sqrt(v)`` is unbounded; see
+    :class:`~lightning_stability.actions.AdamRepair`): the trouble is what those updates
+    did, and the repaired optimizer goes on from the weights before it. Every
     callback with a ``rearm`` method (:class:`EarlyWarning`, the probes' rolling
     windows) is re-armed at a rollback, so that renewed trouble is reported at once, and
     the other actions ignore the events of the skipped steps. After
@@ -235,8 +240,10 @@ class Rollback(StabilityAction):
         step = int(trainer.global_step)
         if self.abandoned is not None and step > self._skip_until:
             self.abandoned = None  # the skip ended without proving the restored state wrong
-        risen = level is not None and level < self.level and self._after_rise(trainer, step)
-        if level is not None and (level >= self.level or risen):
+        cause = None
+        if level is not None and level < self.level:
+            cause = self._damage_explained(trainer, step)
+        if level is not None and (level >= self.level or cause is not None):
             # a batch that was skipped left the restored weights as they were
             skipped = step <= self._skip_until
             bounded = step + self.skip_steps <= self._skip_from + 5 * self.skip_steps
@@ -251,7 +258,7 @@ class Rollback(StabilityAction):
             elif self.snapshot is None:
                 self._decline(trainer, level, "no known-good state to return to")
             else:
-                self._roll_back(trainer, pl_module, level, risen)
+                self._roll_back(trainer, pl_module, level, cause)
         elif step % self.every == 0:
             self._advance(trainer, pl_module)
         self.log_value(pl_module, ROLLBACKS_KEY, self.rollbacks)
@@ -327,20 +334,25 @@ class Rollback(StabilityAction):
         self.pending = fresh
         self._calm_since_pending = fresh is not None
 
-    def _after_rise(self, trainer: pl.Trainer, step: int) -> bool:
-        """An :class:`LRBackoff` answered this step's event as the damage of a rise of the
-        learning rate: the updates taken at the risen rate are what the weights must lose."""
-        return any(
-            isinstance(action, LRBackoff) and action.rise_step == step
-            for action in action_callbacks(trainer)
-        )
+    def _damage_explained(self, trainer: pl.Trainer, step: int) -> str | None:
+        """What hurt the weights, when another action answered this step's event by naming
+        it: an :class:`LRBackoff` put it down to a rise of the learning rate, or an
+        optimizer repair found the optimizer's update unbounded. The updates taken under
+        that cause are what the weights must lose. ``None`` otherwise."""
+        for action in action_callbacks(trainer):
+            if isinstance(action, LRBackoff) and action.rise_step == step:
+                return "that followed a rise of the learning rate"
+            repair = getattr(action, "repair", None)
+            if isinstance(repair, RepairRung) and repair.step == step:
+                return "that the optimizer repair answered (its update was unbounded)"
+        return None
 
     def _roll_back(
         self,
         trainer: pl.Trainer,
         pl_module: pl.LightningModule,
         level: Level,
-        risen: bool = False,
+        cause: str | None = None,
     ) -> None:
         step = int(trainer.global_step)
         others = self._others(trainer)
@@ -370,7 +382,7 @@ class Rollback(StabilityAction):
             trainer,
             level,
             f"rolled back to step {target.step} after a {level.name} event"
-            + (" that followed a rise of the learning rate" if risen else "")
+            + (f" {cause}" if cause else "")
             + f"; {safer}",
             signals=(ROLLBACKS_KEY,),
             details={"to_step": float(target.step), "rollbacks": float(self.rollbacks)},
