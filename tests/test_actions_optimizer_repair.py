@@ -179,6 +179,7 @@ def test_a_warning_that_the_repair_answers_rolls_back_before_the_unbounded_updat
     assert [e.step for e in rollback.events] == [12]
     assert "to step 5" in rollback.events[0].message
     assert "optimizer repair" in rollback.events[0].message
+    assert rollback.events[0].message.endswith("; optimizer repaired")
     assert torch.equal(after.states[12][0], after.states[5][0])
     assert t.optimizers[0].param_groups[0]["betas"] == (0.9, 0.95)
     assert t.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.01)

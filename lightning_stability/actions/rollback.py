@@ -515,7 +515,12 @@ class Rollback(StabilityAction):
         for kind, name in ((StagedTraining, "next stage"), (LRBackoff, "learning rate backed off")):
             for action in others.values():
                 if isinstance(action, kind):
-                    return name if action.escalate(trainer, pl_module, reason) else f"no {name}"
+                    if not action.escalate(trainer, pl_module, reason):
+                        return f"no {name}"
+                    repair = getattr(action, "repair", None)
+                    if isinstance(repair, RepairRung) and repair.step == int(trainer.global_step):
+                        return "optimizer repaired"  # the event's answer; nothing more
+                    return name
         all_schedulers = schedulers(trainer)
         for opt in trainer.optimizers:
             scale_learning_rates(opt, self.backoff_factor, schedulers_of(opt, all_schedulers))
