@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["DEFAULT_REPAIR", "AdamRepair", "RepairRung", "unbounded_groups"]
+__all__ = ["DEFAULT_REPAIR", "AdamRepair", "RepairRung", "repaired_at", "unbounded_groups"]
 
 
 def _betas(group: dict[str, Any]) -> tuple[float, float] | None:
@@ -221,3 +221,10 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+def repaired_at(action: Any, step: int) -> bool:
+    """Whether ``action``'s repair rung answered the event of ``step`` (any action with a
+    :class:`RepairRung` as ``repair``)."""
+    repair = getattr(action, "repair", None)
+    return isinstance(repair, RepairRung) and repair.step == step

@@ -21,7 +21,7 @@ from lightning_stability.actions.base import (
 )
 from lightning_stability.actions.lr_backoff import LRBackoff
 from lightning_stability.actions.lr_scaling import scale_learning_rates, schedulers_of
-from lightning_stability.actions.optimizer_repair import RepairRung
+from lightning_stability.actions.optimizer_repair import repaired_at
 from lightning_stability.actions.snapshot import TrainingSnapshot
 from lightning_stability.actions.staged_training import StagedTraining
 from lightning_stability.estimators.sharding import all_finite
@@ -321,7 +321,7 @@ class Rollback(StabilityAction):
         # the views of the run that describe these weights (the loss band) go back with them
         for cb in trainer.callbacks:
             if cb is not self and callable(getattr(cb, "rollback_state", None)):
-                snapshot.callbacks[_VIEW + cb.state_key] = copy.deepcopy(cb.rollback_state())
+                snapshot.callbacks[_VIEW + cb.state_key] = cb.rollback_state()
         return snapshot
 
     def _advance(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -342,8 +342,7 @@ class Rollback(StabilityAction):
         for action in action_callbacks(trainer):
             if isinstance(action, LRBackoff) and action.rise_step == step:
                 return "that followed a rise of the learning rate"
-            repair = getattr(action, "repair", None)
-            if isinstance(repair, RepairRung) and repair.step == step:
+            if repaired_at(action, step):
                 return "that the optimizer repair answered (its update was unbounded)"
         return None
 
@@ -517,8 +516,7 @@ class Rollback(StabilityAction):
                 if isinstance(action, kind):
                     if not action.escalate(trainer, pl_module, reason):
                         return f"no {name}"
-                    repair = getattr(action, "repair", None)
-                    if isinstance(repair, RepairRung) and repair.step == int(trainer.global_step):
+                    if repaired_at(action, int(trainer.global_step)):
                         return "optimizer repaired"  # the event's answer; nothing more
                     return name
         all_schedulers = schedulers(trainer)

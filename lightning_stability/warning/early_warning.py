@@ -278,7 +278,8 @@ class EarlyWarning(IdentifiedCallback):
 
     def rollback_state(self) -> dict[str, Any]:
         """What of this callback's view goes back with the weights at a rollback: the loss
-        band, which describes the losses of the weights it was learned on."""
+        band, which describes the losses of the weights it was learned on. A new object
+        at every call (the band's state is built afresh), so a snapshot can keep it as is."""
         return {"band": self.monitor.band.state_dict()}
 
     def restore_view(self, state: dict[str, Any]) -> None:
